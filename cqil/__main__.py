@@ -1,0 +1,3 @@
+from cqil.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""`cqil <job> [key=value ...]`: compose conf/<job>.yaml with Hydra overrides, then run the job.
+
+Layer indices are 0-based everywhere and a plan's `end` is exclusive: plan.start=12 plan.end=30
+plan.group_size=2 groups layers [12,13] [14,15] ... [28,29].
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import CqilError
+from .plan import PlanError
+
+# job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
+JOBS = {
+    "analyze": ("cqil.similarity:run", "cosine similarity of the inputs of every pair of layers (CSV)"),
+    "plot": ("cqil.plots:run", "draw the figures from the stored result CSVs (PNG)"),
+    "convert": ("cqil.convert:run", "choose a plan (given or plan=auto) and save the model in CQIL form"),
+    "sweep": ("cqil.convert:sweep", "held-out perplexity of every plan over S for several group sizes P"),
+    "finetune": ("cqil.finetune:run", "LoRA fine-tune of a converted model by self-distillation"),
+    "bench": ("cqil.bench:run", "latency on P devices (torch.distributed) against baselines"),
+    "eval": ("cqil.evaluate:run", "accuracy (lm-eval) and perplexity of original/converted/fine-tuned"),
+}
+CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -> [12,13] ... [28,29])."
+
+
+def conf_dir() -> Path:
+    return Path(os.environ.get("CQIL_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def compose(job: str, overrides: list[str] = ()) -> DictConfig:
+    """The job's config with overrides applied (Hydra compose API; no run dirs, no logging setup)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = hydra_compose(config_name=job, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CqilError(f"bad override for `cqil {job}`: {first} (see `cqil {job} --help`)") from None
+    return cfg
+
+
+def usage() -> str:
+    width = max(map(len, JOBS))
+    lines = [__doc__.strip(), "", "usage: cqil <job> [key=value ...]    cqil <job> --help", "", "jobs:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in JOBS.items()]
+    return "\n".join(lines)
+
+
+def job_help(job: str) -> str:
+    target, summary = JOBS[job]
+    return "\n".join([f"cqil {job}: {summary}", CONVENTION, "",
+                      f"Config (conf/{job}.yaml); override any key as key=value, a group as model=<name>:",
+                      "", OmegaConf.to_yaml(compose(job))])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    job, overrides = argv[0], argv[1:]
+    try:
+        if job not in JOBS:
+            raise CqilError(f"unknown job {job!r}; jobs are: {', '.join(JOBS)}")
+        if {"-h", "--help"} & set(overrides):
+            print(job_help(job))
+            return
+        cfg = compose(job, overrides)
+        module, function = JOBS[job][0].split(":")
+        getattr(importlib.import_module(module), function)(cfg)
+    except (CqilError, PlanError) as e:
+        print(f"cqil {job}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"cqil {job}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,215 @@
+"""The CQIL forward: the one definition every cqil job (and the multi-device runtime) reuses.
+
+A plan groups consecutive decoder layers. Every member j of a group reads the group's input x:
+
+    a_j     = Attn_j(RMSNorm_j(x))                                   (attention output)
+    delta_k = a_k + MLP_k(RMSNorm'_k(x + a_k + sum_{j=k-D}^{k-1} a_j))  (bypass D: MLP input only)
+    y       = x + sum_k delta_k                                       (group output)
+
+With D=0 this is y = x + sum_k (L_k(x) - x). On P devices each member's delta is computed on its
+own device and one all-reduce sums them (see cqil/runtime.py, which calls the two member
+functions below).
+
+How it plugs into transformers: `apply_plan` swaps the decoder's `layers` ModuleList for a
+`CqilLayers` list holding the *same* layer modules, so parameter names, state dicts, peft
+targets and per-layer KV caches (keyed by layer_idx) are unchanged. Only the slice that the HF
+decoder loop takes (`self.layers[:num_hidden_layers]`) yields the plan's stages: a group object
+or a plain layer. Masks, rotary embeddings, caches and generate() stay the library's own.
+
+Self-contained on purpose (torch, transformers and the sibling plan.py only): `save_converted`
+copies this file next to the weights as `modeling_cqil.py`, so a converted model loads with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where cqil is not installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from .plan import Plan, PlanError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "cqil")
+
+
+# ---- the group computation ---------------------------------------------------------------
+def member_attention(layer: nn.Module, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+    """a_j = Attn_j(RMSNorm_j(x)) of one group member; updates its KV cache entry if given."""
+    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **attn_kwargs)
+    return out
+
+
+def member_delta(layer: nn.Module, x: torch.Tensor, attn: torch.Tensor,
+                 bypass_in: torch.Tensor | None = None) -> torch.Tensor:
+    """delta_k = a_k + MLP_k(RMSNorm'_k(x + a_k [+ bypass])): the member's residual update."""
+    mlp_in = x + attn if bypass_in is None else x + attn + bypass_in
+    return attn + layer.mlp(layer.post_attention_layernorm(mlp_in))
+
+
+def bypass_input(attns: list[torch.Tensor], k: int, bypass: int) -> torch.Tensor | None:
+    """Sum of the attention outputs of the min(bypass, k) members just before member k."""
+    prev = attns[max(0, k - bypass):k]
+    return torch.stack(prev).sum(0) if prev else None
+
+
+def group_forward(layers: list[nn.Module], x: torch.Tensor, bypass: int = 0, **attn_kwargs) -> torch.Tensor:
+    """y = x + sum_k delta_k over the group's layers, all reading the same input x."""
+    attns = [member_attention(layer, x, **attn_kwargs) for layer in layers]
+    deltas = [member_delta(layer, x, attns[k], bypass_input(attns, k, bypass)) for k, layer in enumerate(layers)]
+    return x + torch.stack(deltas).sum(0)
+
+
+class _Group:
+    """One stage of the decoder loop: a group of layers, called like a decoder layer."""
+
+    def __init__(self, layers: list[nn.Module], bypass: int):
+        self.layers, self.bypass = layers, bypass
+        self.attention_type = getattr(layers[0], "attention_type", None)
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
+                 past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        return group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                             position_embeddings=position_embeddings, **kwargs)
+
+
+class CqilLayers(nn.ModuleList):
+    """The decoder's layer list under a plan (same modules, same names; sliced -> stages)."""
+
+    def __init__(self, layers: nn.ModuleList, plan: Plan):
+        super().__init__(layers)
+        self.plan = plan.validate(len(layers))
+        self.enabled = True
+        self._stages = [self[g[0]] if len(g) == 1 else _Group([self[i] for i in g], plan.bypass)
+                        for g in plan.stages(len(layers))]
+
+    def __getitem__(self, idx):
+        if not isinstance(idx, slice):
+            return super().__getitem__(idx)
+        if not self.enabled:
+            return nn.ModuleList(list(self._modules.values())[idx])
+        if idx.indices(len(self)) != (0, len(self), 1):
+            raise PlanError("a CQIL model runs all its layers; slicing part of the stack is not supported")
+        return list(self._stages)
+
+
+# ---- applying, finding and switching off a plan ----------------------------------------
+def decoder(model: nn.Module) -> nn.Module:
+    """The module that owns `layers` (LlamaModel inside LlamaForCausalLM, peft wrappers, ...)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "embed_tokens"):
+            return m
+    raise PlanError(f"{type(model).__name__} has no decoder layer stack; only LLaMA-family decoders are supported")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse models whose layers are not pre-norm attention + gated-MLP decoder layers."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise PlanError(f"model type {model_type!r} is not supported; cqil supports LLaMA-family "
+                        f"decoders ({', '.join(SUPPORTED_MODEL_TYPES[:-1])})")
+    dec = decoder(model)
+    layer = dec.layers[0]
+    for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+        if not hasattr(layer, name):
+            raise PlanError(f"{type(layer).__name__} has no {name}; not a LLaMA-family decoder layer")
+    if "self.layers[:" not in inspect.getsource(type(dec).forward).replace(" ", ""):
+        raise PlanError(f"{type(dec).__name__}.forward does not loop over self.layers[:n]; "
+                        "this transformers version is not supported by cqil")
+    if len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
+        raise PlanError("models mixing sliding-window and full attention layers are not supported")
+
+
+def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
+    """Turn `model` into its CQIL form in place (no weights change) and record the plan in its config."""
+    check_supported(model)
+    dec = decoder(model)
+    layers = dec.layers
+    base = nn.ModuleList(list(layers)) if isinstance(layers, CqilLayers) else layers
+    dec.layers = CqilLayers(base, plan) if plan.groups else base
+    model.config.cqil_plan = plan.to_dict() if plan.groups else None
+    return model
+
+
+def get_plan(model: nn.Module) -> Plan:
+    """The plan applied to `model` (empty Plan() if none)."""
+    layers = decoder(model).layers
+    return layers.plan if isinstance(layers, CqilLayers) else Plan()
+
+
+@contextlib.contextmanager
+def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the original sequential model inside the block (same weights): the distillation teacher."""
+    layers = decoder(model).layers
+    was = getattr(layers, "enabled", None)
+    if was is not None:
+        layers.enabled = False
+    try:
+        yield model
+    finally:
+        if was is not None:
+            layers.enabled = was
+
+
+# ---- the saved form: a transformers model class, loaded as remote code -------------------
+class CqilConfig(LlamaConfig):
+    """LlamaConfig plus `cqil_plan` ({'groups': [...], 'bypass': D})."""
+
+    model_type = "cqil"
+
+    def __init__(self, cqil_plan: dict | None = None, **kwargs):
+        self.cqil_plan = cqil_plan
+        super().__init__(**kwargs)
+
+
+class CqilForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose decoder runs the plan in `config.cqil_plan`."""
+
+    config_class = CqilConfig
+
+    def __init__(self, config: CqilConfig):
+        super().__init__(config)
+        if config.cqil_plan:
+            apply_plan(self, Plan.from_dict(config.cqil_plan, config.num_hidden_layers))
+
+
+def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+    """Save a CQIL model so that standard tools load it with trust_remote_code=True.
+
+    Writes weights, tokenizer, config.json (model_type 'cqil', auto_map) and the modeling code
+    (this file as modeling_cqil.py, plus plan.py). Written to a temporary sibling and renamed,
+    so an interrupted save never leaves a half-written model directory.
+    """
+    if model.config.model_type not in ("llama", "cqil"):
+        raise PlanError(f"saving a converted {model.config.model_type!r} model is not supported yet; "
+                        "only Llama-architecture models can be saved (in-memory conversion works)")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = model.config.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
+        cfg.pop(k, None)
+    config = CqilConfig(**cfg)
+    config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
+    config.architectures = ["CqilForCausalLM"]
+    config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
+                       "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
+    original, model.config = model.config, config
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        model.config = original
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    here = Path(__file__).resolve().parent
+    shutil.copy(here / Path(__file__).name, tmp / "modeling_cqil.py")
+    shutil.copy(here / "plan.py", tmp / "plan.py")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

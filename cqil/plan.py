@@ -1,0 +1,145 @@
+"""A CQIL plan: which consecutive layers form concurrent groups, and the bypass distance.
+
+Conventions (everywhere in cqil): layer indices are 0-based and `end` is exclusive, so
+`Plan.from_range(start=12, end=30, group_size=2)` on a 32-layer model gives the groups
+[12,13] [14,15] ... [28,29]. Layers outside every group run sequentially as usual.
+
+This module is self-contained (standard library only): it is copied next to the weights of a
+converted model so that `from_pretrained(..., trust_remote_code=True)` works without cqil.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Groups of consecutive 0-based layer indices, each run concurrently, plus bypass distance.
+
+    bypass D: member k of a group (0-based) adds the attention outputs of the min(D, k) members
+    just before it to its MLP input (not to its residual). D=0 means no bypass.
+    """
+
+    groups: tuple[tuple[int, ...], ...] = ()
+    bypass: int = 0
+
+    @classmethod
+    def from_range(cls, start: int, end: int, group_size: int, bypass: int = 0,
+                   num_layers: int | None = None) -> "Plan":
+        """Cut layers start <= i < end into consecutive groups of `group_size` layers."""
+        for name, v in (("start", start), ("end", end), ("group_size", group_size), ("bypass", bypass)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise PlanError(f"plan.{name} must be an integer, got {v!r}")
+        if group_size < 1:
+            raise PlanError(f"plan.group_size must be >= 1, got {group_size}")
+        if not 0 <= start <= end:
+            raise PlanError(f"plan needs 0 <= start <= end (0-based, end exclusive), got start={start} end={end}")
+        if (end - start) % group_size:
+            raise PlanError(
+                f"end - start = {end - start} is not a multiple of group_size={group_size}; "
+                f"choose end in {{{start + (end - start) // group_size * group_size}, "
+                f"{start + (end - start) // group_size * group_size + group_size}}} or another group size")
+        groups = tuple(tuple(range(s, s + group_size)) for s in range(start, end, group_size))
+        if group_size == 1:
+            groups = ()  # groups of one layer are ordinary sequential layers
+        plan = cls(groups=groups, bypass=bypass)
+        if bypass and bypass >= group_size:
+            raise PlanError(f"plan.bypass={bypass} must be < group_size={group_size} (a member only sees the ones before it)")
+        return plan.validate(num_layers)
+
+    def validate(self, num_layers: int | None = None) -> "Plan":
+        """Check the groups (consecutive, ascending, disjoint, in range); return self."""
+        if not isinstance(self.bypass, int) or self.bypass < 0:
+            raise PlanError(f"plan.bypass must be an integer >= 0, got {self.bypass!r}")
+        last = -1
+        for g in self.groups:
+            if len(g) < 2:
+                raise PlanError(f"group {list(g)} has fewer than 2 layers; leave such layers out of the plan")
+            if list(g) != list(range(g[0], g[0] + len(g))):
+                raise PlanError(f"group {list(g)} is not a run of consecutive layers")
+            if g[0] <= last:
+                raise PlanError(f"group {list(g)} overlaps or precedes the group before it; list groups in order, disjoint")
+            last = g[-1]
+            if g[0] < 0 or (num_layers is not None and g[-1] >= num_layers):
+                raise PlanError(f"group {list(g)} is out of range for a model with {num_layers} layers (0-based: 0..{(num_layers or 1) - 1})")
+        if self.groups and self.bypass >= max(len(g) for g in self.groups):
+            raise PlanError(f"plan.bypass={self.bypass} must be smaller than the largest group ({max(len(g) for g in self.groups)} layers)")
+        return self
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        """P: the largest group (the number of devices the plan needs); 1 for an empty plan."""
+        return max((len(g) for g in self.groups), default=1)
+
+    def stages(self, num_layers: int) -> list[tuple[int, ...]]:
+        """The model's layers in execution order: a group, or a single sequential layer."""
+        self.validate(num_layers)
+        starts = {g[0]: g for g in self.groups}
+        out, i = [], 0
+        while i < num_layers:
+            g = starts.get(i, (i,))
+            out.append(g)
+            i += len(g)
+        return out
+
+    def depth(self, num_layers: int) -> int:
+        """Sequential depth with every group run concurrently: n - sum(len(g) - 1)."""
+        return len(self.stages(num_layers))
+
+    def ideal_latency_reduction(self, num_layers: int) -> float:
+        """Upper bound on latency reduction, communication ignored: g*(P-1)/n."""
+        return 1.0 - self.depth(num_layers) / num_layers
+
+    def describe(self) -> str:
+        """Short name: 'S12 E30 P2 D0' for a uniform plan, else the groups; 'original' if empty."""
+        if not self.groups:
+            return "original"
+        sizes = {len(g) for g in self.groups}
+        contiguous = all(b[0] == a[-1] + 1 for a, b in zip(self.groups, self.groups[1:]))
+        if len(sizes) == 1 and contiguous:
+            return f"S{self.groups[0][0]} E{self.groups[-1][-1] + 1} P{sizes.pop()} D{self.bypass}"
+        return f"groups {[list(g) for g in self.groups]} D{self.bypass}"
+
+    # ---- serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d: dict = {"groups": [list(g) for g in self.groups], "bypass": self.bypass}
+        if self.groups and self.describe().startswith("S"):
+            d.update(start=self.groups[0][0], end=self.groups[-1][-1] + 1, group_size=self.group_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, num_layers: int | None = None) -> "Plan":
+        """Read {'groups': [[..], ..], 'bypass': D} or {'start', 'end', 'group_size', 'bypass'}."""
+        if d.get("groups"):
+            try:
+                groups = tuple(tuple(int(i) for i in g) for g in d["groups"])
+            except (TypeError, ValueError):
+                raise PlanError(f"plan.groups must be a list of lists of layer indices, got {d['groups']!r}") from None
+            return cls(groups=groups, bypass=int(d.get("bypass") or 0)).validate(num_layers)
+        missing = [k for k in ("start", "end", "group_size") if d.get(k) is None]
+        if missing:
+            raise PlanError(f"plan needs start, end and group_size (or groups); missing {', '.join(missing)}")
+        return cls.from_range(d["start"], d["end"], d["group_size"], int(d.get("bypass") or 0), num_layers)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int | None = None) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist; run `cqil convert` first or give the plan inline")
+        try:
+            return cls.from_dict(json.loads(path.read_text()), num_layers)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
