@@ -143,3 +143,16 @@ class Plan:
             return cls.from_dict(json.loads(path.read_text()), num_layers)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def plan_from_config(cfg: dict, num_layers: int) -> Plan:
+    """A plan from the `plan` config group: mode manual (start/end/group_size/bypass or groups) or file.
+
+    mode auto is chosen from data by cqil.convert.resolve_plan, which calls this for the other modes.
+    """
+    mode = cfg.get("mode", "manual")
+    if mode == "file":
+        return Plan.load(cfg["file"], num_layers)
+    if mode == "manual":
+        return Plan.from_dict(cfg, num_layers)
+    raise PlanError(f"plan mode {mode!r} is not one of manual, file, auto")
