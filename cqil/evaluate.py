@@ -33,10 +33,12 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from . import CqilError, data, models
 from .convert import resolve_plan
 from .modeling import apply_plan, get_plan
+from .plan import plan_from_config
 from .results import provenance, read_csv, write_csv
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # lm-eval YAML configs of the local tasks
@@ -253,6 +255,33 @@ def model_entries(cfg: DictConfig) -> list[dict]:
     return out
 
 
+def check_entries(entries: list[dict]) -> list[dict]:
+    """The entries to evaluate, checked before any model runs: paths exist, given plans fit the model.
+
+    A missing local path is skipped (with a message) when the entry says skip_missing, else an error;
+    a manual or file plan is validated against the model's layer count (read from its config only).
+    """
+    out = []
+    for e in entries:
+        path = e["path"]
+        local_missing = path not in models.BUNDLED and not Path(path).expanduser().exists()
+        if local_missing and e["skip_missing"]:
+            print(f"[{e['label']}] skipped: {path} does not exist yet (run the job that writes it; "
+                  "without skip_missing: true this is an error)")
+            continue
+        if local_missing and path.count("/") > 1:  # not a hub id (`name` or `org/name`): do not retry the hub
+            raise CqilError(f"model {e['label']!r}: {path} does not exist; run the job that writes it "
+                            "(e.g. `cqil finetune`) or fix its path in models=[...]")
+        if e["plan"] is not None and e["plan"].get("mode") != "auto" and not local_missing:
+            location, extra = models.resolve(path)
+            n_layers = AutoConfig.from_pretrained(location, trust_remote_code=True, **extra).num_hidden_layers
+            plan_from_config(e["plan"], n_layers)
+        out.append(e)
+    if not out:
+        raise CqilError("every model entry was skipped; nothing to evaluate (check models=[...])")
+    return out
+
+
 def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     """(model, tokenizer) of one entry: loaded as saved, then its plan applied if it names one."""
     model, tokenizer = models.load({"name": entry["label"], "path": entry["path"],
@@ -282,7 +311,7 @@ def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg:
             blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.perplexity_tokens)
             ppl = perplexity(model, blocks, cfg.perplexity_batch_size, desc=f"{entry['label']} perplexity")
             task_rows = [{"task": PERPLEXITY, "dataset": f"{data_cfg.name}/evaluation", "metric": "perplexity",
-                          "filter": "none", "value": ppl, "stderr": float("nan"), "n": blocks.numel(),
+                          "filter": "none", "value": ppl, "stderr": float("nan"), "n": blocks[:, 1:].numel(),
                           "num_fewshot": 0}]
         else:
             task_rows = lm_eval_task(lm, tm, task, fewshot.get(task), cfg.limit, cfg)
@@ -313,21 +342,12 @@ def run(cfg: DictConfig) -> None:
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": intended
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     tasks = expand_tasks(list(cfg.tasks), OmegaConf.to_container(cfg.suites))
-    entries = model_entries(cfg)
+    entries = check_entries(model_entries(cfg))
     work_dir = Path(cfg.work_dir).expanduser() if cfg.work_dir else models.cache_dir() / "eval"
     local = prepare_local_tasks(work_dir)
     tm = task_manager(tasks, local, list(cfg.include_path)) if set(tasks) - {PERPLEXITY} else None
     version = importlib.metadata.version("lm_eval")
-    rows = []
-    for entry in entries:
-        path = Path(entry["path"]).expanduser()
-        if entry["skip_missing"] and entry["path"] not in models.BUNDLED and not path.exists():
-            print(f"[{entry['label']}] skipped: {path} does not exist yet (run the job that writes it; "
-                  "an entry without skip_missing: true makes this an error)")
-            continue
-        rows += evaluate_model(entry, tasks, tm, cfg, data_cfg)
-    if not rows:
-        raise CqilError("no model was evaluated (all entries skipped); check the models list")
+    rows = [row for entry in entries for row in evaluate_model(entry, tasks, tm, cfg, data_cfg)]
     df = pd.DataFrame(rows).assign(model=cfg.model.name, lm_eval=version, **provenance(cfg.model.device))
     df = df[["model", *[c for c in df.columns if c != "model"]]]
     if cfg.merge and Path(cfg.out).is_file():

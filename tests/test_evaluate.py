@@ -144,12 +144,14 @@ def test_eval_end_to_end_original_and_converted(tiny_dir, tmp_path, capsys):
 
 # ---- bad input: one clear line, exit 2 ------------------------------------------------------
 def run_cli(args: list[str], capsys) -> str:
+    """The one-line error of `cqil eval args` (exit 2); nothing was evaluated before it."""
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", *args])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    return err
+    captured = capsys.readouterr()
+    assert "perplexity=" not in captured.out and "acc=" not in captured.out
+    assert len(captured.err.strip().splitlines()) == 1
+    return captured.err.strip()
 
 
 @needs_install
@@ -160,6 +162,25 @@ def test_unknown_task_and_hub_task_offline_fail_clearly(tmp_path, capsys, monkey
     err = run_cli(["tasks=[paper]", *common], capsys)
     assert "sciq, winogrande, arc_easy, mmlu download their data sets from the Hugging Face hub" in err
     assert not (tmp_path / "x.csv").exists()
+
+
+@needs_install
+def test_bad_plan_of_a_later_model_fails_before_any_model_runs(tiny_dir, tmp_path, capsys):
+    models_arg = (f"models=[{{label: a, path: {tiny_dir}}}, {{label: b, path: {tiny_dir}, "
+                  "plan: {mode: manual, start: 0, end: 3, group_size: 2, bypass: 0}}]")
+    err = run_cli([models_arg, "tasks=[perplexity]", f"out={tmp_path / 'x.csv'}"], capsys)
+    assert "end - start = 3 is not a multiple of group_size=2" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_user_task_directory_is_local(tmp_path):
+    """A task from include_path is found without lm-eval's own index and without the hub."""
+    (tmp_path / "mine.yaml").write_text("task: my_task\ndataset_path: json\noutput_type: multiple_choice\n"
+                                        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: [a, b]\n"
+                                        "doc_to_target: 0\n")
+    tm = evaluate.task_manager(["my_task", "perplexity"], {}, [str(tmp_path)])
+    assert "my_task" in tm.all_tasks and "sciq" not in tm.all_tasks
+    with pytest.raises(CqilError, match="include_path directory .*nowhere not found"):
+        evaluate.task_manager(["my_task"], {}, [str(tmp_path / "nowhere")])
 
 
 def test_model_entries_and_task_suites_are_checked():
