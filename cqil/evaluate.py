@@ -36,7 +36,6 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from . import CqilError, data, models
-from .convert import resolve_plan
 from .modeling import apply_plan, get_plan
 from .plan import plan_from_config
 from .results import provenance, read_csv, write_csv
@@ -284,6 +283,8 @@ def check_entries(entries: list[dict]) -> list[dict]:
 
 def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     """(model, tokenizer) of one entry: loaded as saved, then its plan applied if it names one."""
+    from .convert import resolve_plan  # here, not at the top: cqil.convert imports perplexity from this module
+
     model, tokenizer = models.load({"name": entry["label"], "path": entry["path"],
                                     "dtype": cfg.model.dtype, "device": cfg.model.device})
     if entry["plan"] is not None:
