@@ -55,10 +55,39 @@ def adjacent_similarity(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def accuracy_table(df: pd.DataFrame, out: str | Path) -> Path:
+    """One panel per task (its first metric), one bar per model with ±stderr and the value printed (eval CSV)."""
+    firsts = df.drop_duplicates("task")[["task", "metric", "filter"]]
+    labels = list(dict.fromkeys(df.label))
+    fig, axes = plt.subplots(1, len(firsts), figsize=(len(firsts) * max(3.2, 1.2 * len(labels) + 1), 4.0),
+                             squeeze=False, layout="constrained")
+    colors = plt.get_cmap("tab10")(np.arange(len(labels)) % 10)
+    for ax, (_, f) in zip(axes[0], firsts.iterrows()):
+        rows = df[(df.task == f.task) & (df.metric == f.metric) & (df["filter"] == f["filter"])].set_index("label")
+        rows = rows.loc[[lbl for lbl in labels if lbl in rows.index]]
+        x = np.arange(len(rows))
+        ax.bar(x, rows.value, yerr=rows.stderr.fillna(0), capsize=3, color=colors[[labels.index(lbl) for lbl in rows.index]])
+        for xi, (v, se) in enumerate(zip(rows.value, rows.stderr)):
+            ax.annotate(f"{v:.3g}" + (f"\n±{se:.2g}" if se == se else ""), (xi, v + (se if se == se else 0)),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(x, [f"{lbl}\n{p}" for lbl, p in zip(rows.index, rows.plan)], fontsize=7)
+        unit = "tokens" if f.metric == "perplexity" else "docs"
+        ax.set_title(f"{f.task} (n={int(rows.n.iloc[0])} {unit})", fontsize=9)
+        ax.set_ylabel(f.metric + ("" if f["filter"] == "none" else f" [{f['filter']}]"))
+        ax.margins(y=0.2)
+        if f.metric.startswith("acc"):
+            ax.set_ylim(0, 1.2)
+            ax.set_yticks(np.linspace(0, 1, 6))
+    fig.suptitle(f"{df.model.iloc[0]}: accuracy and held-out perplexity by model (lm-eval {df.lm_eval.iloc[0]})",
+                 fontsize=10)
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
     "adjacent_similarity": (adjacent_similarity, "similarity_csv", "adjacent_similarity_png"),
+    "accuracy": (accuracy_table, "eval_csv", "accuracy_png"),
 }
 
 
