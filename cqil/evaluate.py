@@ -268,9 +268,8 @@ def check_entries(entries: list[dict]) -> list[dict]:
             print(f"[{e['label']}] skipped: {path} does not exist yet (run the job that writes it; "
                   "without skip_missing: true this is an error)")
             continue
-        if local_missing and path.count("/") > 1:  # not a hub id (`name` or `org/name`): do not retry the hub
-            raise CqilError(f"model {e['label']!r}: {path} does not exist; run the job that writes it "
-                            "(e.g. `cqil finetune`) or fix its path in models=[...]")
+        if local_missing:
+            models.resolve(path)  # a missing local path fails here with one line; a hub id passes
         if e["plan"] is not None and e["plan"].get("mode") != "auto" and not local_missing:
             location, extra = models.resolve(path)
             n_layers = AutoConfig.from_pretrained(location, trust_remote_code=True, **extra).num_hidden_layers

@@ -87,7 +87,7 @@ def resolve(path: str) -> tuple[str, dict]:
         if not p.is_file():
             raise CqilError(f"GGUF file {p} does not exist; check model.path")
         return str(p.parent), {"gguf_file": p.name}
-    if path.startswith((".", "/", "~")):
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
         raise CqilError(f"model path {path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
                         "a checkpoint directory, a .gguf file or a hub id")
     return path, {}  # a hub id such as meta-llama/Llama-2-7b-hf
