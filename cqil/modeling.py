@@ -73,9 +73,19 @@ class _Group:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                  past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        return group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                             position_embeddings=position_embeddings, **kwargs)
+        out = group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+        # The members' own forward() never runs, so their forward hooks would stay silent; fire the last
+        # member's with the stage's input and output. transformers records `output_hidden_states` with such
+        # hooks: under a plan it then returns the embeddings plus one hidden state per stage.
+        last = self.layers[-1]
+        for hook_id, hook in list(last._forward_hooks.items()):
+            args = (last, (hidden_states,), {}, out) if hook_id in last._forward_hooks_with_kwargs else \
+                (last, (hidden_states,), out)
+            result = hook(*args)
+            out = out if result is None else result  # torch semantics: a hook may replace the output
+        return out
 
 
 class CqilLayers(nn.ModuleList):
