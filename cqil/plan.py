@@ -112,6 +112,15 @@ class Plan:
             return f"S{self.groups[0][0]} E{self.groups[-1][-1] + 1} P{sizes.pop()} D{self.bypass}"
         return f"groups {[list(g) for g in self.groups]} D{self.bypass}"
 
+    def tag(self) -> str:
+        """describe() as a file-name part: 'S12E30P2D0', 'G0-1_3-5D1' for explicit groups, 'original'."""
+        if not self.groups:
+            return "original"
+        name = self.describe()
+        if name.startswith("S"):
+            return name.replace(" ", "")
+        return "G" + "_".join(f"{g[0]}-{g[-1]}" for g in self.groups) + f"D{self.bypass}"
+
     # ---- serialization ------------------------------------------------------------------
     def to_dict(self) -> dict:
         d: dict = {"groups": [list(g) for g in self.groups], "bypass": self.bypass}
