@@ -10,7 +10,8 @@ plan=auto (`choose_plan`) turns a `cqil analyze` CSV into a plan:
   2. every candidate is scored by perplexity on calibration text, because on small models the
      similarity is nearly flat while the damage of grouping differs by an order of magnitude;
   3. the largest ideal latency reduction whose perplexity stays within max_ppl_ratio x the
-     original's wins (ties: lower perplexity). The whole table is printed and stored.
+     original's wins; at equal reduction the smaller P (fewer devices, smaller all-reduces), then the
+     lower perplexity. The whole table is printed and stored.
 """
 from __future__ import annotations
 
@@ -189,13 +190,18 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
         reason = (f"none of the {len(table)} candidates keeps calibration perplexity within {budget} x the original "
                   f"({original:.2f}); the closest is {best.plan} at {best.ppl_ratio:.2f} x")
     else:
-        pick = ok.sort_values(["ideal_latency_reduction", "calibration_ppl"], ascending=[False, True]).index[0]
+        pick = ok.sort_values(["ideal_latency_reduction", "group_size", "calibration_ppl"],
+                              ascending=[False, True, True]).index[0]
         table.loc[pick, "chosen"] = True
         row = table.loc[pick]
-        bolder = table[table.ideal_latency_reduction > row.ideal_latency_reduction]
         reason = (f"picked {row.plan}: the largest ideal latency reduction ({row.ideal_latency_reduction:.1%}) among the "
                   f"{len(ok)} of {len(table)} candidates whose calibration perplexity stays within {budget} x the "
                   f"original's ({row.calibration_ppl:.2f} vs {original:.2f}, {row.ppl_ratio:.2f} x)")
+        tied = len(ok[ok.ideal_latency_reduction == row.ideal_latency_reduction]) - 1
+        if tied:
+            reason += (f"; {tied} other candidate(s) in budget give the same reduction: this one needs the fewest "
+                       f"devices (P={row.group_size}) and, among those, has the lowest perplexity")
+        bolder = table[table.ideal_latency_reduction > row.ideal_latency_reduction]
         if not bolder.empty:
             b = bolder.loc[bolder.ppl_ratio.idxmin()]
             reason += (f"; every bolder candidate exceeds the budget (the best of them, {b.plan} at "
@@ -272,36 +278,39 @@ def run(cfg: DictConfig) -> None:
 
 
 # ---- cqil sweep --------------------------------------------------------------------------------
-def sweep_plans(num_layers: int, group_sizes: list[int], end: int, min_start: int, bypass: int) -> list[Plan]:
-    """Every valid S (min_start <= S, E - S a positive multiple of P) for each P, E fixed."""
-    if not 0 < end <= num_layers:
-        raise PlanError(f"sweep end={end} must be in 1..{num_layers} (0-based layers, end exclusive)")
+def sweep_plans(num_layers: int, group_sizes: list[int], ends: list[int], min_start: int, bypass: int) -> list[Plan]:
+    """For each P and each E: every valid S (min_start <= S, E - S a positive multiple of P)."""
+    for end in ends:
+        if not 0 < end <= num_layers:
+            raise PlanError(f"sweep end={end} must be in 1..{num_layers} (0-based layers, end exclusive)")
     plans = [Plan.from_range(s, end, p, bypass, num_layers)
-             for p in group_sizes for s in range(end - p, min_start - 1, -p)]
+             for p in group_sizes for end in ends for s in range(end - p, min_start - 1, -p)]
     if not plans:
-        raise PlanError(f"no plan fits between min_start={min_start} and end={end} for group sizes {list(group_sizes)}")
+        raise PlanError(f"no plan fits between min_start={min_start} and ends {list(ends)} for group sizes "
+                        f"{list(group_sizes)}")
     return plans
 
 
 def sweep(cfg: DictConfig) -> None:
-    """cqil sweep: held-out perplexity of every plan S..E for each P (E fixed) in one CSV."""
+    """cqil sweep: held-out perplexity of every plan [S, E) for each P and E, in one CSV."""
     torch.set_num_threads(cfg.threads)
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     n = model.config.num_hidden_layers
-    end = n - 1 if cfg.end is None else cfg.end
-    plans = sweep_plans(n, list(cfg.group_sizes), end, cfg.min_start, cfg.bypass)
+    ends = [n - 2, n - 1] if cfg.ends is None else list(cfg.ends)
+    plans = sweep_plans(n, list(cfg.group_sizes), ends, cfg.min_start, cfg.bypass)
     blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens)
-    print(f"cqil sweep: {len(plans)} plans (E={end}, P in {list(cfg.group_sizes)}) on {blocks.numel()} "
+    print(f"cqil sweep: {len(plans)} plans (E in {ends}, P in {list(cfg.group_sizes)}) on {blocks.numel()} "
           f"held-out tokens of {cfg.data.name}")
     start = time.perf_counter()
     ppl = plan_perplexities(model, blocks, [Plan()] + plans, cfg.batch_size, "sweep")
     seconds = time.perf_counter() - start
     rows = [{"model": cfg.model.name, "data": f"{cfg.data.name}/evaluation", "n_tokens": blocks.numel(),
              "group_size": p.group_size, "start": p.groups[0][0] if p.groups else None,
-             "end": end if p.groups else None, "bypass": p.bypass, "plan": p.describe(), "n_groups": len(p.groups),
-             "ideal_latency_reduction": round(p.ideal_latency_reduction(n), 4), "perplexity": round(v, 3),
-             "ppl_ratio": round(v / ppl[0], 4), "sweep_seconds": round(seconds, 1), **provenance(cfg.model.device)}
+             "end": p.groups[-1][-1] + 1 if p.groups else None, "bypass": p.bypass, "plan": p.describe(),
+             "n_groups": len(p.groups), "ideal_latency_reduction": round(p.ideal_latency_reduction(n), 4),
+             "perplexity": round(v, 3), "ppl_ratio": round(v / ppl[0], 4), "sweep_seconds": round(seconds, 1),
+             **provenance(cfg.model.device)}
             for p, v in zip([Plan()] + plans, ppl)]
     table = pd.DataFrame(rows)
     write_csv(table, cfg.out)

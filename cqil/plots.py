@@ -59,18 +59,21 @@ def sweep_perplexity(df: pd.DataFrame, out: str | Path) -> Path:
     """Held-out perplexity against the start layer S, one line per group size P (sweep CSV)."""
     original = df[df.group_size == 1].perplexity.iloc[0]
     plans = df[df.group_size > 1]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for p, part in plans.groupby("group_size"):
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colors = dict(zip(sorted(plans.group_size.unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = dict(zip(sorted(plans.end.unique(), reverse=True), ["-", "--", ":", "-."]))
+    for (p, end), part in plans.groupby(["group_size", "end"]):
         part = part.sort_values("start")
-        ax.plot(part.start, part.perplexity, marker="o", ms=3, label=f"P={p}")
-    ax.axhline(original, color="k", ls="--", lw=1, label=f"original ({original:.1f})")
+        ax.plot(part.start, part.perplexity, marker="o", ms=3, color=colors[p], ls=styles.get(end, "-"),
+                label=f"P={p}, E={int(end)}")
+    ax.axhline(original, color="k", ls=":", lw=1.5, label=f"original ({original:.1f})")
     ax.set_yscale("log")
-    ax.set_xlabel(f"start layer S (0-based; groups of P layers from S to E={int(plans.end.iloc[0])}, exclusive)")
+    ax.set_xlabel("start layer S (0-based; groups of P layers from S up to E, exclusive)")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title(f"{df.model.iloc[0]}: perplexity after conversion, no fine-tuning\n"
                  f"({df.n_tokens.iloc[0]} tokens of {df.data.iloc[0]}, D={int(plans.bypass.iloc[0])})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     return _save(fig, out)
 
 

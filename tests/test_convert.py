@@ -100,7 +100,7 @@ def test_auto_picks_the_largest_reduction_within_budget_and_converts(analyzed, t
 
 
 def test_auto_choice_rule(analyzed, tmp_path, monkeypatch, capsys):
-    """Largest ideal reduction within the budget wins; ties go to the lower perplexity."""
+    """Largest ideal reduction within the budget wins; ties go to the smaller P, then the lower perplexity."""
     def fake(model, blocks, plans, batch_size=4, desc=""):  # damage grows with reduction, then with start
         n = model.config.num_hidden_layers
         return [10.0 * (1 + 2 * p.ideal_latency_reduction(n)) + (0.01 * p.groups[0][0] if p.groups else 0)
@@ -110,7 +110,9 @@ def test_auto_choice_rule(analyzed, tmp_path, monkeypatch, capsys):
     plan = convert.resolve_plan(cfg.plan, *_model_and_tokenizer(analyzed), cfg.data)
     table = pd.read_csv(tmp_path / "candidates.csv")
     assert plan.ideal_latency_reduction(8) == 0.25 == table[table.within_budget].ideal_latency_reduction.max()
-    assert plan.groups[0][0] == table[table.ideal_latency_reduction == 0.25].start.min()
+    tied = table[table.ideal_latency_reduction == 0.25]
+    assert set(tied.group_size) == {2, 3} and plan.group_size == 2  # 2 groups of 2 beat 1 group of 3
+    assert plan.groups[0][0] == tied[tied.group_size == 2].start.min()  # then the lowest perplexity
     assert table.ideal_latency_reduction.max() > 0.25  # bolder candidates existed and were refused
     assert "every bolder candidate exceeds the budget" in capsys.readouterr().out
 
@@ -143,14 +145,15 @@ def test_cli_errors_are_one_line(analyzed, tmp_path, capsys):
 
 
 def test_sweep_table_and_figure(tiny_checkpoint, tmp_path):
-    assert [p.describe() for p in convert.sweep_plans(8, [2, 3], end=7, min_start=1, bypass=0)] == [
+    assert [p.describe() for p in convert.sweep_plans(8, [2, 3], ends=[7], min_start=1, bypass=0)] == [
         "S5 E7 P2 D0", "S3 E7 P2 D0", "S1 E7 P2 D0", "S4 E7 P3 D0", "S1 E7 P3 D0"]
     with pytest.raises(PlanError, match="must be in 1..8"):
-        convert.sweep_plans(8, [2], end=9, min_start=1, bypass=0)
+        convert.sweep_plans(8, [2], ends=[9], min_start=1, bypass=0)
     csv = tmp_path / "sweep.csv"
     convert.sweep(cli.compose("sweep", overrides(tiny_checkpoint, tmp_path, "eval_tokens=256", f"out={csv}")))
     table = pd.read_csv(csv)
-    assert len(table) == 1 + 3 + 2 + 1  # original; E=7, S>=1: P=2 S=5,3,1; P=3 S=4,1; P=4 S=3
-    assert table.ppl_ratio.iloc[0] == 1.0 and (table.end.dropna() == 7).all()
+    # original; default ends [6, 7], S >= 1: P=2 S=4,2 | 5,3,1; P=3 S=3 | 4,1; P=4 S=2 | 3
+    assert len(table) == 1 + 5 + 3 + 2
+    assert table.ppl_ratio.iloc[0] == 1.0 and set(table.end.dropna()) == {6, 7}
     png = plots.sweep_perplexity(table, tmp_path / "sweep.png")
     assert png.stat().st_size > 0

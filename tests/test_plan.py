@@ -87,3 +87,9 @@ def test_plan_config_modes(tmp_path):
         plan_from_config({"mode": "file", "file": str(tmp_path / "p.json")}, 6)
     with pytest.raises(PlanError, match="not one of manual, file, auto"):
         plan_from_config({"mode": "magic"}, 30)
+
+
+def test_tags_name_output_directories():
+    assert Plan.from_range(12, 30, 2, num_layers=32).tag() == "S12E30P2D0"
+    assert Plan(groups=((0, 1), (3, 4, 5)), bypass=1).tag() == "G0-1_3-5D1"
+    assert Plan().tag() == "original"
