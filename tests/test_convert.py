@@ -76,7 +76,7 @@ def test_auto_picks_the_largest_reduction_within_budget_and_converts(analyzed, t
     assert list(rows.variant) == ["original", "converted"] and rows.plan.iloc[1] == plan.describe()
     # the saved directory works on its own: plan in its config, generate() through its tokenizer
     model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)  # its config names remote code
     assert Plan.from_dict(model.config.cqil_plan) == plan
     # cqil's helpers also work on the model's own (remote-code) copy of the CQIL classes
     assert get_plan(model) == plan
