@@ -73,9 +73,19 @@ class _Group:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                  past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        return group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                             position_embeddings=position_embeddings, **kwargs)
+        out = group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+        # The members' own forward() never runs, so their forward hooks would stay silent; fire the last
+        # member's with the stage's input and output. transformers records `output_hidden_states` with such
+        # hooks: under a plan it then returns the embeddings plus one hidden state per stage.
+        last = self.layers[-1]
+        for hook_id, hook in list(last._forward_hooks.items()):
+            args = (last, (hidden_states,), {}, out) if hook_id in last._forward_hooks_with_kwargs else \
+                (last, (hidden_states,), out)
+            result = hook(*args)
+            out = out if result is None else result  # torch semantics: a hook may replace the output
+        return out
 
 
 class CqilLayers(nn.ModuleList):
@@ -126,12 +136,18 @@ def check_supported(model: nn.Module) -> None:
         raise PlanError("models mixing sliding-window and full attention layers are not supported")
 
 
+def _is_cqil_layers(layers: nn.Module) -> bool:
+    """A CqilLayers, including one from a converted model's own copy of this file (loaded as remote code,
+    so a different class object): checked by its attributes, not by isinstance."""
+    return isinstance(layers, nn.ModuleList) and hasattr(layers, "plan") and hasattr(layers, "enabled")
+
+
 def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
     """Turn `model` into its CQIL form in place (no weights change) and record the plan in its config."""
     check_supported(model)
     dec = decoder(model)
     layers = dec.layers
-    base = nn.ModuleList(list(layers)) if isinstance(layers, CqilLayers) else layers
+    base = nn.ModuleList(list(layers)) if _is_cqil_layers(layers) else layers
     dec.layers = CqilLayers(base, plan) if plan.groups else base
     model.config.cqil_plan = plan.to_dict() if plan.groups else None
     return model
@@ -140,7 +156,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
 def get_plan(model: nn.Module) -> Plan:
     """The plan applied to `model` (empty Plan() if none)."""
     layers = decoder(model).layers
-    return layers.plan if isinstance(layers, CqilLayers) else Plan()
+    return Plan.from_dict(layers.plan.to_dict()) if _is_cqil_layers(layers) else Plan()
 
 
 @contextlib.contextmanager

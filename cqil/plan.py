@@ -40,6 +40,9 @@ class Plan:
             raise PlanError(f"plan.group_size must be >= 1, got {group_size}")
         if not 0 <= start <= end:
             raise PlanError(f"plan needs 0 <= start <= end (0-based, end exclusive), got start={start} end={end}")
+        if num_layers is not None and end > num_layers:
+            raise PlanError(f"plan.end={end} is past the last layer: the model has {num_layers} layers, "
+                            f"so end <= {num_layers} (0-based, end exclusive)")
         if (end - start) % group_size:
             raise PlanError(
                 f"end - start = {end - start} is not a multiple of group_size={group_size}; "
@@ -63,11 +66,13 @@ class Plan:
                 raise PlanError(f"group {list(g)} has fewer than 2 layers; leave such layers out of the plan")
             if list(g) != list(range(g[0], g[0] + len(g))):
                 raise PlanError(f"group {list(g)} is not a run of consecutive layers")
+            # range before order, so a negative index is reported as out of range, not as an overlap
+            if g[0] < 0 or (num_layers is not None and g[-1] >= num_layers):
+                span = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+                raise PlanError(f"group {list(g)} is out of range: layer indices are 0-based ({span})")
             if g[0] <= last:
                 raise PlanError(f"group {list(g)} overlaps or precedes the group before it; list groups in order, disjoint")
             last = g[-1]
-            if g[0] < 0 or (num_layers is not None and g[-1] >= num_layers):
-                raise PlanError(f"group {list(g)} is out of range for a model with {num_layers} layers (0-based: 0..{(num_layers or 1) - 1})")
         if self.groups and self.bypass >= max(len(g) for g in self.groups):
             raise PlanError(f"plan.bypass={self.bypass} must be smaller than the largest group ({max(len(g) for g in self.groups)} layers)")
         return self
@@ -106,6 +111,15 @@ class Plan:
         if len(sizes) == 1 and contiguous:
             return f"S{self.groups[0][0]} E{self.groups[-1][-1] + 1} P{sizes.pop()} D{self.bypass}"
         return f"groups {[list(g) for g in self.groups]} D{self.bypass}"
+
+    def tag(self) -> str:
+        """describe() as a file-name part: 'S12E30P2D0', 'G0-1_3-5D1' for explicit groups, 'original'."""
+        if not self.groups:
+            return "original"
+        name = self.describe()
+        if name.startswith("S"):
+            return name.replace(" ", "")
+        return "G" + "_".join(f"{g[0]}-{g[-1]}" for g in self.groups) + f"D{self.bypass}"
 
     # ---- serialization ------------------------------------------------------------------
     def to_dict(self) -> dict:

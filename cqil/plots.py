@@ -83,11 +83,54 @@ def accuracy_table(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def sweep_perplexity(df: pd.DataFrame, out: str | Path) -> Path:
+    """Held-out perplexity against the start layer S, one line per group size P (sweep CSV)."""
+    original = df[df.group_size == 1].perplexity.iloc[0]
+    plans = df[df.group_size > 1]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colors = dict(zip(sorted(plans.group_size.unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = dict(zip(sorted(plans.end.unique(), reverse=True), ["-", "--", ":", "-."]))
+    for (p, end), part in plans.groupby(["group_size", "end"]):
+        part = part.sort_values("start")
+        ax.plot(part.start, part.perplexity, marker="o", ms=3, color=colors[p], ls=styles.get(end, "-"),
+                label=f"P={p}, E={int(end)}")
+    ax.axhline(original, color="k", ls=":", lw=1.5, label=f"original ({original:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("start layer S (0-based; groups of P layers from S up to E, exclusive)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"{df.model.iloc[0]}: perplexity after conversion, no fine-tuning\n"
+                 f"({df.n_tokens.iloc[0]} tokens of {df.data.iloc[0]}, D={int(plans.bypass.iloc[0])})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, out)
+
+
+def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
+    """plan=auto: calibration perplexity ratio against ideal latency reduction, budget and choice marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p, part in df.groupby("group_size"):
+        ax.scatter(100 * part.ideal_latency_reduction, part.ppl_ratio, s=14, label=f"P={p}")
+    chosen = df[df.chosen]
+    if not chosen.empty:
+        ax.scatter(100 * chosen.ideal_latency_reduction, chosen.ppl_ratio, s=120, facecolors="none",
+                   edgecolors="k", label=f"chosen: {chosen.plan.iloc[0]}")
+    ax.axhline(df.max_ppl_ratio.iloc[0], color="r", ls="--", lw=1, label=f"budget {df.max_ppl_ratio.iloc[0]} x")
+    ax.set_yscale("log")
+    ax.set_xlabel("ideal latency reduction g(P-1)/n (%)")
+    ax.set_ylabel("calibration perplexity / original (log)")
+    ax.set_title(f"{df.model.iloc[0]}: plan=auto candidates ({df.n_tokens.iloc[0]} tokens of {df.data.iloc[0]})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
     "adjacent_similarity": (adjacent_similarity, "similarity_csv", "adjacent_similarity_png"),
     "accuracy": (accuracy_table, "eval_csv", "accuracy_png"),
+    "sweep_perplexity": (sweep_perplexity, "sweep_csv", "sweep_perplexity_png"),
+    "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
 }
 
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random LLaMA models (and a tiny checkpoint with a real tokenizer) for fast tests."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 97
+
+
+def make_tiny_llama(layers: int = 6, seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
+    """A random LLaMA small enough for CPU tests (sdpa set explicitly: a bare config drops masks)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    # Random init gives near-uniform logits (ties make greedy decoding fragile); sharpen the head.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A real (saveable) character-level tokenizer with fewer than VOCAB ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = string.ascii_letters + string.digits + " .,;:!?'\"-\n"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory: tiny_llama(layers=6, seed=0) -> a fresh random LlamaForCausalLM in eval mode."""
+    return make_tiny_llama
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> dict:
+    """A saved tiny 8-layer model + tokenizer and three small text files: {'model': dir, 'files': [...]}."""
+    model_dir = tmp_path / "tiny-model"
+    make_tiny_llama(layers=8).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    words = "the cat sat on a mat while two dogs ran past the old mill and birds sang".split()
+    files = []
+    for k in range(3):
+        g = torch.Generator().manual_seed(k)
+        text = " ".join(words[i] for i in torch.randint(0, len(words), (1500,), generator=g).tolist())
+        path = tmp_path / f"doc{k}.txt"
+        path.write_text(text)
+        files.append(str(path))
+    return {"model": str(model_dir), "files": files}
