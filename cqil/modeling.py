@@ -126,12 +126,18 @@ def check_supported(model: nn.Module) -> None:
         raise PlanError("models mixing sliding-window and full attention layers are not supported")
 
 
+def _is_cqil_layers(layers: nn.Module) -> bool:
+    """A CqilLayers, including one from a converted model's own copy of this file (loaded as remote code,
+    so a different class object): checked by its attributes, not by isinstance."""
+    return isinstance(layers, nn.ModuleList) and hasattr(layers, "plan") and hasattr(layers, "enabled")
+
+
 def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
     """Turn `model` into its CQIL form in place (no weights change) and record the plan in its config."""
     check_supported(model)
     dec = decoder(model)
     layers = dec.layers
-    base = nn.ModuleList(list(layers)) if isinstance(layers, CqilLayers) else layers
+    base = nn.ModuleList(list(layers)) if _is_cqil_layers(layers) else layers
     dec.layers = CqilLayers(base, plan) if plan.groups else base
     model.config.cqil_plan = plan.to_dict() if plan.groups else None
     return model
@@ -140,7 +146,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
 def get_plan(model: nn.Module) -> Plan:
     """The plan applied to `model` (empty Plan() if none)."""
     layers = decoder(model).layers
-    return layers.plan if isinstance(layers, CqilLayers) else Plan()
+    return Plan.from_dict(layers.plan.to_dict()) if _is_cqil_layers(layers) else Plan()
 
 
 @contextlib.contextmanager
