@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, finetune, models
+from cqil import CqilError, finetune, models, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -138,6 +138,20 @@ def test_distillation_lowers_the_loss(trained):
     table = pd.read_csv(out / "perplexity.csv")
     assert len(table) == 1 and table.ppl_finetuned[0] == pytest.approx(row["ppl_finetuned"])
     assert {"device", "command", "torch", "date"} <= set(table.columns)
+
+
+def test_loss_curve_figure_is_drawn_from_the_csv(trained, tmp_path):
+    out, _, _ = trained
+    png = plots.finetune_loss(pd.read_csv(out / "loss.csv"), tmp_path / "loss.png")
+    assert png.stat().st_size > 0
+
+
+def test_lora_layers():
+    assert finetune.lora_layers("all", PLAN, 6) is None
+    assert finetune.lora_layers("from_plan", PLAN, 6) == [1, 2, 3, 4, 5]
+    assert finetune.lora_layers([0, 5], PLAN, 6) == [0, 5]
+    with pytest.raises(CqilError, match="lora.layers"):
+        finetune.lora_layers([6], PLAN, 6)
 
 
 def test_saved_adapter_and_merged_model_reproduce_the_finetuned_logits(tiny_dir, trained):
