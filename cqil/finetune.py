@@ -168,7 +168,8 @@ def check_checkpoint(ckpt: Path) -> None:
         if not (ckpt / "optimizer.pt").is_file():
             raise FileNotFoundError("optimizer.pt missing")
     except Exception as e:  # any damage: the message names the file and the way out
-        raise CqilError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise CqilError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {why}); "
                         "delete it to resume from the previous checkpoint, or delete the out_dir to start over") from None
 
 
@@ -263,6 +264,7 @@ def peak_memory_mb() -> dict:
 # ---- the job -----------------------------------------------------------------------------
 def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
     """Fine-tune, save adapter + merged model, report held-out perplexities. Returns the result row (rank 0)."""
+    started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     if cfg.loss.kind not in LOSS_KINDS:
         raise CqilError(f"loss.kind={cfg.loss.kind!r} is not one of {', '.join(LOSS_KINDS)}")
@@ -303,11 +305,11 @@ def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
     return report(cfg, trainer.model, tokenizer, plan, eval_blocks, columns, {
         "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
         "train_tokens": trainer.state.global_step * tokens_per_step, "train_blocks_available": len(train_blocks),
-        "block_size": data_cfg.block_size, "train_seconds": round(train_seconds, 1)})
+        "block_size": data_cfg.block_size, "train_seconds": round(train_seconds, 1)}, started)
 
 
 def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Tensor, columns: dict,
-           training: dict) -> dict:
+           training: dict, started: float) -> dict:
     """Save adapter and merged model, measure the three held-out perplexities, write and print the row."""
     out_dir = Path(cfg.out_dir)
     model.eval()
@@ -335,13 +337,14 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Ten
            "grad_accum": cfg.train.grad_accum, "weight_decay": cfg.train.weight_decay, "seed": cfg.train.seed,
            "ppl_original": ppl_original, "ppl_converted": ppl_converted, "ppl_finetuned": ppl_finetuned,
            "gap_recovered": (ppl_converted - ppl_finetuned) / gap if gap > 0 else float("nan"),
-           **peak_memory_mb(), "adapter": str(adapter), "merged": str(merged),
+           "wall_seconds": round(time.perf_counter() - started, 1), **peak_memory_mb(),
+           "adapter": str(adapter), "merged": str(merged),
            **{k: v for k, v in columns.items() if k not in ("model", "plan", "data", "loss_kind")}}
     out = Path(cfg.out)
     previous = [pd.read_csv(out)] if out.is_file() else []  # one row per run: tries stay side by side
     write_csv(pd.concat([*previous, pd.DataFrame([row])], ignore_index=True), out)
     print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
-          f"{training['train_seconds']} s, peak RSS {row['peak_rss_mb']} MiB")
+          f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation):")
     print(f"  original {ppl_original:.2f}   converted {ppl_converted:.2f}   fine-tuned {ppl_finetuned:.2f}   "
           f"(gap recovered: {row['gap_recovered']:.0%})")

@@ -65,7 +65,8 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel({"kl": "KL(original || student)", "ce": "next-token loss"}.get(df.loss_kind.iloc[0], "loss"))
     tokens_per_step = df.tokens.iloc[0] / df.step.iloc[0]
-    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e3, lambda t: t * 1e3 / tokens_per_step))
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e3,
+                                               lambda t: t * 1e3 / tokens_per_step))
     top.set_xlabel("training tokens (thousands)")
     ax.set_title(f"{df.model.iloc[0]} {df.plan.iloc[0]}: LoRA recovery ({df.loss_kind.iloc[0]} loss)")
     ax.grid(alpha=0.3)

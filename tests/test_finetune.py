@@ -2,7 +2,11 @@
 model, kill + rerun resumes from the checkpoint, adapter and merged directory reproduce the model."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -45,14 +49,19 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
-def cfg_for(root, out, *overrides):
-    """The finetune job's real config (conf/finetune.yaml) pointed at the tiny model and text."""
-    return compose("finetune", [
+def cfg_for_overrides(root, out, *overrides) -> list[str]:
+    """Overrides that point the finetune job at the tiny model and text, with a short schedule."""
+    return [
         f"model.path={root / 'model'}", "model.name=tiny", "data=local", f"data.files=[{root / 'text.txt'}]",
         "data.block_size=16", "threads=1", "plan.start=1", "plan.end=5", "plan.group_size=2", "plan.bypass=1",
         "lora.r=4", "lora.alpha=8", "train.max_steps=8", "train.batch_size=16", "train.lr=1e-2",
         "train.warmup=0", "train.schedule=constant", "train.save_steps=2", "eval_tokens=256",
-        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides])
+        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides]
+
+
+def cfg_for(root, out, *overrides):
+    """The finetune job's real config (conf/finetune.yaml) with those overrides."""
+    return compose("finetune", cfg_for_overrides(root, out, *overrides))
 
 
 class Probe(TrainerCallback):
@@ -192,6 +201,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_dir, trained, tmp_path
     assert row["ppl_finetuned"] == pytest.approx(reference["ppl_finetuned"], rel=1e-5)
 
 
+def test_same_command_runs_under_torchrun_ddp(tiny_dir, tmp_path):
+    """Two CPU processes (gloo): each step sees 2 x batch blocks, rank 0 alone logs and reports."""
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cqil", "finetune", *cfg_for_overrides(tiny_dir, tmp_path, "train.max_steps=4")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loss = pd.read_csv(tmp_path / "loss.csv")
+    assert list(loss.step) == [1, 2, 3, 4] and (loss.tokens == loss.step * 2 * 16 * 16).all()
+    row = pd.read_csv(tmp_path / "perplexity.csv").iloc[0]
+    assert row.steps == 4 and row.train_tokens == 4 * 2 * 16 * 16
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
 def test_incomplete_checkpoint_is_skipped_and_corrupt_one_refused(tiny_dir, tmp_path):
     ckpts = tmp_path / "checkpoints"
     (ckpts / "checkpoint-8").mkdir(parents=True)  # killed while saving: no trainer_state.json
@@ -209,7 +232,8 @@ def test_converted_directory_brings_its_own_plan(trained):
     model, tokenizer = models.load({"name": "merged", "path": str(out / "merged")})
     empty = {"mode": "manual", "start": 0, "end": 0, "group_size": 1}
     assert finetune.choose_plan(empty, model, tokenizer, None) == PLAN
-    assert finetune.choose_plan({**empty, "start": 1, "end": 5, "group_size": 2, "bypass": 1}, model, tokenizer, None) == PLAN
+    same = {**empty, "start": 1, "end": 5, "group_size": 2, "bypass": 1}
+    assert finetune.choose_plan(same, model, tokenizer, None) == PLAN
 
 
 def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
