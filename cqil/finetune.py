@@ -132,9 +132,9 @@ class LossCsv(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
+            row = self._row(state.log_history[-1])
             with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=list(self._row(state.log_history[-1]))).writerow(
-                    self._row(state.log_history[-1]))
+                csv.DictWriter(f, fieldnames=list(row)).writerow(row)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
