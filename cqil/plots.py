@@ -124,6 +124,25 @@ def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
+    """Training loss per optimizer step, raw and smoothed, with tokens seen on the top axis (finetune loss CSV)."""
+    df = df.sort_values("step")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(df.step, df.loss, lw=0.8, alpha=0.45, label="per step")
+    window = max(1, len(df) // 15)
+    ax.plot(df.step, df.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"mean of {window} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel({"kl": "KL(original || student)", "ce": "next-token loss"}.get(df.loss_kind.iloc[0], "loss"))
+    tokens_per_step = df.tokens.iloc[0] / df.step.iloc[0]
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e3,
+                                               lambda t: t * 1e3 / tokens_per_step))
+    top.set_xlabel("training tokens (thousands)")
+    ax.set_title(f"{df.model.iloc[0]} {df.plan.iloc[0]}: LoRA recovery ({df.loss_kind.iloc[0]} loss)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
@@ -131,6 +150,7 @@ FIGURES = {
     "accuracy": (accuracy_table, "eval_csv", "accuracy_png"),
     "sweep_perplexity": (sweep_perplexity, "sweep_csv", "sweep_perplexity_png"),
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
+    "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
 }
 
 

@@ -1,0 +1,352 @@
+"""`cqil finetune`: recover a converted model with LoRA adapters and self-distillation.
+
+The authors' recipe (see DESIGN.md): LoRA on q,k,v,o,gate,up,down of every layer, loss =
+KL(teacher || student) where the teacher is the *same weights* with the adapter and the plan
+switched off (peft's `disable_adapter()` + `cqil.modeling.plan_disabled`), so no second copy of
+the model is held. Plain next-token loss (`loss.kind=ce`) and a mix (`loss.kind=mix`) are options.
+
+Training runs on the HF Trainer, so one command runs on a CPU, one GPU, or under
+`torchrun --nproc_per_node=N -m cqil finetune ...` (DDP). Checkpoints land in
+`<out_dir>/checkpoints/checkpoint-<step>` every `train.save_steps`; rerunning the same command
+resumes from the last complete one. Outputs: `<out_dir>/adapter` (peft format, applies on top of
+the converted model), `<out_dir>/merged` (a CQIL model directory, loads like `cqil convert`'s
+output), the loss curve CSV and one row of held-out perplexities (original / converted /
+fine-tuned) on the evaluation split, which training never sees.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from . import CqilError, data, models
+from .convert import resolve_plan
+from .evaluate import perplexity
+from .modeling import apply_plan, get_plan, plan_disabled, save_converted
+from .plan import Plan
+from .results import provenance, write_csv
+
+LOSS_KINDS = ("kl", "ce", "mix")
+# What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
+FINGERPRINT_KEYS = ("model", "plan", "lora", "loss", "data", "batch_size", "grad_accum", "seed")
+
+
+# ---- the loss ----------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the original model: the same weights with the LoRA adapter and the plan switched off."""
+    was_training = model.training
+    model.eval()  # the teacher is the original model as evaluated (no dropout)
+    try:
+        with model.disable_adapter(), plan_disabled(model):
+            return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        model.train(was_training)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token (mean over positions), on logits softened by `temperature`.
+
+    Scaled by T^2 so its gradient keeps the same size whatever the temperature (Hinton et al.).
+    """
+    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from positions <= t."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+class DistillTrainer(Trainer):
+    """Trainer whose loss is self-distillation (kl), next-token (ce) or their mix."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
+
+    def __init__(self, *args, loss_kind: str = "kl", temperature: float = 1.0, kl_weight: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_kind, self.temperature, self.kl_weight = loss_kind, temperature, kl_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        outputs = model(input_ids=input_ids, use_cache=False)  # the wrapped (DDP) model: gradients sync
+        terms = {}
+        if self.loss_kind in ("kl", "mix"):
+            teacher = teacher_logits(self.accelerator.unwrap_model(model), input_ids)  # no DDP hooks, no grad
+            terms["kl"] = distill_loss(outputs.logits, teacher, self.temperature)
+        if self.loss_kind in ("ce", "mix"):
+            terms["ce"] = next_token_loss(outputs.logits, input_ids)
+        if self.loss_kind == "mix":
+            loss = self.kl_weight * terms["kl"] + (1 - self.kl_weight) * terms["ce"]
+        else:
+            loss = terms[self.loss_kind]
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---- data, progress log, checkpoints -----------------------------------------------------
+class Blocks(torch.utils.data.Dataset):
+    """Token blocks [n, T] as Trainer samples {'input_ids': LongTensor[T]}."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i]}
+
+
+class LossCsv(TrainerCallback):
+    """Loss per optimizer step -> CSV, one row per step, appended as training goes.
+
+    On (re)start the file is rewritten from the Trainer's log history, which a resumed run
+    restores from its checkpoint: steps after the checkpoint (redone now) are not duplicated.
+    """
+
+    def __init__(self, path: str | Path, tokens_per_step: int, columns: dict):
+        self.path, self.tokens_per_step, self.columns = Path(path), tokens_per_step, columns
+
+    def _row(self, log: dict) -> dict:
+        return {"step": log["step"], "tokens": log["step"] * self.tokens_per_step, "loss": log["loss"],
+                "learning_rate": log.get("learning_rate"), "grad_norm": log.get("grad_norm"),
+                "epoch": log.get("epoch"), **self.columns}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            rows = [self._row(h) for h in state.log_history if "loss" in h]
+            write_csv(pd.DataFrame(rows, columns=list(self._row({"step": 0, "loss": 0.0}))), self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            row = self._row(state.log_history[-1])
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=list(row)).writerow(row)
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ckpt_dir; incomplete ones (killed mid-save) are removed.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it was interrupted.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").is_file():
+            check_checkpoint(ckpt)
+            return ckpt
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"removing incomplete checkpoint {ckpt} (interrupted while saving)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """Refuse a damaged checkpoint with one line instead of a traceback deep inside the Trainer."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        if not (ckpt / "optimizer.pt").is_file():
+            raise FileNotFoundError("optimizer.pt missing")
+    except Exception as e:  # any damage: the message names the file and the way out
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise CqilError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {why}); "
+                        "delete it to resume from the previous checkpoint, or delete the out_dir to start over") from None
+
+
+def check_fingerprint(out_dir: Path, fingerprint: dict, resuming: bool) -> None:
+    """Refuse to continue checkpoints made by a different run (other plan, model, LoRA, data, ...)."""
+    path = out_dir / "run.json"
+    if resuming and path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in FINGERPRINT_KEYS if old.get(k) != fingerprint.get(k)]
+        if diff:
+            raise CqilError(f"{out_dir} holds checkpoints of a different run ({', '.join(diff)} differ: "
+                            f"{old.get(diff[0])} vs {fingerprint.get(diff[0])}); set out_dir=<new dir> or delete it")
+    if int(os.environ.get("RANK", "0")) == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
+        tmp.replace(path)
+
+
+# ---- model preparation -------------------------------------------------------------------
+def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> Plan:
+    """The plan to recover from: the converted model's own, or the configured one applied now."""
+    own = get_plan(model)
+    if own.groups and plan_cfg.get("mode") == "auto":
+        return own  # a converted directory already carries the automatic choice
+    wanted = resolve_plan(plan_cfg, model, tokenizer, data_cfg)
+    if own.groups:
+        if wanted.groups and wanted != own:
+            raise CqilError(f"the model is already converted with plan {own.describe()} but the config asks for "
+                            f"{wanted.describe()}; pass plan=none to fine-tune it with its own plan")
+        return own
+    if not wanted.groups:
+        raise CqilError("nothing to recover: the model has no CQIL plan; give a converted directory "
+                        "(model.path=<cqil convert output>) or a plan (plan=manual plan.start=12 plan.end=24 "
+                        "plan.group_size=2, plan=file, plan=auto)")
+    apply_plan(model, wanted)
+    return wanted
+
+
+def lora_layers(spec, plan: Plan, num_layers: int) -> list[int] | None:
+    """Layers to adapt: 'all' (None), 'from_plan' (first grouped layer to the last), or a list of indices.
+
+    'from_plan' leaves the layers before the first group frozen: teacher and student compute them
+    identically, and the backward pass then stops at the first group (about a third less work
+    for S12 on a 30-layer model).
+    """
+    if spec in (None, "all"):
+        return None
+    if spec == "from_plan":
+        return list(range(plan.groups[0][0], num_layers))
+    if isinstance(spec, str) or not all(isinstance(i, int) and 0 <= i < num_layers for i in spec):
+        raise CqilError(f"lora.layers={spec!r} must be all, from_plan or a list of 0-based layer indices "
+                        f"below {num_layers}")
+    return list(spec)
+
+
+def add_lora(model, lora_cfg: dict, layers: list[int] | None = None):
+    """Wrap `model` in a peft LoRA model (the plan keeps working: peft only swaps Linear modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
+                        target_modules=list(lora_cfg["target_modules"]), bias="none", task_type="CAUSAL_LM",
+                        layers_to_transform=layers)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise CqilError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}; check lora.target_modules "
+                        "(e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) and lora.layers") from None
+
+
+def training_args(cfg: DictConfig, ckpt_dir: Path) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
+    bf16 = (on_gpu and torch.cuda.is_bf16_supported()) if t.bf16 == "auto" else bool(t.bf16)
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        data_seed=t.seed, bf16=bf16, use_cpu=not on_gpu, logging_steps=1, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, report_to=[], disable_tqdm=False,
+        remove_unused_columns=False, label_names=[], dataloader_drop_last=True, ddp_find_unused_parameters=False,
+        ddp_timeout=t.ddp_timeout)
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (and peak GPU memory allocated, if any), MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+    return {"peak_rss_mb": round(rss), "peak_gpu_mb": round(gpu) if not math.isnan(gpu) else gpu}
+
+
+# ---- the job -----------------------------------------------------------------------------
+def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
+    """Fine-tune, save adapter + merged model, report held-out perplexities. Returns the result row (rank 0)."""
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    if cfg.loss.kind not in LOSS_KINDS:
+        raise CqilError(f"loss.kind={cfg.loss.kind!r} is not one of {', '.join(LOSS_KINDS)}")
+    if cfg.train.max_steps < 1 or cfg.train.save_steps < 1:
+        raise CqilError("train.max_steps and train.save_steps must be >= 1")
+    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
+    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    plan = choose_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
+    train_blocks = data.token_blocks(data_cfg, tokenizer, "training", cfg.train.train_tokens)
+    eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens)
+    set_seed(cfg.train.seed)  # the LoRA A matrices are drawn at random: same seed, same run
+    layers = lora_layers(OmegaConf.to_object(cfg.lora).get("layers"), plan, model.config.num_hidden_layers)
+    model = add_lora(model, OmegaConf.to_object(cfg.lora), layers)
+
+    out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+    resume = last_checkpoint(ckpt_dir)
+    fingerprint = {"model": cfg.model.path, "plan": plan.to_dict(), "lora": OmegaConf.to_object(cfg.lora),
+                   "loss": OmegaConf.to_object(cfg.loss), "batch_size": cfg.train.batch_size,
+                   "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed,
+                   "data": OmegaConf.to_object(cfg.data)}
+    check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
+
+    args = training_args(cfg, ckpt_dir)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * args.world_size * data_cfg.block_size
+    device = str(args.device)
+    columns = {"model": cfg.model.name, "plan": plan.describe(), "data": f"{data_cfg.name}/training",
+               "loss_kind": cfg.loss.kind, **provenance(device)}
+    trainer = DistillTrainer(model=model, args=args, train_dataset=Blocks(train_blocks),
+                             callbacks=[LossCsv(cfg.loss_csv, tokens_per_step, columns), *callbacks],
+                             loss_kind=cfg.loss.kind, temperature=cfg.loss.temperature, kl_weight=cfg.loss.kl_weight)
+    if resume is not None:
+        print(f"resuming from {resume}")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - start
+    if not trainer.is_world_process_zero():
+        return None
+    return report(cfg, trainer.model, tokenizer, plan, eval_blocks, columns, {
+        "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+        "train_tokens": trainer.state.global_step * tokens_per_step, "train_blocks_available": len(train_blocks),
+        "block_size": data_cfg.block_size, "train_seconds": round(train_seconds, 1)}, started)
+
+
+def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Tensor, columns: dict,
+           training: dict, started: float) -> dict:
+    """Save adapter and merged model, measure the three held-out perplexities, write and print the row."""
+    out_dir = Path(cfg.out_dir)
+    model.eval()
+    adapter = out_dir / "adapter"
+    shutil.rmtree(adapter.with_name("adapter.tmp"), ignore_errors=True)
+    model.save_pretrained(adapter.with_name("adapter.tmp"))
+    shutil.rmtree(adapter, ignore_errors=True)
+    adapter.with_name("adapter.tmp").rename(adapter)
+
+    bs = cfg.eval_batch_size
+    with model.disable_adapter(), plan_disabled(model):
+        ppl_original = perplexity(model, eval_blocks, bs, desc="perplexity original")
+    with model.disable_adapter():
+        ppl_converted = perplexity(model, eval_blocks, bs, desc="perplexity converted")
+    ppl_finetuned = perplexity(model, eval_blocks, bs, desc="perplexity fine-tuned")
+    merged = save_converted(model.merge_and_unload(), tokenizer, out_dir / "merged")
+
+    gap = ppl_converted - ppl_original
+    row = {"model": cfg.model.name, "plan": plan.describe(), "data": f"{cfg.data.name}/evaluation",
+           "eval_tokens": eval_blocks.numel(), **training, "loss_kind": cfg.loss.kind,
+           "temperature": cfg.loss.temperature, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
+           "lora_targets": ",".join(cfg.lora.target_modules),
+           "lora_layers": cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers)),
+           "lr": cfg.train.lr, "schedule": cfg.train.schedule, "batch_size": cfg.train.batch_size,
+           "grad_accum": cfg.train.grad_accum, "weight_decay": cfg.train.weight_decay, "seed": cfg.train.seed,
+           "ppl_original": ppl_original, "ppl_converted": ppl_converted, "ppl_finetuned": ppl_finetuned,
+           "gap_recovered": (ppl_converted - ppl_finetuned) / gap if gap > 0 else float("nan"),
+           "wall_seconds": round(time.perf_counter() - started, 1), **peak_memory_mb(),
+           "adapter": str(adapter), "merged": str(merged),
+           **{k: v for k, v in columns.items() if k not in ("model", "plan", "data", "loss_kind")}}
+    out = Path(cfg.out)
+    previous = [pd.read_csv(out)] if out.is_file() else []  # one row per run: tries stay side by side
+    write_csv(pd.concat([*previous, pd.DataFrame([row])], ignore_index=True), out)
+    print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
+          f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
+    print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation):")
+    print(f"  original {ppl_original:.2f}   converted {ppl_converted:.2f}   fine-tuned {ppl_finetuned:.2f}   "
+          f"(gap recovered: {row['gap_recovered']:.0%})")
+    print(f"adapter -> {adapter}   merged CQIL model -> {merged}   row -> {out}   loss curve -> {cfg.loss_csv}")
+    return row

@@ -1,0 +1,250 @@
+"""cqil finetune on a tiny random LLaMA: distillation lowers the loss, the teacher is the original
+model, kill + rerun resumes from the checkpoint, adapter and merged directory reproduce the model."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+from omegaconf import OmegaConf
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          TrainerCallback)
+
+from cqil import CqilError, finetune, models, plots
+from cqil.cli import compose
+from cqil.data import token_blocks
+from cqil.modeling import apply_plan, plan_disabled
+from cqil.plan import Plan
+
+PLAN = Plan.from_range(1, 5, 2, bypass=1, num_layers=6)  # groups [1,2] [3,4]; bypass exercised in training
+WORDS = [f"w{i}" for i in range(150)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA checkpoint with a word-level tokenizer, plus a text file to train on."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    text = " ".join(rng.choice(WORDS[: rng.randint(20, 150)]) for _ in range(4000))
+    (root / "text.txt").write_text(text)
+    tok = Tokenizer(tok_models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+def cfg_for_overrides(root, out, *overrides) -> list[str]:
+    """Overrides that point the finetune job at the tiny model and text, with a short schedule."""
+    return [
+        f"model.path={root / 'model'}", "model.name=tiny", "data=local", f"data.files=[{root / 'text.txt'}]",
+        "data.block_size=16", "threads=1", "plan.start=1", "plan.end=5", "plan.group_size=2", "plan.bypass=1",
+        "lora.r=4", "lora.alpha=8", "train.max_steps=8", "train.batch_size=16", "train.lr=1e-2",
+        "train.warmup=0", "train.schedule=constant", "train.save_steps=2", "eval_tokens=256",
+        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides]
+
+
+def cfg_for(root, out, *overrides):
+    """The finetune job's real config (conf/finetune.yaml) with those overrides."""
+    return compose("finetune", cfg_for_overrides(root, out, *overrides))
+
+
+class Probe(TrainerCallback):
+    """Distillation loss on fixed blocks before and after training, and the fine-tuned logits."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids, self.kl = ids, {}
+
+    def _measure(self, model, when):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            self.kl[when] = finetune.distill_loss(model(input_ids=self.ids).logits,
+                                                  finetune.teacher_logits(model, self.ids)).item()
+            if when == "after":
+                self.logits = model(input_ids=self.ids).logits
+        model.train(was)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._measure(model, "before")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._measure(model, "after")
+
+
+class Crash(TrainerCallback):
+    """Simulates the process being killed during step `at` (after the checkpoint of an earlier step)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def base_model(root):
+    """The converted tiny model: original weights with the plan applied."""
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    return apply_plan(model, PLAN)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = cfg_for(tiny_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    probe = Probe(token_blocks(OmegaConf.to_object(cfg.data), tokenizer, "training")[:8])  # text it trains on
+    row = finetune.run(cfg, callbacks=[probe])
+    return out, probe, row
+
+
+def test_teacher_is_exactly_the_original_model(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(2, 150, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()(input_ids=ids).logits
+    # a non-zero adapter (init_lora_weights=False) so that disabling it matters
+    student = get_peft_model(base_model(tiny_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                              init_lora_weights=False))
+    student.train()
+    teacher = finetune.teacher_logits(student, ids)
+    assert torch.equal(teacher, original)
+    assert student.training  # restored
+    with torch.no_grad():
+        assert not torch.allclose(student(input_ids=ids).logits, original, atol=1e-3)
+        with student.disable_adapter():
+            converted = student(input_ids=ids).logits
+    assert not torch.allclose(converted, original, atol=1e-3)  # the plan alone changes the output
+
+
+def test_distillation_lowers_the_loss(trained):
+    out, probe, row = trained
+    assert probe.kl["before"] > 0
+    assert probe.kl["after"] < 0.8 * probe.kl["before"]
+    loss = pd.read_csv(out / "loss.csv")
+    assert list(loss.step) == list(range(1, 9))
+    assert (loss.tokens == loss.step * 16 * 16).all()
+    assert row["steps"] == 8 and row["train_tokens"] == 8 * 16 * 16
+    assert row["ppl_converted"] != row["ppl_original"]
+    # the perplexities are recorded with their provenance
+    table = pd.read_csv(out / "perplexity.csv")
+    assert len(table) == 1 and table.ppl_finetuned[0] == pytest.approx(row["ppl_finetuned"])
+    assert {"device", "command", "torch", "date"} <= set(table.columns)
+
+
+def test_loss_curve_figure_is_drawn_from_the_csv(trained, tmp_path):
+    out, _, _ = trained
+    png = plots.finetune_loss(pd.read_csv(out / "loss.csv"), tmp_path / "loss.png")
+    assert png.stat().st_size > 0
+
+
+def test_lora_layers():
+    assert finetune.lora_layers("all", PLAN, 6) is None
+    assert finetune.lora_layers("from_plan", PLAN, 6) == [1, 2, 3, 4, 5]
+    assert finetune.lora_layers([0, 5], PLAN, 6) == [0, 5]
+    with pytest.raises(CqilError, match="lora.layers"):
+        finetune.lora_layers([6], PLAN, 6)
+
+
+def test_saved_adapter_and_merged_model_reproduce_the_finetuned_logits(tiny_dir, trained):
+    out, probe, _ = trained
+    peft_model = PeftModel.from_pretrained(base_model(tiny_dir), out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True).eval()
+    assert merged.config.cqil_plan["groups"] == [[1, 2], [3, 4]] and merged.config.cqil_plan["bypass"] == 1
+    with torch.no_grad():
+        from_adapter = peft_model(input_ids=probe.ids).logits
+        from_merged = merged(input_ids=probe.ids).logits
+        with plan_disabled(merged):  # the merged weights differ from the original ones
+            assert not torch.allclose(merged(input_ids=probe.ids).logits,
+                                      base_model(tiny_dir)(input_ids=probe.ids).logits, atol=1e-4)
+    torch.testing.assert_close(from_adapter, probe.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_merged, probe.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_dir, trained, tmp_path):
+    steps_run = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    cfg = cfg_for(tiny_dir, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, callbacks=[Crash(at=7)])  # checkpoints 2, 4, 6 saved, killed in step 7
+    assert finetune.last_checkpoint(tmp_path / "checkpoints").name == "checkpoint-6"
+    row = finetune.run(cfg, callbacks=[Steps()])
+    assert steps_run == [7, 8]  # continued, not restarted from zero
+    assert row["resumed_from_step"] == 6 and row["steps"] == 8
+    assert list(pd.read_csv(tmp_path / "loss.csv").step) == list(range(1, 9))  # no step lost or doubled
+    # same data order, RNG and optimizer state: the result equals the uninterrupted run's
+    uninterrupted, _, reference = trained
+    torch.testing.assert_close(
+        PeftModel.from_pretrained(base_model(tiny_dir), tmp_path / "adapter")(input_ids=trained[1].ids).logits,
+        trained[1].logits, rtol=1e-5, atol=1e-5)
+    assert row["ppl_finetuned"] == pytest.approx(reference["ppl_finetuned"], rel=1e-5)
+
+
+def test_same_command_runs_under_torchrun_ddp(tiny_dir, tmp_path):
+    """Two CPU processes (gloo): each step sees 2 x batch blocks, rank 0 alone logs and reports."""
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cqil", "finetune", *cfg_for_overrides(tiny_dir, tmp_path, "train.max_steps=4")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loss = pd.read_csv(tmp_path / "loss.csv")
+    assert list(loss.step) == [1, 2, 3, 4] and (loss.tokens == loss.step * 2 * 16 * 16).all()
+    row = pd.read_csv(tmp_path / "perplexity.csv").iloc[0]
+    assert row.steps == 4 and row.train_tokens == 4 * 2 * 16 * 16
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_incomplete_checkpoint_is_skipped_and_corrupt_one_refused(tiny_dir, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "checkpoint-8").mkdir(parents=True)  # killed while saving: no trainer_state.json
+    assert finetune.last_checkpoint(ckpts) is None and not (ckpts / "checkpoint-8").exists()
+    bad = ckpts / "checkpoint-2"
+    bad.mkdir()
+    (bad / "trainer_state.json").write_text("{}")
+    (bad / "adapter_model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CqilError, match="checkpoint-2 is corrupt"):
+        finetune.last_checkpoint(ckpts)
+
+
+def test_converted_directory_brings_its_own_plan(trained):
+    out, _, _ = trained
+    model, tokenizer = models.load({"name": "merged", "path": str(out / "merged")})
+    empty = {"mode": "manual", "start": 0, "end": 0, "group_size": 1}
+    assert finetune.choose_plan(empty, model, tokenizer, None) == PLAN
+    same = {**empty, "start": 1, "end": 5, "group_size": 2, "bypass": 1}
+    assert finetune.choose_plan(same, model, tokenizer, None) == PLAN
+
+
+def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
+    out, _, _ = trained
+    with pytest.raises(CqilError, match="different run .*plan"):  # other plan into the same checkpoints
+        finetune.run(cfg_for(tiny_dir, out, "plan.start=0", "plan.end=4"))
+    with pytest.raises(CqilError, match="nothing to recover"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, "plan.start=0", "plan.end=0"))  # an empty plan
+    with pytest.raises(CqilError, match="already converted with plan S1 E5 P2 D1"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, f"model.path={out / 'merged'}", "plan.start=0", "plan.end=4"))
+    with pytest.raises(CqilError, match="lora.target_modules"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, "lora.target_modules=[nope]"))
+    with pytest.raises(CqilError, match="loss.kind"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, "loss.kind=mse"))
