@@ -143,6 +143,35 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+BENCH_BASELINE = "original, 1 device"  # setup (a) of cqil bench: what reductions are measured against
+
+
+def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
+    """Median latency per setup (p90 as whisker) for every (T, B), prefill and decode; CQIL's ideal marked."""
+    setups = list(dict.fromkeys(df.setup))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for ax, (phase, label) in zip(axes, (("prefill", "time to first token (ms)"), ("decode", "time per output token (ms)"))):
+        d = df[df.phase == phase].set_index(["prompt_tokens", "batch_size"])
+        shapes = list(dict.fromkeys(d.index))
+        ideal = d[d.setup == BENCH_BASELINE].reindex(shapes).median_ms * (1 - d.ideal_reduction.iloc[0])
+        width = 0.8 / len(setups)
+        for i, setup in enumerate(setups):
+            s = d[d.setup == setup].reindex(shapes)
+            x = np.arange(len(shapes)) + (i - (len(setups) - 1) / 2) * width
+            ax.bar(x, s.median_ms, width, yerr=[np.zeros(len(s)), s.p90_ms - s.median_ms], capsize=2, label=setup)
+            if setup.startswith("cqil"):  # the plan's ideal: original latency x (1 - g(P-1)/n)
+                ax.hlines(ideal, x - width / 2, x + width / 2, colors="k", lw=2)
+        ax.plot([], [], "k-", lw=2, label="cqil ideal: (a) x (1 - g(P-1)/n)")
+        ax.set_xticks(np.arange(len(shapes)), [f"T={t} B={b}" for t, b in shapes])
+        ax.set_ylabel(label)
+        ax.set_title(phase)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    r = df.iloc[0]
+    fig.suptitle(f"{r.model}, plan {r.plan} (ideal reduction {r.ideal_reduction:.1%}), {r.device}: median, p90 whisker")
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
@@ -151,6 +180,7 @@ FIGURES = {
     "sweep_perplexity": (sweep_perplexity, "sweep_csv", "sweep_perplexity_png"),
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
+    "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
 }
 
 

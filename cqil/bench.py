@@ -1,0 +1,191 @@
+"""`cqil bench`: latency of CQIL on P devices against honest baselines, side by side in one run.
+
+Setups, for every (prompt length T, batch size B):
+  (a) original, 1 device       the original model, one process (CPU: 1 thread)
+  (b) cqil ...                 the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
+                               for every member-axis communicator and LM-head placement asked for
+  (c) original, P threads      what a user would otherwise do with the same P devices: on CPU one
+      tensor parallel, P GPUs  process with P threads; on CUDA tensor parallelism over P GPUs
+
+Protocol: `warmup` untimed rounds, then `repeats` timed rounds; a round runs every setup once,
+in turn, so slow drift of the machine hits all setups alike. A run is the prefill of the prompt
+(time to first token, TTFT, includes choosing that token) followed by `new_tokens` greedy decode
+steps (time per output token, TPOT, each step timed). Reported: median and p90 over runs (TTFT)
+or over all timed steps (TPOT), the latency reduction of every setup against (a) (medians), and
+for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
+alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
+
+`cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
+itself; starting that torchrun line directly works the same.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from . import CqilError, data, models
+from .convert import resolve_plan
+from .plan import Plan
+from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
+from .results import provenance, write_csv
+from .runtime import Runtime, init_distributed, make_mesh, under_torchrun
+
+
+def run(cfg: DictConfig) -> None:
+    """Outside torchrun: launch it with this command's overrides. Inside: be one rank of the bench."""
+    if under_torchrun():
+        return worker(cfg)
+    world = cfg.devices * cfg.tp
+    if cfg.devices < 2:
+        raise CqilError(f"devices={cfg.devices}: CQIL needs at least 2 devices to run group members concurrently")
+    if len(sys.argv) < 2 or sys.argv[1] != "bench":
+        raise CqilError("cqil bench launches torchrun with its command-line overrides; start it as `cqil bench ...`")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "cqil", *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_rank))
+    print("launching:", " ".join(cmd[1:]), flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc:
+        raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
+
+
+def _stats(ms: list[float]) -> dict:
+    return {"samples": len(ms), "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+
+
+def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """One run: TTFT (prefill + first token) and the time of each of `new_tokens` decode steps, in ms."""
+    device_sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    start = time.perf_counter()
+    token, state = rt.prefill(ids)
+    device_sync()
+    ttft = (time.perf_counter() - start) * 1e3
+    steps = []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        token, state = rt.decode(token, state)
+        device_sync()
+        steps.append((time.perf_counter() - t0) * 1e3)
+    return ttft, steps
+
+
+def worker(cfg: DictConfig) -> None:
+    """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
+    device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
+    mesh = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lead = rank == 0
+    torch.set_num_threads(cfg.threads_per_rank)
+    # while rank 0 times the one-device baselines alone, the others wait here (long timeout, no spinning)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.solo_timeout_s))
+
+    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
+    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
+    if not plan.groups:
+        raise CqilError("the plan has no groups, so nothing runs concurrently; give one (plan=manual, plan=file)")
+    if plan.group_size != cfg.devices:
+        raise CqilError(f"the plan {plan.describe()} has groups of {plan.group_size} layers; run it with devices={plan.group_size}")
+    n = model.config.num_hidden_layers
+    ideal = plan.ideal_latency_reduction(n)
+    if max(cfg.prompt_tokens) > data_cfg.block_size:
+        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
+    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
+    prompts = prompts.to(model.device)
+
+    original = Runtime(model, Plan())
+    setups: dict[str, Runtime] = {}
+    for comm in cfg.comm:
+        for lm_head in cfg.lm_head:
+            rt = Runtime(model, plan, mesh, comm=comm, lm_head=lm_head, timeout_s=cfg.timeout_s)
+            setups[f"cqil, {world} procs ({rt.comm.name}, lm_head {lm_head})"] = rt
+    if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
+        setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
+    members = mesh["member"].get_group()
+
+    def solo(fn) -> None:
+        """Rank 0 runs fn alone; the other ranks wait."""
+        if lead:
+            fn()
+        dist.barrier(group=control)
+
+    samples: dict[tuple, tuple[list, list]] = {}
+
+    def record(name: str, t: int, b: int, rt: Runtime, ids: torch.Tensor, timed: bool) -> None:
+        ttft, tpot = timed_run(rt, ids, cfg.new_tokens)
+        if timed:
+            runs = samples.setdefault((name, t, b), ([], []))
+            runs[0].append(ttft)
+            runs[1].extend(tpot)
+
+    grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
+    for t, b in tqdm(grid, desc="bench", unit="shape", disable=not lead):
+        ids = prompts[:b, :t]
+        for i in range(cfg.warmup + cfg.repeats):  # round robin over setups: drift hits all alike
+            timed = i >= cfg.warmup
+
+            def baselines() -> None:
+                record(ORIGINAL, t, b, original, ids, timed)
+                if device_type == "cpu":  # (c) on CPU: one process using the threads of all P ranks
+                    torch.set_num_threads(world * cfg.threads_per_rank)
+                    record(f"original, {world} threads", t, b, original, ids, timed)
+                    torch.set_num_threads(cfg.threads_per_rank)
+
+            solo(baselines)
+            for name, rt in setups.items():
+                dist.barrier(group=members)  # every rank starts the run together
+                record(name, t, b, rt, ids, timed)
+    if not lead:
+        return
+    table = results_table(samples, cfg, plan, n, ideal, device_type)
+    write_csv(table, cfg.out)
+    print(summary(table))
+    print(f"-> {cfg.out}\n-> {bench_latency(table, cfg.figure)}")
+
+
+def results_table(samples: dict, cfg: DictConfig, plan: Plan, n: int, ideal: float, device_type: str) -> pd.DataFrame:
+    """One row per (setup, phase, T, B) with medians, p90, reduction against (a) and fraction of ideal."""
+    device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
+    prov = provenance(device)
+    rows = []
+    for (setup, t, b), (ttft, tpot) in samples.items():
+        for phase, ms in (("prefill", ttft), ("decode", tpot)):
+            rows.append({"model": cfg.model.name, "plan": plan.describe(), "n_layers": n, "groups": len(plan.groups),
+                         "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
+                         "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
+                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms)})
+    df = pd.DataFrame(rows)
+    base = df[df.setup == ORIGINAL].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
+    df["reduction"] = 1 - df.median_ms / base.loc[list(zip(df.phase, df.prompt_tokens, df.batch_size))].to_numpy()
+    df["ideal_reduction"] = ideal
+    df["fraction_of_ideal"] = np.where(df.setup.str.startswith("cqil"), df.reduction / ideal, np.nan)
+    df["backend"] = dist.get_backend()
+    df["cpus"] = os.cpu_count()
+    df["threads_per_rank"] = cfg.threads_per_rank
+    for k, v in prov.items():
+        df[k] = v
+    return df
+
+
+def summary(df: pd.DataFrame) -> str:
+    """The human table: median ms per setup, and reduction (fraction of ideal) for the others."""
+    lines = [f"{df.model.iloc[0]}, plan {df.plan.iloc[0]} ({df.groups.iloc[0]} groups of {df.n_layers.iloc[0]} layers), "
+             f"ideal latency reduction {df.ideal_reduction.iloc[0]:.1%}; {df.device.iloc[0]}, backend {df.backend.iloc[0]}"]
+    for (phase, t, b), g in df.groupby(["phase", "prompt_tokens", "batch_size"], sort=False):
+        lines.append(f"{phase:7s} T={t:<4d} B={b}:")
+        for r in g.itertuples():
+            frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
+            red = "" if r.setup == ORIGINAL else f"  reduction {r.reduction:+.1%}{frac}"
+            lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}")
+    return "\n".join(lines)
