@@ -31,7 +31,11 @@ $(VENV)/.installed: pyproject.toml
 $(CQIL_CACHE)/texts/.complete: scripts/fetch_texts.py | $(VENV)/.installed
 	$(PY) scripts/fetch_texts.py --out $(CQIL_CACHE)/texts
 
-install: $(VENV)/.installed $(CQIL_CACHE)/texts/.complete
+# Dequantize the bundled GGUF once into a plain safetensors checkpoint (later loads take ~1 s).
+$(CQIL_CACHE)/models/smollm2-135m/config.json: | $(VENV)/.installed
+	$(PY) -c "from cqil.models import bundled_checkpoint; print(bundled_checkpoint('smollm2-135m'))"
+
+install: $(VENV)/.installed $(CQIL_CACHE)/texts/.complete $(CQIL_CACHE)/models/smollm2-135m/config.json
 
 test: install
 	$(PY) -m pytest -q tests

@@ -17,9 +17,7 @@ from cqil.plan import Plan
 from cqil.plots import accuracy_table
 
 TEXTS = models.cache_dir() / "texts"
-TOKENIZER = models.cache_dir() / "models" / "smollm2-135m"  # the bundled model's tokenizer (made by `make install`)
-needs_install = pytest.mark.skipif(not (TEXTS / "pang_lee_polarity.txt").is_file() or not TOKENIZER.is_dir(),
-                                   reason="offline texts / bundled model not assembled; run `make install`")
+TOKENIZER = models.bundled_checkpoint("smollm2-135m")  # the bundled model's tokenizer (dequantized once, cached)
 
 
 def tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
@@ -53,7 +51,6 @@ def test_polarity_jsonl_rows_and_bad_line(tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
-@needs_install
 def test_polarity_jsonl_matches_source_and_yaml_is_resolved(tmp_path):
     tasks = evaluate.prepare_local_tasks(tmp_path)
     config = yaml.safe_load(tasks["cqil_polarity"].read_text())
@@ -97,7 +94,6 @@ def direct_polarity_acc(model, tokenizer, docs: list[dict]) -> float:
     return correct / len(docs)
 
 
-@needs_install
 def test_eval_end_to_end_original_and_converted(tiny_dir, tmp_path, capsys):
     plan = {"mode": "manual", "start": 0, "end": 4, "group_size": 2, "bypass": 1, "groups": None}
     entries = [{"label": "original", "path": str(tiny_dir)},
@@ -154,7 +150,6 @@ def run_cli(args: list[str], capsys) -> str:
     return captured.err.strip()
 
 
-@needs_install
 def test_unknown_task_and_hub_task_offline_fail_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "hub_reachable", lambda timeout=3.0: False)  # as on an offline machine
     common = [f"work_dir={tmp_path}", f"out={tmp_path / 'x.csv'}"]
@@ -164,7 +159,6 @@ def test_unknown_task_and_hub_task_offline_fail_clearly(tmp_path, capsys, monkey
     assert not (tmp_path / "x.csv").exists()
 
 
-@needs_install
 def test_bad_plan_of_a_later_model_fails_before_any_model_runs(tiny_dir, tmp_path, capsys):
     models_arg = (f"models=[{{label: a, path: {tiny_dir}}}, {{label: b, path: {tiny_dir}, "
                   "plan: {mode: manual, start: 0, end: 3, group_size: 2, bypass: 0}}]")
