@@ -2,8 +2,9 @@
 
 Setups, for every (prompt length T, batch size B):
   (a) original, 1 device       the original model, one process (CPU: 1 thread)
-  (b) cqil ...                 the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
-                               for every member-axis communicator and LM-head placement asked for
+  (b) cqil (...)               the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
+                               once per runtime variant in `cqil` (collectives, LM head, where
+                               the layers outside groups run)
   (c) original, P threads      what a user would otherwise do with the same P devices: on CPU one
       tensor parallel, P GPUs  process with P threads; on CUDA tensor parallelism over P GPUs
 
@@ -143,10 +144,12 @@ def worker(cfg: DictConfig) -> None:
 
     original = Runtime(model, Plan())
     setups: dict[str, Runtime] = {}
-    for comm in cfg.comm:
-        for lm_head in cfg.lm_head:
-            rt = Runtime(model, plan, mesh, comm=comm, lm_head=lm_head, timeout_s=cfg.timeout_s)
-            setups[f"cqil, {world} procs ({rt.comm.name}, lm_head {lm_head})"] = rt
+    for variant in cfg.cqil:
+        v = {"comm": "auto", "lm_head": "sharded", "ungrouped": "replicated", **variant}
+        if set(v) - {"comm", "lm_head", "ungrouped"}:
+            raise CqilError(f"bench cqil setup {dict(variant)} has unknown keys; use comm, lm_head, ungrouped")
+        rt = Runtime(model, plan, mesh, timeout_s=cfg.timeout_s, **v)
+        setups[f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"] = rt
     if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
         setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
 

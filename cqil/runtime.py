@@ -14,19 +14,27 @@ A group (cqil.modeling's definition, reused here: member_attention, bypass_input
     d_k   = member_delta(layer_k, x, a_k, bypass)   on member k
     y     = x + all-reduce_member(d_k)              one all-reduce per group
 
-Where everything else runs, and why: layers outside groups, the embedding and the final norm are
-*replicated* on every rank. After a group's all-reduce every rank holds the full hidden state, so
-running the next ungrouped layers everywhere costs no communication at all; running them on rank 0
-only would add a broadcast after every ungrouped stretch and leave the other ranks idle anyway
-(same latency plus communication). The price is memory (each rank holds every weight). The one
-exception is the LM head (`lm_head="sharded"`, the default): it is the largest single matrix of a
-small model (SmolLM2-135M: 28M of 135M parameters, ~1/6 of a decode step on one CPU core) and
-decoding reads all of it per token, so it is split by vocabulary rows over the member axis; greedy
-decoding then exchanges only one (max logit, token id) pair per sequence and rank.
+Where everything else runs, and why (`ungrouped`, measured in `cqil bench`): layers outside
+groups, the embedding and the final norm either run
+  - "replicated" on every rank: after a group's all-reduce every rank holds the full hidden state,
+    so the next ungrouped layers cost no communication at all. Best where each device has its own
+    memory (GPUs): nothing is shared, nothing waits. Price: every rank holds every weight.
+  - "rank0" on member 0 only, which broadcasts its hidden state to the other members before the
+    next group (one broadcast per run of ungrouped layers). Best where the devices share one
+    memory bus (CPU cores): replicated ranks stream the same weights twice and slow each other
+    (~10% per decode step measured on this 2-core machine), while here the other ranks only wait.
+Never "rank 0 and a broadcast of every layer": that only adds communication.
+The LM head is the largest single matrix of a small model (SmolLM2-135M: 28M of 135M parameters,
+~1/6 of a decode step on one CPU core) and decoding reads all of it per token, so by default
+(`lm_head="sharded"`) it is split by vocabulary rows over the member axis and greedy decoding
+exchanges only one (max logit, token id) pair per sequence and rank. `lm_head="replicated"` runs
+it whole on every rank (with ungrouped="rank0": on member 0, which broadcasts the token ids).
+Note that the plan's ideal reduction g*(P-1)/n counts layers only: a sharded head can push the
+measured reduction past it, so `cqil bench` reports both placements.
 
-Every rank holds a DynamicCache keyed by layer_idx and updates only the layers it runs. Every rank
-computes the same argmax from bitwise-identical inputs (the collectives return identical results
-on every rank), so generated tokens never need a broadcast.
+Every rank holds a DynamicCache keyed by layer_idx and updates only the layers it runs. Ranks that
+compute the head compute the same argmax from bitwise-identical inputs (the collectives return
+identical results on every rank), so generated tokens need no broadcast there.
 
 Communication backends for the member axis (`comm`): "torch" (torch.distributed collectives: gloo
 or nccl), or "shm" for ranks of one CPU host: gloo's TCP all-reduce of one decode token's hidden
@@ -106,7 +114,7 @@ def make_mesh(member: int, tp: int = 1, device_type: str = "cpu") -> DeviceMesh:
 
 # ---- collectives of the member axis --------------------------------------------------------
 class TorchComm:
-    """all_reduce_ / all_gather over one process group with torch.distributed (gloo or nccl)."""
+    """all_reduce_ / broadcast_ / all_gather over one process group with torch.distributed (gloo or nccl)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
@@ -124,6 +132,14 @@ class TorchComm:
             raise self._fail("all_reduce", e) from None
         return t
 
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `t` with group rank src's `t`."""
+        try:
+            dist.broadcast(t, group=self.group, group_src=src)
+        except (RuntimeError, dist.DistError) as e:
+            raise self._fail("broadcast", e) from None
+        return t
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`, in rank order."""
         out = t.new_empty(self.size * t.numel())  # flat: gloo wants the concatenated form
@@ -135,7 +151,7 @@ class TorchComm:
 
 
 class ShmComm:
-    """all_reduce_ / all_gather for the ranks of one host through a shared-memory segment.
+    """all_reduce_ / broadcast_ / all_gather for the ranks of one host through a shared-memory segment.
 
     A collective: copy my tensor into my slot, publish a sequence number in my flag (its own cache
     line), spin until every rank has published it, then read all slots (every rank reduces them in
@@ -184,12 +200,13 @@ class ShmComm:
                 # more ranks than free cores (tests): give the core away instead of burning it
                 os.sched_yield() if spins < 20000 else time.sleep(50e-6)
 
-    def _exchange(self, chunk: torch.Tensor, op: str) -> torch.Tensor:
+    def _exchange(self, chunk: torch.Tensor, op: str, contribute: bool = True) -> torch.Tensor:
         """Post `chunk` (flat), wait for all ranks; return the [size, n] view of everybody's chunk."""
         self.seq += 1
         n = chunk.numel()
         slots = self.slots[self.seq % 2].view(chunk.dtype)[:, :n]
-        slots[self.rank].copy_(chunk)
+        if contribute:
+            slots[self.rank].copy_(chunk)
         self.flags[self.rank * self.FLAG_STRIDE] = self.seq
         self._wait(op)
         return slots
@@ -201,6 +218,14 @@ class ShmComm:
         """Sum `t` (contiguous) over the group in place."""
         for chunk in self._chunks(t.view(-1)):
             torch.sum(self._exchange(chunk, "all_reduce"), dim=0, out=chunk)
+        return t
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `t` (contiguous) with group rank src's `t`."""
+        for chunk in self._chunks(t.view(-1)):
+            slots = self._exchange(chunk, "broadcast", contribute=self.rank == src)
+            if self.rank != src:
+                chunk.copy_(slots[src])
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -215,6 +240,8 @@ class ShmComm:
 
 Comm = TorchComm | ShmComm
 COMMS = ("auto", "torch", "shm")
+LM_HEADS = ("sharded", "replicated")
+UNGROUPED = ("replicated", "rank0")
 
 
 def make_comm(group: dist.ProcessGroup, kind: str = "auto", timeout_s: float = 60.0) -> Comm:
@@ -266,6 +293,16 @@ class _MemberStage:
         return x + self.comm.all_reduce_(delta)
 
 
+class _FromMember0:
+    """ungrouped="rank0": the hidden state that member 0 computed alone reaches the other members."""
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+
+    def __call__(self, x: torch.Tensor, **_) -> torch.Tensor:
+        return self.comm.broadcast_(x)
+
+
 @dataclass
 class Sequences:
     """Decoding state of a batch: this rank's KV cache, the 2-D mask (None: no padding), next positions."""
@@ -283,10 +320,13 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None,
-                 comm: str | Comm = "auto", lm_head: str = "sharded", timeout_s: float = 60.0):
+                 comm: str | Comm = "auto", lm_head: str = "sharded", ungrouped: str = "replicated",
+                 timeout_s: float = 60.0):
         check_supported(model)
-        if lm_head not in ("sharded", "replicated"):
-            raise CqilError(f"runtime lm_head {lm_head!r} is not one of sharded, replicated")
+        if lm_head not in LM_HEADS:
+            raise CqilError(f"runtime lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
+        if ungrouped not in UNGROUPED:
+            raise CqilError(f"runtime ungrouped {ungrouped!r} is not one of {', '.join(UNGROUPED)}")
         self.config = model.config
         dec = decoder(model)
         layers = list(dec.layers)  # the raw layers, also when a plan is already applied to the model
@@ -304,16 +344,22 @@ class Runtime:
         if self.size > 1:
             self.comm = comm if not isinstance(comm, str) else make_comm(mesh["member"].get_group(), comm, timeout_s)
 
+        # ungrouped="rank0": layers outside groups (and a replicated LM head) run on member 0 only
+        self.first_only = ungrouped == "rank0" and self.size > 1
         self.stages: list = []
         local: list[int] = []  # layers this rank runs
-        for g in plan.stages(n):
+        stages = plan.stages(n)
+        for j, g in enumerate(stages):
             if len(g) == 1:
-                self.stages.append(layers[g[0]])
-                local.append(g[0])
+                if self.k == 0 or not self.first_only:
+                    self.stages.append(layers[g[0]])
+                    local.append(g[0])
             elif self.size == 1:
                 self.stages.append(_Group([layers[i] for i in g], plan.bypass))  # the definition itself
                 local.extend(g)
             else:
+                if self.first_only and j > 0 and len(stages[j - 1]) == 1:
+                    self.stages.append(_FromMember0(self.comm))
                 mine = g[self.k] if self.k < len(g) else None
                 self.stages.append(_MemberStage(layers[mine] if mine is not None else None, self.k, plan.bypass, self.comm))
                 local.extend([mine] if mine is not None else [])
@@ -323,6 +369,9 @@ class Runtime:
 
         head = model.get_output_embeddings().weight
         self.vocab = head.shape[0]
+        self.head_on_first = self.first_only and lm_head == "replicated"  # member 0 computes, tokens broadcast
+        if self.first_only and not self.head_on_first and len(stages[-1]) == 1:
+            self.stages.append(_FromMember0(self.comm))  # the sharded head needs the final state everywhere
         if lm_head == "sharded" and self.size > 1:
             rows = -(-self.vocab // self.size)
             self.vocab_offset = rows * self.k
@@ -350,6 +399,9 @@ class Runtime:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full logits [..., V] on every rank (gathers the shards if the head is sharded)."""
+        if self.head_on_first:
+            out = self.local_logits(h) if self.k == 0 else h.new_empty((*h.shape[:-1], self.vocab))
+            return self.comm.broadcast_(out)
         out = self.local_logits(h)
         if self.head_rows == self.vocab:
             return out
@@ -360,6 +412,9 @@ class Runtime:
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """argmax token ids [B] of hidden states [B, H]; sharded head: exchange (max, id) pairs only."""
+        if self.head_on_first:
+            ids = self.local_logits(h).argmax(-1) if self.k == 0 else h.new_empty(h.shape[0], dtype=torch.long)
+            return self.comm.broadcast_(ids)
         local = self.local_logits(h)
         if self.head_rows == self.vocab:
             return local.argmax(-1)

@@ -1,9 +1,10 @@
 """Multi-device runtime: torchrun + gloo on CPU equals the single-process CQIL model.
 
-Each distributed case is one real torchrun launch of this file (its __main__ is the worker):
-P=2 and P=4 ranks, with and without bypass, both member-axis communicators, a plan with an
-incomplete group, tensor parallelism (T=2) alone and inside groups (2x2 mesh), left-padded
-batches, prefill and many decode steps. Every rank saves its outputs; the test compares them
+Each world size is one real torchrun launch of this file (its __main__ is the worker): P=2 and
+P=4 ranks, with and without bypass, both member-axis communicators, both LM-head placements,
+ungrouped layers replicated or on rank 0 only, a plan with an incomplete group, tensor
+parallelism (T=2) alone and inside groups (2x2 mesh), left-padded batches, prefill and many
+decode steps. Every rank saves its outputs; the test compares them
 with cqil.modeling.apply_plan (forward logits and transformers' generate) in this process.
 """
 from __future__ import annotations
@@ -25,16 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 12
 TIMEOUT_S = 4  # the runtime's collective timeout in the failure cases
 
-# name -> (world size, plan groups, bypass, mesh (P, T), comm, lm_head)
+# name -> (world size, plan groups, bypass, mesh (P, T), runtime options)
 CASES = {
-    "P2 D0 shm": (2, ((1, 2), (3, 4)), 0, (2, 1), "shm", "sharded"),
-    "P2 D1 shm": (2, ((1, 2), (3, 4)), 1, (2, 1), "shm", "sharded"),
-    "P2 D1 gloo, group holds layer 0": (2, ((0, 1), (3, 4)), 1, (2, 1), "torch", "replicated"),
-    "TP2, no groups": (2, (), 0, (1, 2), "auto", "sharded"),
-    "P4 D0 shm": (4, ((1, 2, 3, 4),), 0, (4, 1), "shm", "sharded"),
-    "P4 D2 gloo": (4, ((1, 2, 3, 4),), 2, (4, 1), "torch", "sharded"),
-    "P4 D3 + short group": (4, ((0, 1, 2, 3), (4, 5)), 3, (4, 1), "shm", "replicated"),
-    "P2xT2 D1": (4, ((1, 2), (3, 4)), 1, (2, 2), "shm", "sharded"),
+    "P2 D0 shm, rank0": (2, ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="rank0")),
+    "P2 D1 shm": (2, ((1, 2), (3, 4)), 1, (2, 1), dict(comm="shm")),
+    "P2 D1 gloo, group holds layer 0, rank0 head": (2, ((0, 1), (3, 4)), 1, (2, 1),
+                                                    dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
+    "TP2, no groups": (2, (), 0, (1, 2), dict()),
+    "P4 D0 shm": (4, ((1, 2, 3, 4),), 0, (4, 1), dict(comm="shm")),
+    "P4 D2 gloo, rank0 head": (4, ((1, 2, 3, 4),), 2, (4, 1), dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
+    "P4 D3 + short group": (4, ((0, 1, 2, 3), (4, 5)), 3, (4, 1), dict(comm="shm", lm_head="replicated")),
+    "P2xT2 D1, rank0": (4, ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm", ungrouped="rank0")),
 }
 
 
@@ -69,7 +71,8 @@ def worker(mode: str, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     init_distributed(world, 1, timeout_s=TIMEOUT_S if mode in ("raise", "stall") else 60)
     if mode in ("raise", "stall"):  # rank 1 fails while rank 0 is inside a collective
-        rt = Runtime(tiny_llama(), Plan(((1, 2), (3, 4))), make_mesh(2), comm="torch" if mode == "raise" else "shm", timeout_s=TIMEOUT_S)
+        rt = Runtime(tiny_llama(), Plan(((1, 2), (3, 4))), make_mesh(2), comm="torch" if mode == "raise" else "shm",
+                     timeout_s=TIMEOUT_S)
         if rank == 1:
             if mode == "raise":
                 raise RuntimeError("injected failure")
@@ -77,10 +80,10 @@ def worker(mode: str, out: Path) -> None:
         rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS)
         return
     results = {}
-    for name, (w, groups, bypass, shape, comm, lm_head) in CASES.items():
+    for name, (w, groups, bypass, shape, options) in CASES.items():
         if w != world:
             continue
-        rt = Runtime(tiny_llama(), Plan(groups, bypass), make_mesh(*shape), comm=comm, lm_head=lm_head)
+        rt = Runtime(tiny_llama(), Plan(groups, bypass), make_mesh(*shape), **options)
         for inp, (ids, mask) in inputs().items():
             tokens, logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
             results[name, inp] = {"forward": rt.forward(ids, mask), "tokens": tokens, "logits": logits}
@@ -198,12 +201,14 @@ def test_bench_cli_end_to_end(tmp_path):
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",
-           "repeats=1", "new_tokens=2", "comm=[shm,torch]", f"out={out}", f"figure={fig}"]
+           "repeats=1", "new_tokens=2", f"out={out}", f"figure={fig}",
+           "cqil=[{comm: shm, ungrouped: rank0}, {comm: torch, lm_head: replicated}]"]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     df = read_csv(out)
     assert list(dict.fromkeys(df.setup)) == [BENCH_BASELINE, "original, 2 threads",
-                                             "cqil, 2 procs (shm, lm_head sharded)", "cqil, 2 procs (gloo, lm_head sharded)"]
+                                             "cqil (shm, head sharded, ungrouped rank0)",
+                                             "cqil (gloo, head replicated, ungrouped replicated)"]
     assert len(df) == 4 * 2 * 2 and set(df.phase) == {"prefill", "decode"}
     assert (df[df.setup == BENCH_BASELINE].reduction == 0).all()
     assert list(df.ideal_reduction) == pytest.approx([6 / 30] * len(df))  # S12 E24 P2: 6 groups of 30 layers
