@@ -16,6 +16,11 @@ or over all timed steps (TPOT), the latency reduction of every setup against (a)
 for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
 alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
 
+The latency model's inputs (cqil.latency) come from the same run, outside the timed rounds:
+layer_ms / head_ms / rest_ms, where one run of (a) spends its time (timers around every decoder
+layer, around the head + argmax, and the rest), and allreduce_ms / broadcast_ms, one collective
+of a [B, T, H] hidden state (decode: [B, 1, H]) with each CQIL setup's communicator.
+
 `cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
 itself; starting that torchrun line directly works the same.
 """
@@ -135,8 +140,6 @@ def worker(cfg: DictConfig) -> None:
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
     check_devices(plan, cfg.devices)
-    n = model.config.num_hidden_layers
-    ideal = plan.ideal_latency_reduction(n)
     if max(cfg.prompt_tokens) > data_cfg.block_size:
         raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
     prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
@@ -144,12 +147,14 @@ def worker(cfg: DictConfig) -> None:
 
     original = Runtime(model, Plan())
     setups: dict[str, Runtime] = {}
+    variants: dict[str, dict] = {}  # setup -> its runtime options (CSV columns comm, lm_head, ungrouped)
     for variant in cfg.cqil:
         v = {"comm": "auto", "lm_head": "sharded", "ungrouped": "replicated", **variant}
         if set(v) - {"comm", "lm_head", "ungrouped"}:
             raise CqilError(f"bench cqil setup {dict(variant)} has unknown keys; use comm, lm_head, ungrouped")
         rt = Runtime(model, plan, mesh, timeout_s=cfg.timeout_s, **v)
-        setups[f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"] = rt
+        name = f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"
+        setups[name], variants[name] = rt, {**v, "comm": rt.comm.name}
     if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
         setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
 
@@ -170,6 +175,7 @@ def worker(cfg: DictConfig) -> None:
 
     grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
     load: dict[tuple, dict] = {}
+    parts: dict[tuple, dict] = {}  # (setup, phase, T, B) -> latency-model inputs
     for t, b in tqdm(grid, desc="bench", unit="shape", disable=not lead):
         ids = prompts[:b, :t]
         start = (time.perf_counter(), machine_cpu_s(), time.process_time())
@@ -190,29 +196,113 @@ def worker(cfg: DictConfig) -> None:
         ours = [0.0] * world
         dist.all_gather_object(ours, time.process_time() - start[2], group=control)
         load[t, b] = other_load(start, sum(ours))
+
+        def profile() -> None:
+            for phase, v in component_times(original, ids, cfg.new_tokens).items():
+                parts[ORIGINAL, phase, t, b] = v
+
+        solo(profile)
+        for name, rt in setups.items():
+            dist.barrier(group=control)
+            for phase, v in comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device).items():
+                parts[name, phase, t, b] = v
     if not lead:
         return
-    table = results_table(samples, load, cfg, plan, n, ideal, device_type)
-    write_csv(table, cfg.out)
+    table = results_table(samples, load, parts, variants, cfg, plan, model, device_type)
+    out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
+    figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
+    write_csv(table, out)
     print(summary(table))
-    print(f"-> {cfg.out}\n-> {bench_latency(table, cfg.figure)}")
+    print(f"-> {out}\n-> {bench_latency(table, figure)}")
 
 
-def results_table(samples: dict, load: dict, cfg: DictConfig, plan: Plan, n: int, ideal: float, device_type: str) -> pd.DataFrame:
-    """One row per (setup, phase, T, B) with medians, p90, reduction against (a) and fraction of ideal."""
+def component_times(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, dict[str, float]]:
+    """Where one run of `rt` (one process, no plan) spends its time, per phase, in ms.
+
+    layer_ms: one decoder layer (mean over layers); head_ms: LM head + argmax; rest_ms: the
+    remainder of the run (embedding, mask, final norm, Python). Decode: per step.
+    """
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    acc = {"layer": 0.0, "head": 0.0}
+
+    def timed(key: str, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            acc[key] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    stages = rt.stages
+    rt.stages, rt.greedy = [timed("layer", s) for s in stages], timed("head", rt.greedy)
+    try:
+        result = {}
+        for phase in ("prefill", "decode"):
+            acc.update(layer=0.0, head=0.0)
+            t0 = time.perf_counter()
+            if phase == "prefill":
+                token, state = rt.prefill(ids)
+                steps = 1
+            else:
+                for _ in range(new_tokens):
+                    token, state = rt.decode(token, state)
+                steps = new_tokens
+            sync()
+            total = (time.perf_counter() - t0) / steps
+            layer, head = acc["layer"] / steps, acc["head"] / steps
+            result[phase] = {"layer_ms": layer / len(stages) * 1e3, "head_ms": head * 1e3,
+                             "rest_ms": (total - layer - head) * 1e3}
+        return result
+    finally:
+        rt.stages = stages
+        del rt.greedy  # back to the class's method
+
+
+def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: torch.device,
+               repeats: int = 20) -> dict[str, dict[str, float]]:
+    """Median ms of one all-reduce and one broadcast of the hidden state [B, T, H] (decode: [B, 1, H]).
+
+    Every rank of the member axis calls this together (they are collectives)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    result = {}
+    for phase, tokens in (("prefill", t), ("decode", 1)):
+        x = torch.zeros(b, tokens, hidden, dtype=dtype, device=device)
+        row = {"comm_bytes": x.numel() * x.element_size()}
+        for key, op in (("allreduce_ms", comm.all_reduce_), ("broadcast_ms", comm.broadcast_)):
+            ms = []
+            for i in range(repeats + 3):  # 3 untimed
+                sync()
+                t0 = time.perf_counter()
+                op(x)
+                sync()
+                ms += [(time.perf_counter() - t0) * 1e3] if i >= 3 else []
+            row[key] = float(np.median(ms))
+        result[phase] = row
+    return result
+
+
+def results_table(samples: dict, load: dict, parts: dict, variants: dict, cfg: DictConfig, plan: Plan,
+                  model: torch.nn.Module, device_type: str) -> pd.DataFrame:
+    """One row per (setup, phase, T, B): medians, p90, reduction against (a), fraction of ideal, and the
+    latency model's inputs (the original's components on every row; the setup's collectives)."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
+    n = model.config.num_hidden_layers
+    sizes = {"hidden_size": model.config.hidden_size, "dtype_bytes": model.dtype.itemsize}
     rows = []
     for (setup, t, b), (ttft, tpot) in samples.items():
         for phase, ms in (("prefill", ttft), ("decode", tpot)):
             rows.append({"model": cfg.model.name, "plan": plan.describe(), "n_layers": n, "groups": len(plan.groups),
                          "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                          "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
-                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms), **load[t, b]})
+                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms), **load[t, b], **sizes,
+                         **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b], **parts.get((setup, phase, t, b), {})})
     df = pd.DataFrame(rows)
     base = df[df.setup == ORIGINAL].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
     df["reduction"] = 1 - df.median_ms / base.loc[list(zip(df.phase, df.prompt_tokens, df.batch_size))].to_numpy()
-    df["ideal_reduction"] = ideal
+    df["ideal_reduction"] = ideal = plan.ideal_latency_reduction(n)
     df["fraction_of_ideal"] = np.where(df.setup.str.startswith("cqil"), df.reduction / ideal, np.nan)
     df["backend"] = dist.get_backend()
     df["cpus"] = os.cpu_count()

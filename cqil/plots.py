@@ -184,6 +184,15 @@ FIGURES = {
 }
 
 
+def _inputs(csv: str, png: str) -> list[tuple[str, str]]:
+    """(CSV, PNG) pairs: a `*` in the CSV path draws one figure per match, its part replacing the PNG's `*`."""
+    if "*" not in csv:
+        return [(csv, png)]
+    head, tail = csv.split("*", 1)
+    matches = sorted(str(p) for p in Path(head).parent.glob(Path(csv).name))
+    return [(m, png.replace("*", m[len(head):len(m) - len(tail)])) for m in matches] or [(csv, png)]
+
+
 def run(cfg: DictConfig) -> None:
     names = list(cfg.figures) if cfg.figures else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
@@ -192,11 +201,12 @@ def run(cfg: DictConfig) -> None:
     drawn = 0
     for name in names:
         draw, csv_key, png_key = FIGURES[name]
-        if not Path(cfg[csv_key]).is_file():
-            if cfg.figures:  # asked for explicitly: its input must exist
-                read_csv(cfg[csv_key])
-            continue
-        print(f"{name}: {cfg[csv_key]} -> {draw(read_csv(cfg[csv_key]), cfg[png_key])}")
-        drawn += 1
+        for csv, png in _inputs(cfg[csv_key], cfg[png_key]):
+            if not Path(csv).is_file():
+                if cfg.figures:  # asked for explicitly: its input must exist
+                    read_csv(csv)
+                continue
+            print(f"{name}: {csv} -> {draw(read_csv(csv), png)}")
+            drawn += 1
     if not drawn:
         raise CqilError("no result CSVs found to draw from; run `cqil analyze` (or the job named) first")

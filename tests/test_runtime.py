@@ -214,6 +214,15 @@ def test_bench_cli_end_to_end(tmp_path):
     assert list(df.ideal_reduction) == pytest.approx([6 / 30] * len(df))  # S12 E24 P2: 6 groups of 30 layers
     assert df[df.setup.str.startswith("cqil")].fraction_of_ideal.notna().all()
     assert df.command.iloc[0].startswith("cqil bench") and df.backend.iloc[0] == "gloo" and fig.is_file()
+    # the latency model's inputs: the original's components on every row, collectives on the CQIL rows
+    cqil = df[df.setup.str.startswith("cqil")]
+    assert (df[["layer_ms", "head_ms"]] > 0).all().all() and df.rest_ms.notna().all()
+    assert (df.hidden_size == 576).all() and (df.dtype_bytes == 4).all()
+    assert list(dict.fromkeys(cqil.comm)) == ["shm", "gloo"] and set(cqil.ungrouped) == {"rank0", "replicated"}
+    assert (cqil[["allreduce_ms", "broadcast_ms"]] > 0).all().all()
+    assert df[~df.setup.str.startswith("cqil")].allreduce_ms.isna().all()
+    decode = cqil[cqil.phase == "decode"]
+    assert list(decode.comm_bytes) == list(decode.batch_size * 576 * 4)  # one token's hidden state per sequence
 
 
 if __name__ == "__main__":
