@@ -319,9 +319,12 @@ def summary(df: pd.DataFrame) -> str:
     for (phase, t, b), g in df.groupby(["phase", "prompt_tokens", "batch_size"], sort=False):
         busy = g.other_cpu_load.iloc[0] + g.steal.iloc[0]
         warn = f"  (WARNING: other processes took {busy:.0%} of the CPUs meanwhile)" if busy > 0.05 else ""
-        lines.append(f"{phase:7s} T={t:<4d} B={b}:{warn}")
+        c = g.iloc[0]  # where (a)'s time goes: the profile behind the ideal and the latency model
+        lines.append(f"{phase:7s} T={t:<4d} B={b}:{warn}  (a) = {c.n_layers} layers x {c.layer_ms:.2f} ms "
+                     f"+ head {c.head_ms:.2f} ms + rest {c.rest_ms:.2f} ms")
         for r in g.itertuples():
             frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
             red = "" if r.setup == ORIGINAL else f"  reduction {r.reduction:+.1%}{frac}"
-            lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}")
+            comm = f"  all-reduce {r.allreduce_ms:.3f} ms" if r.setup.startswith("cqil") else ""
+            lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}{comm}")
     return "\n".join(lines)

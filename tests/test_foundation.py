@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -151,3 +152,20 @@ def test_analyze_cli_end_to_end(tmp_path):
     assert len(df) == 31 * 31 and (df.n_tokens == 1024).all()
     assert df[df.layer_i == df.layer_j].cos_mean.between(0.999, 1.001).all()
     assert "adjacent similarity" in out.stdout
+
+
+@pytest.mark.parametrize("study", sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "study").glob("*.yaml")))
+def test_every_study_step_composes(study):
+    """Each step of every study (conf/study/*.yaml) is a job with overrides its config accepts, so a
+    GPU study fails here, not hours into a run on a machine we cannot test on."""
+    from omegaconf import OmegaConf
+
+    from cqil.cli import JOBS, compose
+
+    steps = compose("reproduce", [f"study={study}"]).study.steps
+    assert len({s.name for s in steps}) == len(steps)
+    for step in steps:
+        job, *overrides = [str(a) for a in OmegaConf.to_object(step.args)]
+        assert job in JOBS, f"{study}/{step.name}: unknown job {job}"
+        cfg = compose(job, overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
