@@ -172,6 +172,65 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
+    """Latency model: measured against predicted per CQIL row (log-log), y = x, error of each validation row."""
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    colors = {"prefill": "tab:blue", "decode": "tab:orange"}
+    for (role, phase), g in df.groupby(["role", "phase"], sort=False):
+        ax.scatter(g.measured_ms, g.predicted_ms, s=26, color=colors.get(phase, "k"),
+                   marker="o" if role == "validation" else "x", label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        if role == "validation":
+            for r in g.itertuples():
+                ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
+                            xytext=(3, -3), textcoords="offset points")
+    lo, hi = df[["measured_ms", "predicted_ms"]].min().min() * 0.8, df[["measured_ms", "predicted_ms"]].max().max() * 1.2
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured median latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    val = df[df.role == "validation"]
+    mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
+    ax.set_title(f"{df.model.iloc[0]}: latency model, mean |error| on validation: {mape}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def latency_projection(df: pd.DataFrame, out: str | Path) -> Path:
+    """Projected latency relative to the original model: CQIL variants and tensor parallelism, ideal marked."""
+    hws, shapes = list(dict.fromkeys(df.hardware)), list(dict.fromkeys(zip(df.phase, df.prompt_tokens)))
+    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.6 * len(shapes), 3.6 * len(hws)), squeeze=False,
+                             sharey=True, layout="constrained")
+    heads = list(dict.fromkeys(df.lm_head))
+    bars = [f"CQIL, head {h}" for h in heads] + ["tensor parallel"]
+    for axrow, hw in zip(axes, hws):
+        for ax, (phase, t) in zip(axrow, shapes):
+            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)]
+            cases = list(dict.fromkeys(zip(d.model, d.plan)))
+            width = 0.8 / len(bars)
+            for i, name in enumerate(bars):
+                rel = [(d[(d.model == m) & (d.plan == p) & (d.lm_head == heads[min(i, len(heads) - 1)])].iloc[0])
+                       for m, p in cases]
+                y = [r.tensor_parallel_ms / r.original_ms if name == "tensor parallel" else r.cqil_ms / r.original_ms
+                     for r in rel]
+                x = np.arange(len(cases)) + (i - (len(bars) - 1) / 2) * width
+                ax.bar(x, y, width, label=name)
+                if i == 0:
+                    ax.hlines([1 - r.ideal_reduction for r in rel], x - width / 2, x + width / 2 + width * (len(bars) - 2),
+                              colors="k", lw=2)
+            ax.axhline(1.0, color="grey", lw=1, ls="--")
+            ax.set_xticks(np.arange(len(cases)), [f"{m}\n{p}" for m, p in cases], fontsize=6)
+            ax.set_title(f"{hw}: {phase} " + (f"T={t}" if phase == "prefill" else f"(context {t})"), fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        axrow[0].set_ylabel("latency / original (1 GPU)")
+    axes[0][0].plot([], [], "k-", lw=2, label="CQIL ideal 1 - g(P-1)/n")
+    axes[0][0].plot([], [], color="grey", ls="--", label="original")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(bars) + 2, fontsize=8)
+    fig.suptitle(f"Projected latency (roofline, batch {df.batch_size.iloc[0]}, assumptions in the CSV)", fontsize=10)
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
@@ -181,6 +240,8 @@ FIGURES = {
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
+    "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
+    "latency_projection": (latency_projection, "latency_projection_csv", "latency_projection_png"),
 }
 
 
