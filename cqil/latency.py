@@ -232,6 +232,7 @@ def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float
             "batch_size": rows.batch_size, "measured_ms": rows.median_ms, "predicted_ms": pred,
             "error_pct": 100 * (pred / rows.median_ms - 1), "original_ms": orig,
             "measured_reduction": 1 - rows.median_ms / orig, "predicted_reduction": 1 - pred / orig,
+            "reduction_error_pp": 100 * (rows.median_ms - pred) / orig,
             "kappa": k, "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
             "broadcast_alpha_ms": [c.alpha for c in bc], "broadcast_beta_bytes_per_ms": [c.beta for c in bc]}))
     return pd.concat(out, ignore_index=True)
@@ -408,9 +409,10 @@ def run(cfg: DictConfig) -> None:
         for (comm, op), c in fits.items():
             print(f"  {op:9s} ({comm}): alpha {1e3 * c.alpha:.1f} us, beta {c.beta / 1e6:.3f} GB/s")
         for role, g in table.groupby("role", sort=False):
-            mape = g.groupby("phase").error_pct.apply(lambda e: e.abs().mean())
-            print(f"  {role} ({', '.join(g.plan.unique())}): mean |error| "
-                  + ", ".join(f"{ph} {v:.1f}%" for ph, v in mape.items()) + f" over {len(g)} rows")
+            err = g.groupby("phase", sort=False)[["error_pct", "reduction_error_pp"]].apply(lambda e: e.abs().mean())
+            print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): mean |error| of latency "
+                  + ", ".join(f"{ph} {r.error_pct:.1f}%" for ph, r in err.iterrows()) + "; of the reduction "
+                  + ", ".join(f"{ph} {r.reduction_error_pp:.1f} points" for ph, r in err.iterrows()))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
     else:
         print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "

@@ -173,27 +173,37 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
-    """Latency model: measured against predicted per CQIL row (log-log), y = x, error of each validation row."""
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    """Latency model per CQIL row: predicted against measured latency (log, error of each validation row
+    annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
+    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5.4), layout="constrained")
     colors = {"prefill": "tab:blue", "decode": "tab:orange"}
     for (role, phase), g in df.groupby(["role", "phase"], sort=False):
-        ax.scatter(g.measured_ms, g.predicted_ms, s=26, color=colors.get(phase, "k"),
-                   marker="o" if role == "validation" else "x", label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        style = dict(s=26, color=colors.get(phase, "k"), marker="o" if role == "validation" else "x",
+                     label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        ax.scatter(g.measured_ms, g.predicted_ms, **style)
+        ax_r.scatter(100 * g.measured_reduction, 100 * g.predicted_reduction, **style)
         if role == "validation":
             for r in g.itertuples():
                 ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
                             xytext=(3, -3), textcoords="offset points")
-    lo, hi = df[["measured_ms", "predicted_ms"]].min().min() * 0.8, df[["measured_ms", "predicted_ms"]].max().max() * 1.2
-    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
+    for a, cols in ((ax, ["measured_ms", "predicted_ms"]), (ax_r, ["measured_reduction", "predicted_reduction"])):
+        scale = 1 if a is ax else 100
+        lo, hi = scale * df[cols].min().min(), scale * df[cols].max().max()
+        pad = 0.2 * (hi - lo) if a is ax_r else 0
+        lo, hi = (lo * 0.8, hi * 1.2) if a is ax else (lo - pad, hi + pad)
+        a.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
+        a.grid(alpha=0.3, which="both")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("measured median latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
+    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%)")
+    ax_r.set_ylabel("predicted latency reduction (%)")
+    ax.legend(fontsize=7)
     val = df[df.role == "validation"]
     mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
-    ax.set_title(f"{df.model.iloc[0]}: latency model, mean |error| on validation: {mape}", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    fig.suptitle(f"{df.model.iloc[0]}: CQIL latency model against cqil bench, mean |error| on validation rows: {mape}",
+                 fontsize=10)
     return _save(fig, out)
 
 
