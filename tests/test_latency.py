@@ -155,7 +155,7 @@ def test_job_end_to_end(tmp_path, capsys):
             f"projection_out={tmp_path}/proj.csv", f"projection_png={tmp_path}/proj.png"]
     cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{val}]", *outs])
     out = capsys.readouterr().out
-    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 24 rows): mean |error| of latency" in out and "llama-33b" in out
+    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 48 rows): mean |error| of latency" in out and "llama-33b" in out
     table = pd.read_csv(tmp_path / "v.csv")
     assert set(table.role) == {"calibration", "validation"} and "command" in table
     assert table[table.role == "validation"].error_pct.abs().mean() < 6
