@@ -414,9 +414,9 @@ def run(cfg: DictConfig) -> None:
                   + ", ".join(f"{ph} {r.error_pct:.1f}%" for ph, r in err.iterrows()) + "; of the reduction "
                   + ", ".join(f"{ph} {r.reduction_error_pp:.1f} points" for ph, r in err.iterrows()))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
-    else:
+    elif cfg.calibrate:
         print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "
-              f"(make it with `{bench_command(cfg.calibrate[0])}`)" if cfg.calibrate else "latency: no calibrate CSVs")
+              f"(make it with `{bench_command(cfg.calibrate[0])}`)")
     proj = projection(OmegaConf.to_container(cfg.projection, resolve=True))
     write_csv(proj.assign(**provenance("roofline projection")), cfg.projection_out)
     print(summary(proj))
