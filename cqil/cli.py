@@ -24,6 +24,7 @@ JOBS = {
     "finetune": ("cqil.finetune:run", "LoRA fine-tune of a converted model by self-distillation"),
     "bench": ("cqil.bench:run", "latency on P devices (torch.distributed) against baselines"),
     "eval": ("cqil.evaluate:run", "accuracy (lm-eval) and perplexity of original/converted/fine-tuned"),
+    "latency": ("cqil.latency:run", "latency model: calibrate/validate on bench runs, project LLaMA-7B/13B/33B on GPUs"),
 }
 CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -> [12,13] ... [28,29])."
 

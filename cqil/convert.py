@@ -9,9 +9,10 @@ plan=auto (`choose_plan`) turns a `cqil analyze` CSV into a plan:
      the first keep_first and last keep_last layers stay sequential;
   2. every candidate is scored by perplexity on calibration text, because on small models the
      similarity is nearly flat while the damage of grouping differs by an order of magnitude;
-  3. the largest ideal latency reduction whose perplexity stays within max_ppl_ratio x the
-     original's wins; at equal reduction the smaller P (fewer devices, smaller all-reduces), then the
-     lower perplexity. The whole table is printed and stored.
+  3. the largest ideal latency reduction (rank_by=latency: the latency model's predicted reduction,
+     cqil.latency) whose perplexity stays within max_ppl_ratio x the original's wins; at equal
+     reduction the smaller P (fewer devices, smaller all-reduces), then the lower perplexity.
+     The whole table is printed and stored.
 """
 from __future__ import annotations
 
@@ -147,6 +148,24 @@ def candidate_plans(sim: np.ndarray, num_layers: int, group_sizes: list[int], by
     return out
 
 
+def rank_key(cfg: dict, model: nn.Module, candidates: list[Plan], table: pd.DataFrame) -> tuple[str, str]:
+    """The column candidates are ranked by (rank_by: ideal | latency) and its name in words.
+
+    latency: the latency model's predicted reduction (cqil.latency roofline of the model's own shape on
+    cfg.latency.hardware, at cfg.latency's phase, prompt_tokens and batch_size), added as predicted_reduction.
+    """
+    rank_by = cfg.get("rank_by") or "ideal"
+    if rank_by == "ideal":
+        return "ideal_latency_reduction", "ideal latency reduction"
+    if rank_by != "latency":
+        raise PlanError(f"plan.rank_by={rank_by!r} is not one of ideal, latency")
+    from .latency import predicted_reduction
+    lat = cfg["latency"]
+    table["predicted_reduction"] = [round(predicted_reduction(model.config, p, lat), 4) for p in candidates]
+    return "predicted_reduction", (f"predicted latency reduction ({lat['hardware']}, {lat['phase']} "
+                                   f"T={lat['prompt_tokens']} B={lat['batch_size']})")
+
+
 @dataclass
 class Choice:
     plan: Plan
@@ -184,32 +203,33 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
                      "within_budget": p / original <= budget, "max_ppl_ratio": budget, "chosen": False,
                      "seconds": round(seconds, 1)})
     table = pd.DataFrame(rows)
+    key, what = rank_key(cfg, model, candidates, table)
     ok = table[table.within_budget]
     if ok.empty:
         best = table.loc[table.ppl_ratio.idxmin()]
         reason = (f"none of the {len(table)} candidates keeps calibration perplexity within {budget} x the original "
                   f"({original:.2f}); the closest is {best.plan} at {best.ppl_ratio:.2f} x")
     else:
-        pick = ok.sort_values(["ideal_latency_reduction", "group_size", "calibration_ppl"],
-                              ascending=[False, True, True]).index[0]
+        pick = ok.sort_values([key, "group_size", "calibration_ppl"], ascending=[False, True, True]).index[0]
         table.loc[pick, "chosen"] = True
         row = table.loc[pick]
-        reason = (f"picked {row.plan}: the largest ideal latency reduction ({row.ideal_latency_reduction:.1%}) among the "
+        reason = (f"picked {row.plan}: the largest {what} ({row[key]:.1%}) among the "
                   f"{len(ok)} of {len(table)} candidates whose calibration perplexity stays within {budget} x the "
                   f"original's ({row.calibration_ppl:.2f} vs {original:.2f}, {row.ppl_ratio:.2f} x)")
-        tied = len(ok[ok.ideal_latency_reduction == row.ideal_latency_reduction]) - 1
+        tied = len(ok[ok[key] == row[key]]) - 1
         if tied:
             reason += (f"; {tied} other candidate(s) in budget give the same reduction: this one needs the fewest "
                        f"devices (P={row.group_size}) and, among those, has the lowest perplexity")
-        bolder = table[table.ideal_latency_reduction > row.ideal_latency_reduction]
+        bolder = table[table[key] > row[key]]
         if not bolder.empty:
             b = bolder.loc[bolder.ppl_ratio.idxmin()]
             reason += (f"; every bolder candidate exceeds the budget (the best of them, {b.plan} at "
-                       f"{b.ideal_latency_reduction:.1%}, costs {b.ppl_ratio:.2f} x)")
+                       f"{b[key]:.1%}, costs {b.ppl_ratio:.2f} x)")
     for k, v in provenance(str(next(model.parameters()).device)).items():
         table[k] = v
     write_csv(table, cfg["table"])
-    shown = ["plan", "n_groups", "ideal_latency_reduction", "min_similarity", "calibration_ppl", "ppl_ratio", "chosen"]
+    shown = ["plan", "n_groups", "ideal_latency_reduction", *(["predicted_reduction"] if key != "ideal_latency_reduction"
+                                                              else []), "min_similarity", "calibration_ppl", "ppl_ratio", "chosen"]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(table[shown].to_string(index=False))
     print(f"plan=auto: {reason}\n  candidate table -> {cfg['table']}")

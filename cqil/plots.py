@@ -172,6 +172,75 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
+    """Latency model per CQIL row: predicted against measured latency (log, error of each validation row
+    annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
+    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5.4), layout="constrained")
+    colors = {"prefill": "tab:blue", "decode": "tab:orange"}
+    for (role, phase), g in df.groupby(["role", "phase"], sort=False):
+        style = dict(s=26, color=colors.get(phase, "k"), marker="o" if role == "validation" else "x",
+                     label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        ax.scatter(g.measured_ms, g.predicted_ms, **style)
+        ax_r.scatter(100 * g.measured_reduction, 100 * g.predicted_reduction, **style)
+        if role == "validation":
+            for r in g.itertuples():
+                ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
+                            xytext=(3, -3), textcoords="offset points")
+    for a, cols in ((ax, ["measured_ms", "predicted_ms"]), (ax_r, ["measured_reduction", "predicted_reduction"])):
+        scale = 1 if a is ax else 100
+        lo, hi = scale * df[cols].min().min(), scale * df[cols].max().max()
+        pad = 0.2 * (hi - lo) if a is ax_r else 0
+        lo, hi = (lo * 0.8, hi * 1.2) if a is ax else (lo - pad, hi + pad)
+        a.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
+        a.grid(alpha=0.3, which="both")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured median latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%)")
+    ax_r.set_ylabel("predicted latency reduction (%)")
+    ax.legend(fontsize=7)
+    val = df[df.role == "validation"]
+    mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
+    fig.suptitle(f"{df.model.iloc[0]}: CQIL latency model against cqil bench, mean |error| on validation rows: {mape}",
+                 fontsize=10)
+    return _save(fig, out)
+
+
+def latency_projection(df: pd.DataFrame, out: str | Path) -> Path:
+    """Projected latency relative to the original model: CQIL variants and tensor parallelism, ideal marked."""
+    hws, shapes = list(dict.fromkeys(df.hardware)), list(dict.fromkeys(zip(df.phase, df.prompt_tokens)))
+    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.6 * len(shapes), 3.6 * len(hws)), squeeze=False,
+                             sharey=True, layout="constrained")
+    heads = list(dict.fromkeys(df.lm_head))
+    bars = [f"CQIL, head {h}" for h in heads] + ["tensor parallel"]
+    for axrow, hw in zip(axes, hws):
+        for ax, (phase, t) in zip(axrow, shapes):
+            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)]
+            cases = list(dict.fromkeys(zip(d.model, d.plan)))
+            width = 0.8 / len(bars)
+            for i, name in enumerate(bars):
+                rel = [(d[(d.model == m) & (d.plan == p) & (d.lm_head == heads[min(i, len(heads) - 1)])].iloc[0])
+                       for m, p in cases]
+                y = [r.tensor_parallel_ms / r.original_ms if name == "tensor parallel" else r.cqil_ms / r.original_ms
+                     for r in rel]
+                x = np.arange(len(cases)) + (i - (len(bars) - 1) / 2) * width
+                ax.bar(x, y, width, label=name)
+                if i == 0:
+                    ax.hlines([1 - r.ideal_reduction for r in rel], x - width / 2, x + width / 2 + width * (len(bars) - 2),
+                              colors="k", lw=2)
+            ax.axhline(1.0, color="grey", lw=1, ls="--")
+            ax.set_xticks(np.arange(len(cases)), [f"{m}\n{p}" for m, p in cases], fontsize=6)
+            ax.set_title(f"{hw}: {phase} " + (f"T={t}" if phase == "prefill" else f"(context {t})"), fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        axrow[0].set_ylabel("latency / original (1 GPU)")
+    axes[0][0].plot([], [], "k-", lw=2, label="CQIL ideal 1 - g(P-1)/n")
+    axes[0][0].plot([], [], color="grey", ls="--", label="original")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(bars) + 2, fontsize=8)
+    fig.suptitle(f"Projected latency (roofline, batch {df.batch_size.iloc[0]}, assumptions in the CSV)", fontsize=10)
+    return _save(fig, out)
+
+
 # name -> (draw function, config key of the input CSV, config key of the output PNG)
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
@@ -181,6 +250,8 @@ FIGURES = {
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
+    "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
+    "latency_projection": (latency_projection, "latency_projection_csv", "latency_projection_png"),
 }
 
 
