@@ -35,7 +35,7 @@ from . import CqilError, data, models
 from .evaluate import perplexity
 from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled, save_converted
 from .plan import Plan, PlanError, plan_from_config
-from .results import provenance, read_csv, write_csv
+from .results import provenance, read_csv, upsert_csv, write_csv
 
 
 def _plain(cfg) -> dict:
@@ -83,7 +83,6 @@ def plan_perplexities(model: nn.Module, blocks: torch.Tensor, plans: list[Plan],
 
     The original model runs once per batch; each plan then runs only from its first group on.
     """
-    n = model.config.num_hidden_layers
     device = next(model.parameters()).device
     nll, count = [0.0] * len(plans), 0
     batches = blocks.split(batch_size)
@@ -243,18 +242,6 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
 
 
 # ---- cqil convert ------------------------------------------------------------------------------
-def _upsert(rows: list[dict], path: str | Path, key: list[str]) -> Path:
-    """Add rows to a results table, replacing earlier rows with the same key (a rerun updates its row)."""
-    new = pd.DataFrame(rows)
-    if Path(path).is_file():
-        old = read_csv(path)
-        if set(key) <= set(old.columns):
-            keys = set(map(tuple, new[key].astype(str).to_numpy()))
-            old = old[[tuple(k) not in keys for k in old[key].astype(str).to_numpy()]]
-        new = pd.concat([old, new], ignore_index=True)
-    return write_csv(new, path)
-
-
 def run(cfg: DictConfig) -> None:
     """cqil convert: model + plan -> a directory that loads with from_pretrained(dir, trust_remote_code=True)."""
     torch.set_num_threads(cfg.threads)
@@ -289,7 +276,7 @@ def run(cfg: DictConfig) -> None:
              "plan_seconds": round(plan_seconds, 2), "convert_seconds": round(convert_seconds, 2),
              "out_dir": str(out_dir) if p.groups else "", **provenance(cfg.model.device)}
             for variant, p, ppl in (("original", Plan(), ppl_before), ("converted", plan, ppl_after))]
-    _upsert(rows, cfg.results, ["variant", "plan", "n_tokens"])
+    upsert_csv(rows, cfg.results, ["variant", "plan", "n_tokens"])
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation): "
           f"original {ppl_before:.2f} -> converted {ppl_after:.2f} ({ppl_after / ppl_before:.2f} x)")
     print(f"conversion (apply plan + save) {convert_seconds:.1f} s; plan choice {plan_seconds:.1f} s; "

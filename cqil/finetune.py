@@ -36,7 +36,7 @@ from .convert import resolve_plan
 from .evaluate import perplexity
 from .modeling import apply_plan, get_plan, plan_disabled, save_converted
 from .plan import Plan
-from .results import provenance, write_csv
+from .results import provenance, upsert_csv, write_csv
 
 LOSS_KINDS = ("kl", "ce", "mix")
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
@@ -340,13 +340,13 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Ten
            "wall_seconds": round(time.perf_counter() - started, 1), **peak_memory_mb(),
            "adapter": str(adapter), "merged": str(merged),
            **{k: v for k, v in columns.items() if k not in ("model", "plan", "data", "loss_kind")}}
-    out = Path(cfg.out)
-    previous = [pd.read_csv(out)] if out.is_file() else []  # one row per run: tries stay side by side
-    write_csv(pd.concat([*previous, pd.DataFrame([row])], ignore_index=True), out)
+    # one row per setting: different tries stay side by side, rerunning the same one replaces its row
+    upsert_csv([row], cfg.out, ["model", "plan", "data", "steps", "block_size", "loss_kind", "lora_r", "lora_layers",
+                                "lr", "seed"])
     print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
           f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation):")
     print(f"  original {ppl_original:.2f}   converted {ppl_converted:.2f}   fine-tuned {ppl_finetuned:.2f}   "
           f"(gap recovered: {row['gap_recovered']:.0%})")
-    print(f"adapter -> {adapter}   merged CQIL model -> {merged}   row -> {out}   loss curve -> {cfg.loss_csv}")
+    print(f"adapter -> {adapter}   merged CQIL model -> {merged}   row -> {cfg.out}   loss curve -> {cfg.loss_csv}")
     return row

@@ -48,3 +48,15 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise CqilError(f"results file {path} does not exist; run the job that writes it first")
     return pd.read_csv(path)
+
+
+def upsert_csv(rows: list[dict], path: str | Path, key: list[str]) -> Path:
+    """Add rows to a results table, replacing earlier rows with the same key (a rerun updates its row)."""
+    new = pd.DataFrame(rows)
+    if Path(path).is_file():
+        old = read_csv(path)
+        if set(key) <= set(old.columns):
+            keys = set(map(tuple, new[key].astype(str).to_numpy()))
+            old = old[[tuple(k) not in keys for k in old[key].astype(str).to_numpy()]]
+        new = pd.concat([old, new], ignore_index=True)
+    return write_csv(new, path)

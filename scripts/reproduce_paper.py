@@ -37,7 +37,8 @@ def main(overrides: list[str]) -> None:
         done = state / f"{step.name}.done"
         if done.is_file():
             print(f"[skip] {step.name}: done before ({done.read_text().strip()} s)")
-            rows.append({"step": step.name, "command": shlex.join(cmd), "seconds": float(done.read_text()), "status": "skipped"})
+            rows.append({"step": step.name, "command": shlex.join(cmd), "seconds": float(done.read_text()),
+                         "status": "done earlier"})  # seconds: that earlier run's
             continue
         print(f"[run ] {step.name}: {shlex.join(cmd)}", flush=True)
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {step.name}: {shlex.join(cmd)}\n")
