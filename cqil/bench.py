@@ -16,10 +16,11 @@ or over all timed steps (TPOT), the latency reduction of every setup against (a)
 for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
 alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
 
-The latency model's inputs (cqil.latency) come from the same run, outside the timed rounds:
-layer_ms / head_ms / rest_ms, where one run of (a) spends its time (timers around every decoder
-layer, around the head + argmax, and the rest), and allreduce_ms / broadcast_ms, one collective
-of a [B, T, H] hidden state (decode: [B, 1, H]) with each CQIL setup's communicator.
+Profiles, from one extra run per setup after the timed rounds (cqil.latency's inputs):
+layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
+the head + argmax, and the rest); for every CQIL setup, rank0_*_ms, where member 0 spends its time
+(layers outside groups, its group members, inside collectives including waiting, head, rest), and
+allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) alone.
 
 `cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
 itself; starting that torchrun line directly works the same.
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -45,7 +47,7 @@ from .convert import resolve_plan
 from .plan import Plan, plan_from_config
 from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
 from .results import provenance, write_csv
-from .runtime import Runtime, init_distributed, make_mesh, under_torchrun
+from .runtime import Runtime, _MemberStage, init_distributed, make_mesh, under_torchrun
 
 
 def run(cfg: DictConfig) -> None:
@@ -197,15 +199,19 @@ def worker(cfg: DictConfig) -> None:
         dist.all_gather_object(ours, time.process_time() - start[2], group=control)
         load[t, b] = other_load(start, sum(ours))
 
-        def profile() -> None:
-            for phase, v in component_times(original, ids, cfg.new_tokens).items():
-                parts[ORIGINAL, phase, t, b] = v
+        def profile() -> None:  # (a)'s parts: the latency model's inputs
+            n = model.config.num_hidden_layers
+            for phase, v in profile_run(original, ids, cfg.new_tokens).items():
+                parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
+                                                "rest_ms": v["rest"]}
 
         solo(profile)
-        for name, rt in setups.items():
+        for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
             dist.barrier(group=control)
-            for phase, v in comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device).items():
-                parts[name, phase, t, b] = v
+            prof = profile_run(rt, ids, cfg.new_tokens)
+            comm = comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device) if rt.comm else {}
+            for phase in prof:
+                parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
     if not lead:
         return
     table = results_table(samples, load, parts, variants, cfg, plan, model, device_type)
@@ -216,31 +222,48 @@ def worker(cfg: DictConfig) -> None:
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
 
 
-def component_times(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, dict[str, float]]:
-    """Where one run of `rt` (one process, no plan) spends its time, per phase, in ms.
+def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, dict[str, float]]:
+    """Where one run of `rt` spends its time on this rank, per phase, in ms (decode: per step).
 
-    layer_ms: one decoder layer (mean over layers); head_ms: LM head + argmax; rest_ms: the
-    remainder of the run (embedding, mask, final norm, Python). Decode: per step.
+    Exclusive times: `ungrouped` (layers outside groups), `group` (this rank's member of every group,
+    its collectives excluded), `collective` (inside the member-axis collectives, waiting for the
+    other ranks included), `head` (LM head + argmax), `rest` (embedding, mask, norm, Python).
+    Every rank of a multi-rank runtime calls this together.
     """
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    acc = {"layer": 0.0, "head": 0.0}
+    acc: dict[str, float] = {}
+    children: list[float] = []  # time of the timed regions inside each open region
 
-    def timed(key: str, fn):
+    def timed(kind: str, fn):
         def wrapper(*args, **kwargs):
             sync()
+            children.append(0.0)
             t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync()
-            acc[key] += time.perf_counter() - t0
-            return out
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                dt = time.perf_counter() - t0
+                acc[kind] = acc.get(kind, 0.0) + dt - children.pop()
+                if children:
+                    children[-1] += dt
         return wrapper
 
-    stages = rt.stages
-    rt.stages, rt.greedy = [timed("layer", s) for s in stages], timed("head", rt.greedy)
+    def kind(stage) -> str | None:
+        if isinstance(stage, nn.Module):
+            return "ungrouped"
+        return "group" if isinstance(stage, _MemberStage) else None  # a broadcast stage: its collective is timed
+
+    stages, comm = rt.stages, rt.comm
+    rt.stages = [timed(k, s) if (k := kind(s)) else s for s in stages]
+    rt.greedy = timed("head", rt.greedy)
+    if comm is not None:
+        for op in ("all_reduce_", "broadcast_", "all_gather"):
+            setattr(comm, op, timed("collective", getattr(comm, op)))
     try:
         result = {}
         for phase in ("prefill", "decode"):
-            acc.update(layer=0.0, head=0.0)
+            acc.clear()
             t0 = time.perf_counter()
             if phase == "prefill":
                 token, state = rt.prefill(ids)
@@ -251,13 +274,15 @@ def component_times(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str
                 steps = new_tokens
             sync()
             total = (time.perf_counter() - t0) / steps
-            layer, head = acc["layer"] / steps, acc["head"] / steps
-            result[phase] = {"layer_ms": layer / len(stages) * 1e3, "head_ms": head * 1e3,
-                             "rest_ms": (total - layer - head) * 1e3}
+            ms = {k: acc.get(k, 0.0) / steps * 1e3 for k in ("ungrouped", "group", "collective", "head")}
+            result[phase] = {**ms, "rest": total * 1e3 - sum(ms.values())}
         return result
-    finally:
+    finally:  # back to the class's methods
         rt.stages = stages
-        del rt.greedy  # back to the class's method
+        del rt.greedy
+        if comm is not None:
+            for op in ("all_reduce_", "broadcast_", "all_gather"):
+                delattr(comm, op)
 
 
 def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: torch.device,
@@ -325,6 +350,7 @@ def summary(df: pd.DataFrame) -> str:
         for r in g.itertuples():
             frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
             red = "" if r.setup == ORIGINAL else f"  reduction {r.reduction:+.1%}{frac}"
-            comm = f"  all-reduce {r.allreduce_ms:.3f} ms" if r.setup.startswith("cqil") else ""
+            comm = (f"  member 0: outside groups {r.rank0_ungrouped_ms:.1f}, in groups {r.rank0_group_ms:.1f}, "
+                    f"collectives {r.rank0_collective_ms:.2f} ms" if r.setup.startswith("cqil") else "")
             lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}{comm}")
     return "\n".join(lines)

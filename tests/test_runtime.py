@@ -221,6 +221,11 @@ def test_bench_cli_end_to_end(tmp_path):
     assert list(dict.fromkeys(cqil.comm)) == ["shm", "gloo"] and set(cqil.ungrouped) == {"rank0", "replicated"}
     assert (cqil[["allreduce_ms", "broadcast_ms"]] > 0).all().all()
     assert df[~df.setup.str.startswith("cqil")].allreduce_ms.isna().all()
+    # member 0's profile: exclusive parts (a region counted twice would leave a negative rest)
+    parts = cqil[[f"rank0_{k}_ms" for k in ("ungrouped", "group", "collective", "head", "rest")]]
+    assert (parts >= 0).all().all() and (cqil[["rank0_group_ms", "rank0_collective_ms", "rank0_head_ms"]] > 0).all().all()
+    assert (cqil[cqil.ungrouped == "rank0"].rank0_ungrouped_ms > 0).all()  # member 0 runs the layers outside groups
+    assert df[~df.setup.str.startswith("cqil")].rank0_group_ms.isna().all()
     decode = cqil[cqil.phase == "decode"]
     assert list(decode.comm_bytes) == list(decode.batch_size * 576 * 4)  # one token's hidden state per sequence
 
