@@ -233,7 +233,11 @@ def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float
             "error_pct": 100 * (pred / rows.median_ms - 1), "original_ms": orig,
             "measured_reduction": 1 - rows.median_ms / orig, "predicted_reduction": 1 - pred / orig,
             "reduction_error_pp": 100 * (rows.median_ms - pred) / orig,
-            "kappa": k, "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
+            "kappa": k,
+            # the same slowdown measured directly (cqil bench's member-0 profile): a member layer's time / alone
+            "measured_member_slowdown": rows.get("rank0_group_ms", np.nan) / rows.layer_ms
+                                        / [len(plan_from_name(p, int(n)).groups) for p, n in zip(rows.plan, rows.n_layers)],
+            "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
             "broadcast_alpha_ms": [c.alpha for c in bc], "broadcast_beta_bytes_per_ms": [c.beta for c in bc]}))
     return pd.concat(out, ignore_index=True)
 
@@ -408,6 +412,10 @@ def run(cfg: DictConfig) -> None:
               + ", ".join(f"kappa[{ph}] = {k:.3f}" for ph, k in kappa.items()))
         for (comm, op), c in fits.items():
             print(f"  {op:9s} ({comm}): alpha {1e3 * c.alpha:.1f} us, beta {c.beta / 1e6:.3f} GB/s")
+        slow = table.groupby("phase", sort=False).measured_member_slowdown.median()
+        if slow.notna().all():
+            print("  member slowdown measured directly (median over rows): "
+                  + ", ".join(f"{ph} {v:.3f}" for ph, v in slow.items()))
         for role, g in table.groupby("role", sort=False):
             err = g.groupby("phase", sort=False)[["error_pct", "reduction_error_pp"]].apply(lambda e: e.abs().mean())
             print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): mean |error| of latency "
