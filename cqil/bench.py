@@ -16,7 +16,7 @@ or over all timed steps (TPOT), the latency reduction of every setup against (a)
 for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
 alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
 
-Profiles, from one extra run per setup after the timed rounds (cqil.latency's inputs):
+Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
 the head + argmax, and the rest); for every CQIL setup, rank0_*_ms, where member 0 spends its time
 (layers outside groups, its group members, inside collectives including waiting, head, rest), and
@@ -199,16 +199,16 @@ def worker(cfg: DictConfig) -> None:
         dist.all_gather_object(ours, time.process_time() - start[2], group=control)
         load[t, b] = other_load(start, sum(ours))
 
-        def profile() -> None:  # (a)'s parts: the latency model's inputs
+        def profile_original() -> None:  # (a)'s parts: the latency model's inputs
             n = model.config.num_hidden_layers
-            for phase, v in profile_run(original, ids, cfg.new_tokens).items():
+            for phase, v in profile(original, ids, cfg.new_tokens, cfg.profile_runs).items():
                 parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
                                                 "rest_ms": v["rest"]}
 
-        solo(profile)
+        solo(profile_original)
         for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
             dist.barrier(group=control)
-            prof = profile_run(rt, ids, cfg.new_tokens)
+            prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
             comm = comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device) if rt.comm else {}
             for phase in prof:
                 parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
@@ -220,6 +220,12 @@ def worker(cfg: DictConfig) -> None:
     write_csv(table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
+
+
+def profile(rt: Runtime, ids: torch.Tensor, new_tokens: int, runs: int) -> dict[str, dict[str, float]]:
+    """profile_run's parts, each the median over `runs` runs (one run is as noisy as one timing)."""
+    out = [profile_run(rt, ids, new_tokens) for _ in range(runs)]
+    return {phase: {k: float(np.median([o[phase][k] for o in out])) for k in out[0][phase]} for phase in out[0]}
 
 
 def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, dict[str, float]]:
