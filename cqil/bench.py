@@ -108,22 +108,27 @@ def check_devices(plan: Plan, devices: int) -> None:
                         f"run it with devices={plan.group_size}")
 
 
+def device_sync(device: torch.device):
+    """What to call before reading the clock: CUDA runs asynchronously, the CPU does not."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def _stats(ms: list[float]) -> dict:
     return {"samples": len(ms), "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
 
 
 def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
     """One run: TTFT (prefill + first token) and the time of each of `new_tokens` decode steps, in ms."""
-    device_sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync = device_sync(ids.device)
     start = time.perf_counter()
     token, state = rt.prefill(ids)
-    device_sync()
+    sync()
     ttft = (time.perf_counter() - start) * 1e3
     steps = []
     for _ in range(new_tokens):
         t0 = time.perf_counter()
         token, state = rt.decode(token, state)
-        device_sync()
+        sync()
         steps.append((time.perf_counter() - t0) * 1e3)
     return ttft, steps
 
@@ -236,7 +241,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
     other ranks included), `head` (LM head + argmax), `rest` (embedding, mask, norm, Python).
     Every rank of a multi-rank runtime calls this together.
     """
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync = device_sync(ids.device)
     acc: dict[str, float] = {}
     children: list[float] = []  # time of the timed regions inside each open region
 
@@ -296,7 +301,7 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
     """Median ms of one all-reduce and one broadcast of the hidden state [B, T, H] (decode: [B, 1, H]).
 
     Every rank of the member axis calls this together (they are collectives)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     result = {}
     for phase, tokens in (("prefill", t), ("decode", 1)):
         x = torch.zeros(b, tokens, hidden, dtype=dtype, device=device)

@@ -48,11 +48,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
 from .plan import Plan, PlanError
-from .plots import latency_projection, latency_validation
+from .plots import BENCH_BASELINE as ORIGINAL, latency_projection, latency_validation
 from .results import provenance, read_csv, write_csv
 
 PHASES = ("prefill", "decode")
-ORIGINAL = "original, 1 device"  # cqil bench's setup (a)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -196,9 +195,10 @@ def row_costs(r, fits: dict) -> Costs:
 
 
 def with_terms(rows: pd.DataFrame, fits: dict) -> pd.DataFrame:
-    terms = [split(plan_from_name(r.plan, int(r.n_layers)), int(r.n_layers), row_costs(r, fits), r.lm_head, r.ungrouped)
-             for r in rows.itertuples()]
-    return rows.assign(fixed_ms=[t[0] for t in terms], concurrent_ms=[t[1] for t in terms])
+    plans = [plan_from_name(r.plan, int(r.n_layers)) for r in rows.itertuples()]
+    terms = [split(p, int(r.n_layers), row_costs(r, fits), r.lm_head, r.ungrouped) for p, r in zip(plans, rows.itertuples())]
+    return rows.assign(fixed_ms=[t[0] for t in terms], concurrent_ms=[t[1] for t in terms],
+                       n_groups=[len(p.groups) for p in plans])
 
 
 def calibrate(cal: pd.DataFrame) -> tuple[dict, dict[str, float]]:
@@ -235,8 +235,7 @@ def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float
             "reduction_error_pp": 100 * (rows.median_ms - pred) / orig,
             "kappa": k,
             # the same slowdown measured directly (cqil bench's member-0 profile): a member layer's time / alone
-            "measured_member_slowdown": rows.get("rank0_group_ms", np.nan) / rows.layer_ms
-                                        / [len(plan_from_name(p, int(n)).groups) for p, n in zip(rows.plan, rows.n_layers)],
+            "measured_member_slowdown": rows.get("rank0_group_ms", np.nan) / (rows.n_groups * rows.layer_ms),
             "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
             "broadcast_alpha_ms": [c.alpha for c in bc], "broadcast_beta_bytes_per_ms": [c.beta for c in bc]}))
     return pd.concat(out, ignore_index=True)
