@@ -147,10 +147,13 @@ BENCH_BASELINE = "original, 1 device"  # setup (a) of cqil bench: what reduction
 
 
 def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
-    """Median latency per setup (p90 as whisker) for every (T, B), prefill and decode; CQIL's ideal marked."""
+    """Top: median latency per setup and (T, B), with its bootstrap interval (whisker) and CQIL's ideal marked.
+    Bottom: the paired reduction against (a) (median over rounds) with its interval, the ideal as a line."""
     setups = list(dict.fromkeys(df.setup))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for ax, (phase, label) in zip(axes, (("prefill", "time to first token (ms)"), ("decode", "time per output token (ms)"))):
+    colors = dict(zip(setups, plt.get_cmap("tab10")(np.arange(len(setups)) % 10)))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), layout="constrained")
+    for col, (phase, label) in enumerate((("prefill", "time to first token (ms)"), ("decode", "time per output token (ms)"))):
+        ax, ax_r = axes[0, col], axes[1, col]
         d = df[df.phase == phase].set_index(["prompt_tokens", "batch_size"])
         shapes = list(dict.fromkeys(d.index))
         ideal = d[d.setup == BENCH_BASELINE].reindex(shapes).median_ms * (1 - d.ideal_reduction.iloc[0])
@@ -158,18 +161,41 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
         for i, setup in enumerate(setups):
             s = d[d.setup == setup].reindex(shapes)
             x = np.arange(len(shapes)) + (i - (len(setups) - 1) / 2) * width
-            ax.bar(x, s.median_ms, width, yerr=[np.zeros(len(s)), s.p90_ms - s.median_ms], capsize=2, label=setup)
+            lo, hi = _interval(s, "median_ci_low_ms", "median_ci_high_ms", s.median_ms)
+            ax.bar(x, s.median_ms, width, yerr=[s.median_ms - lo, hi - s.median_ms], capsize=2, color=colors[setup],
+                   label=setup)
             if setup.startswith("cqil"):  # the plan's ideal: original latency x (1 - g(P-1)/n)
                 ax.hlines(ideal, x - width / 2, x + width / 2, colors="k", lw=2)
+            if setup != BENCH_BASELINE:
+                lo, hi = _interval(s, "reduction_ci_low", "reduction_ci_high", s.reduction)
+                ax_r.errorbar(x, 100 * s.reduction, yerr=[100 * (s.reduction - lo), 100 * (hi - s.reduction)],
+                              fmt="o", ms=4, capsize=3, color=colors[setup])
         ax.plot([], [], "k-", lw=2, label="cqil ideal: (a) x (1 - g(P-1)/n)")
-        ax.set_xticks(np.arange(len(shapes)), [f"T={t} B={b}" for t, b in shapes])
+        ax_r.axhline(100 * d.ideal_reduction.iloc[0], color="k", lw=1.5, label="cqil ideal g(P-1)/n")
+        ax_r.axhline(0, color="grey", lw=0.8, ls="--")
+        base = d[d.setup == BENCH_BASELINE].reindex(shapes)
+        ticks = [f"T={t} B={b}" + (f"\n{n} rounds" if "rounds" in base else "")
+                 for (t, b), n in zip(shapes, base.get("rounds", base.median_ms))]
+        for a in (ax, ax_r):
+            a.set_xticks(np.arange(len(shapes)), ticks, fontsize=8)
+            a.grid(axis="y", alpha=0.3)
         ax.set_ylabel(label)
         ax.set_title(phase)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+        ax_r.set_ylabel(f"reduction vs {BENCH_BASELINE} (%)")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[1, 0].legend(fontsize=7, loc="upper left")
     r = df.iloc[0]
-    fig.suptitle(f"{r.model}, plan {r.plan} (ideal reduction {r.ideal_reduction:.1%}), {r.device}: median, p90 whisker")
+    level = f"{r.confidence:.0%}" if "confidence" in df else "95%"
+    fig.suptitle(f"{r.model}, plan {r.plan} (ideal reduction {r.ideal_reduction:.1%}), {r.device}: median over rounds "
+                 f"with {level} bootstrap intervals; reductions paired per round", fontsize=10)
     return _save(fig, out)
+
+
+def _interval(s: pd.DataFrame, low: str, high: str, center: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """An interval's ends, the center where the CSV has none (older tables, a single round)."""
+    if low not in s:
+        return center, center
+    return s[low].fillna(center), s[high].fillna(center)
 
 
 def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
