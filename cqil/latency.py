@@ -201,44 +201,73 @@ def with_terms(rows: pd.DataFrame, fits: dict) -> pd.DataFrame:
                        n_groups=[len(p.groups) for p in plans])
 
 
+def paired(rows: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """rows + original_ms ((a)'s median of the same run and shape) and measured_ms, the paired estimate
+    of the row's latency: original_ms x (1 - the median over rounds of the paired reduction). Drift of
+    the machine between rounds cancels in it; the bench's interval of that reduction comes along."""
+    base = df[df.setup == ORIGINAL].set_index(["source", "phase", "prompt_tokens", "batch_size"]).median_ms
+    orig = base.reindex(list(zip(rows.source, rows.phase, rows.prompt_tokens, rows.batch_size))).to_numpy()
+    out = rows.assign(original_ms=orig, measured_ms=orig * (1 - rows.reduction.to_numpy()))
+    for col in ("reduction_ci_low", "reduction_ci_high", "rounds"):  # older bench tables have no intervals
+        out[col] = rows[col] if col in rows else np.nan
+    return out
+
+
 def calibrate(cal: pd.DataFrame) -> tuple[dict, dict[str, float]]:
-    """(communicator fits, kappa per phase) from the cqil rows of the calibration runs."""
+    """(communicator fits, kappa per phase) from the cqil rows of the calibration runs (paired latencies)."""
     rows = cqil_rows(cal)
     fits = fit_comms(rows)
-    rows = with_terms(rows, fits)
-    kappa = {ph: fit_kappa(*(g[c].to_numpy(float) for c in ("median_ms", "fixed_ms", "concurrent_ms")))
+    rows = paired(with_terms(rows, fits), cal)
+    kappa = {ph: fit_kappa(*(g[c].to_numpy(float) for c in ("measured_ms", "fixed_ms", "concurrent_ms")))
              for ph, g in rows.groupby("phase")}
     return fits, kappa
 
 
 def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float]) -> pd.DataFrame:
-    """Measured vs predicted for every cqil row ({role: bench rows}), with the parameters used as columns."""
+    """Measured (paired) vs predicted for every cqil row ({role: bench rows}), the measurement's own
+    interval beside the model's error, and the parameters used as columns."""
     out = []
     for role, df in frames.items():
-        rows = with_terms(cqil_rows(df), fits)
+        rows = paired(with_terms(cqil_rows(df), fits), df)
         missing = set(rows.phase) - set(kappa)
         if missing:
             raise CqilError(f"phase(s) {', '.join(missing)} were not calibrated; the calibration runs need them too")
         k = rows.phase.map(kappa)
-        base = df[df.setup == ORIGINAL].set_index(["source", "phase", "prompt_tokens", "batch_size"]).median_ms
-        orig = base.reindex(list(zip(rows.source, rows.phase, rows.prompt_tokens, rows.batch_size))).to_numpy()
         pred = rows.fixed_ms + k * rows.concurrent_ms
+        orig = rows.original_ms
+        predicted_reduction = 1 - pred / orig
         ar = [fits[c, "allreduce"] for c in rows.comm]
         bc = [fits[c, "broadcast"] for c in rows.comm]
         out.append(pd.DataFrame({
             "role": role, "source": rows.source, "model": rows.model, "plan": rows.plan, "n_layers": rows.n_layers,
             "devices": rows.devices, "setup": rows.setup, "comm": rows.comm, "lm_head": rows.lm_head,
             "ungrouped": rows.ungrouped, "phase": rows.phase, "prompt_tokens": rows.prompt_tokens,
-            "batch_size": rows.batch_size, "measured_ms": rows.median_ms, "predicted_ms": pred,
-            "error_pct": 100 * (pred / rows.median_ms - 1), "original_ms": orig,
-            "measured_reduction": 1 - rows.median_ms / orig, "predicted_reduction": 1 - pred / orig,
-            "reduction_error_pp": 100 * (rows.median_ms - pred) / orig,
+            "batch_size": rows.batch_size, "rounds": rows.rounds, "measured_ms": rows.measured_ms, "predicted_ms": pred,
+            "error_pct": 100 * (pred / rows.measured_ms - 1), "original_ms": orig,
+            "measured_reduction": rows.reduction, "measured_reduction_ci_low": rows.reduction_ci_low,
+            "measured_reduction_ci_high": rows.reduction_ci_high, "predicted_reduction": predicted_reduction,
+            "reduction_error_pp": 100 * (rows.reduction - predicted_reduction),
+            # the measurement's own uncertainty in the same unit: half its interval, and whether the model is inside
+            "measured_ci_halfwidth_pp": 50 * (rows.reduction_ci_high - rows.reduction_ci_low),
+            "within_measured_ci": (rows.reduction_ci_low <= predicted_reduction) & (predicted_reduction <= rows.reduction_ci_high),
             "kappa": k,
             # the same slowdown measured directly (cqil bench's member-0 profile): a member layer's time / alone
             "measured_member_slowdown": rows.get("rank0_group_ms", np.nan) / (rows.n_groups * rows.layer_ms),
             "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
             "broadcast_alpha_ms": [c.alpha for c in bc], "broadcast_beta_bytes_per_ms": [c.beta for c in bc]}))
     return pd.concat(out, ignore_index=True)
+
+
+def error_summary(g: pd.DataFrame) -> str:
+    """The model's mean |error| per phase, beside the measurement's own interval (half-width, median over rows)."""
+    parts = []
+    for ph, e in g.groupby("phase", sort=False):
+        ci = e.measured_ci_halfwidth_pp.dropna()
+        inside = f", {int(e.within_measured_ci.sum())}/{len(ci)} inside it" if len(ci) else ""
+        measured = f" (the measurement's interval: +/-{ci.median():.1f} points{inside})" if len(ci) else ""
+        parts.append(f"{ph} {e.error_pct.abs().mean():.1f}% of latency, {e.reduction_error_pp.abs().mean():.1f} points "
+                     f"of reduction{measured}")
+    return "mean |error| " + "; ".join(parts)
 
 
 def params_table(fits: dict, kappa: dict[str, float], n_rows: int) -> pd.DataFrame:
@@ -416,10 +445,7 @@ def run(cfg: DictConfig) -> None:
             print("  member slowdown measured directly (median over rows): "
                   + ", ".join(f"{ph} {v:.3f}" for ph, v in slow.items()))
         for role, g in table.groupby("role", sort=False):
-            err = g.groupby("phase", sort=False)[["error_pct", "reduction_error_pp"]].apply(lambda e: e.abs().mean())
-            print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): mean |error| of latency "
-                  + ", ".join(f"{ph} {r.error_pct:.1f}%" for ph, r in err.iterrows()) + "; of the reduction "
-                  + ", ".join(f"{ph} {r.reduction_error_pp:.1f} points" for ph, r in err.iterrows()))
+            print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): " + error_summary(g))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
     elif cfg.calibrate:
         print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "

@@ -208,6 +208,10 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
                      label=f"{role}: {phase} ({g.plan.iloc[0]})")
         ax.scatter(g.measured_ms, g.predicted_ms, **style)
         ax_r.scatter(100 * g.measured_reduction, 100 * g.predicted_reduction, **style)
+        if "measured_reduction_ci_low" in g and g.measured_reduction_ci_low.notna().any():  # the bench's interval
+            lo, hi = _interval(g, "measured_reduction_ci_low", "measured_reduction_ci_high", g.measured_reduction)
+            ax_r.errorbar(100 * g.measured_reduction, 100 * g.predicted_reduction, fmt="none", lw=0.8, alpha=0.6,
+                          xerr=[100 * (g.measured_reduction - lo), 100 * (hi - g.measured_reduction)], color=style["color"])
         if role == "validation":
             for r in g.itertuples():
                 ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
@@ -223,7 +227,7 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("measured median latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
-    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%)")
+    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%; paired median, bench interval)")
     ax_r.set_ylabel("predicted latency reduction (%)")
     ax.legend(fontsize=7)
     val = df[df.role == "validation"]

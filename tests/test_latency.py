@@ -69,7 +69,12 @@ def synthetic_bench(plan_name: str, kappa: dict, comms: dict, n: int = 30, noise
                 rows.append({**common, "setup": f"cqil ({comm}, head {lm_head}, ungrouped {ungrouped})",
                              "median_ms": t * jitter(), "comm": comm, "lm_head": lm_head, "ungrouped": ungrouped,
                              "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
-    return pd.DataFrame(rows).assign(source=f"{plan_name}.csv")
+    df = pd.DataFrame(rows)
+    base = df[df.setup == "original, 1 device"].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
+    orig = base.reindex(list(zip(df.phase, df.prompt_tokens, df.batch_size))).to_numpy()
+    df["reduction"] = 1 - df.median_ms / orig  # as cqil bench's paired median would give it
+    df["reduction_ci_low"], df["reduction_ci_high"], df["rounds"] = df.reduction - 0.01, df.reduction + 0.02, 20
+    return df.assign(source=f"{plan_name}.csv")
 
 
 KAPPA = {"prefill": 1.07, "decode": 1.21}
@@ -86,6 +91,9 @@ def test_fit_recovers_known_parameters():
     # another plan is predicted exactly from those fits
     val = latency.validate({"validation": synthetic_bench("S24 E28 P2 D0", KAPPA, COMMS)}, fits, kappa)
     assert len(val) == 8 * 2 * 3 and val.error_pct.abs().max() < 1e-6
+    # the measurement's interval beside the model's error: the exact prediction lies inside it
+    assert val.measured_ci_halfwidth_pp.to_numpy() == pytest.approx(1.5) and val.within_measured_ci.all()
+    assert "(the measurement's interval: +/-1.5 points, 24/24 inside it)" in latency.error_summary(val)
     # with 3% measurement noise the fit stays close and so do the predictions
     fits, kappa = latency.calibrate(synthetic_bench("S12 E24 P2 D0", KAPPA, COMMS, noise=0.03, seed=1))
     assert kappa == pytest.approx(KAPPA, rel=0.03)
@@ -155,7 +163,7 @@ def test_job_end_to_end(tmp_path, capsys):
             f"projection_out={tmp_path}/proj.csv", f"projection_png={tmp_path}/proj.png"]
     cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{val}]", *outs])
     out = capsys.readouterr().out
-    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 48 rows): mean |error| of latency" in out and "llama-33b" in out
+    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 48 rows): mean |error| prefill" in out and "llama-33b" in out
     table = pd.read_csv(tmp_path / "v.csv")
     assert set(table.role) == {"calibration", "validation"} and "command" in table
     assert table[table.role == "validation"].error_pct.abs().mean() < 6
