@@ -55,11 +55,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import CqilError, data, models
-from .convert import resolve_plan
 from .plan import Plan, plan_from_config
-from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
-from .results import provenance, write_csv
 from .control import Control
+from .planning import resolve_plan
+from .plots import bench_latency
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, write_csv
 from .runtime import Runtime, _MemberStage, init_distributed, make_mesh, under_torchrun
 
 
@@ -529,7 +529,7 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, varian
             for phase, per_round in figures.items():
                 raw = [ttft for ttft, _ in runs] if phase == "prefill" else [s for _, steps in runs for s in steps]
                 lo, hi = bootstrap_ci(per_round, level, resamples)
-                rows.append({"model": cfg.model.name, "plan": plan.describe(), "n_layers": n, "groups": len(plan.groups),
+                rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
                              "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                              "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
                              "warmup": protocol[t, b]["warmup"], "warmup_ended_by": protocol[t, b]["warmup_ended_by"],

@@ -19,7 +19,7 @@ import pytest
 from cqil import CqilError
 from cqil.bench import (bootstrap_ci, core_plan, headline_widths, paired_reductions, reduction_stats, round_figures,
                         stop_reason, warmed_up, warmup_reason)
-from cqil.plots import BENCH_BASELINE
+from cqil.results import BENCH_BASELINE
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP = {"ci_width": 0.02, "min_rounds": 10, "max_rounds": 50, "profile_rounds": 3}

@@ -196,7 +196,7 @@ def bundled_model_installed() -> bool:
 @pytest.mark.skipif(not bundled_model_installed(), reason="bundled model not installed (make install)")
 def test_bench_cli_end_to_end(tmp_path):
     """`cqil bench` launches torchrun itself and writes one row per setup, phase and shape, plus a figure."""
-    from cqil.plots import BENCH_BASELINE
+    from cqil.results import BENCH_BASELINE
     from cqil.results import read_csv
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
