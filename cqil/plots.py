@@ -226,7 +226,7 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     ax.set_ylabel("predicted latency (ms)")
     ax_r.set_xlabel("measured latency reduction vs original, 1 device (%; paired median, bench interval)")
     ax_r.set_ylabel("predicted latency reduction (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     val = df[df.role == "validation"]
     mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
     fig.suptitle(f"{df.model.iloc[0]}: CQIL latency model against cqil bench, mean |error| on validation rows: {mape}",
@@ -234,37 +234,38 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
-def latency_projection(df: pd.DataFrame, out: str | Path) -> Path:
-    """Projected latency relative to the original model: CQIL variants and tensor parallelism, ideal marked."""
+def latency_hybrid(df: pd.DataFrame, out: str | Path) -> Path:
+    """Speed-up of the best CQIL x TP over TP=N on the same N GPUs (bars, labelled with the best P x T),
+    one panel per hardware and shape, one bar group per model; setups that do not fit are marked."""
     hws, shapes = list(dict.fromkeys(df.hardware)), list(dict.fromkeys(zip(df.phase, df.prompt_tokens)))
-    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.6 * len(shapes), 3.6 * len(hws)), squeeze=False,
+    models, devices = list(dict.fromkeys(df.model)), sorted(df.devices.unique())
+    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.8 * len(shapes), 3.8 * len(hws)), squeeze=False,
                              sharey=True, layout="constrained")
-    heads = list(dict.fromkeys(df.lm_head))
-    bars = [f"CQIL, head {h}" for h in heads] + ["tensor parallel"]
+    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(devices)))
+    width = 0.8 / len(devices)
     for axrow, hw in zip(axes, hws):
         for ax, (phase, t) in zip(axrow, shapes):
-            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)]
-            cases = list(dict.fromkeys(zip(d.model, d.plan)))
-            width = 0.8 / len(bars)
-            for i, name in enumerate(bars):
-                rel = [(d[(d.model == m) & (d.plan == p) & (d.lm_head == heads[min(i, len(heads) - 1)])].iloc[0])
-                       for m, p in cases]
-                y = [r.tensor_parallel_ms / r.original_ms if name == "tensor parallel" else r.cqil_ms / r.original_ms
-                     for r in rel]
-                x = np.arange(len(cases)) + (i - (len(bars) - 1) / 2) * width
-                ax.bar(x, y, width, label=name)
-                if i == 0:
-                    ax.hlines([1 - r.ideal_reduction for r in rel], x - width / 2, x + width / 2 + width * (len(bars) - 2),
-                              colors="k", lw=2)
-            ax.axhline(1.0, color="grey", lw=1, ls="--")
-            ax.set_xticks(np.arange(len(cases)), [f"{m}\n{p}" for m, p in cases], fontsize=6)
+            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)].set_index(["model", "devices"])
+            for i, n in enumerate(devices):
+                x = np.arange(len(models)) + (i - (len(devices) - 1) / 2) * width
+                rows = [d.loc[(m, n)] for m in models]
+                y = [r.speedup_vs_tp if r.fits and r.tp_shardable else 0.0 for r in rows]
+                ax.bar(x, y, width, color=colors[i], label=f"N={n}" if ax is axes[0][0] else None)
+                for xi, yi, r in zip(x, y, rows):
+                    label = (f"TP={n} cannot cut the heads" if not r.tp_shardable else
+                             f"P{int(r.best_p)}xT{int(r.best_t)}" if r.fits else "none fits")
+                    ax.annotate(label + ("" if r.tp_fits or not r.tp_shardable else " (TP OOM)"), (xi, yi),
+                                ha="center", va="bottom", fontsize=5, rotation=90, xytext=(0, 2), textcoords="offset points")
+            ax.axhline(1.0, color="k", lw=1, ls="--")
+            ax.set_xticks(np.arange(len(models)), models, fontsize=7)
             ax.set_title(f"{hw}: {phase} " + (f"T={t}" if phase == "prefill" else f"(context {t})"), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-        axrow[0].set_ylabel("latency / original (1 GPU)")
-    axes[0][0].plot([], [], "k-", lw=2, label="CQIL ideal 1 - g(P-1)/n")
-    axes[0][0].plot([], [], color="grey", ls="--", label="original")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(bars) + 2, fontsize=8)
-    fig.suptitle(f"Projected latency (roofline, batch {df.batch_size.iloc[0]}, assumptions in the CSV)", fontsize=10)
+            ax.margins(y=0.25)
+        axrow[0].set_ylabel("TP=N latency / best CQIL x TP")
+    fig.legend(loc="outside lower center", ncol=len(devices), fontsize=8)
+    fig.suptitle(f"Projected speed-up of CQIL x TP over tensor parallelism on the same N GPUs (batch "
+                 f"{df.batch_size.iloc[0]}; figures fitted on gpt-fast's Llama-2-7B TP table; assumptions in the CSV)",
+                 fontsize=10)
     return _save(fig, out)
 
 
@@ -278,7 +279,7 @@ FIGURES = {
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
-    "latency_projection": (latency_projection, "latency_projection_csv", "latency_projection_png"),
+    "latency_hybrid": (latency_hybrid, "latency_hybrid_csv", "latency_hybrid_png"),
 }
 
 
