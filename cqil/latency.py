@@ -405,20 +405,33 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
 
 
 def predicted_reduction(config, plan: Plan, lat: dict) -> float:
-    """plan=auto rank_by=latency: the predicted reduction of `plan` on the model's own shape on lat['hardware'],
+    """plan=auto rank_by=latency: the predicted reduction of `plan` on the model's own shape on lat['hardware']
     against the original on one device, or with lat['devices'] = N against tensor parallelism on N devices
-    (the plan on its best P x T mesh, P its group size: NaN where P does not divide N or nothing fits)."""
+    (mesh_choice: NaN where the plan's P does not divide N or nothing fits)."""
+    if lat.get("devices"):
+        return mesh_choice(config, plan, lat)["reduction"]
     s, hw = Shape.from_hf(config), hardware(lat["hardware"])
     phase, T, B = lat["phase"], int(lat["prompt_tokens"]), int(lat["batch_size"])
-    bpp, ctx = int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", lat["prompt_tokens"]))
-    if lat.get("devices"):
-        best = best_mesh(s, hw, plan, int(lat["devices"]), phase, T, B, bpp, ctx, lat.get("lm_head", "sharded"),
-                         tuple(lat.get("ungrouped_options", UNGROUPED_OPTIONS)))
-        return float("nan") if best is None else 1 - best["latency_ms"] / best["tp_latency_ms"]
-    c = gpu_costs(s, hw, phase, T, B, bpp, ctx)
+    c = gpu_costs(s, hw, phase, T, B, int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", T)))
     variant = Variant(lm_head=lat.get("lm_head", "sharded"), ungrouped=lat.get("ungrouped", "replicated"))
     schedule = schedule_of(plan, s.layers, plan.group_size, 1, variant)
     return 1 - predict(schedule, c, hw.kappa) / original(s.layers, c)
+
+
+def mesh_choice(config, plan: Plan, lat: dict) -> dict:
+    """plan.devices=N: `plan` on its best P x (N/P) mesh (best_mesh) for the model's own shape:
+    {"reduction": against TP on N devices (NaN if none), "mesh": "P4xT2, ungrouped tp" or why there is none}."""
+    s, hw, N = Shape.from_hf(config), hardware(lat["hardware"]), int(lat["devices"])
+    T = int(lat["prompt_tokens"])
+    best = best_mesh(s, hw, plan, N, lat["phase"], T, int(lat["batch_size"]), int(lat.get("bytes_per_param", 2)),
+                     int(lat.get("decode_context", T)), lat.get("lm_head", "sharded"),
+                     tuple(lat.get("ungrouped_options", UNGROUPED_OPTIONS)))
+    if best is None:
+        why = (f"P={plan.group_size} does not divide {N}" if N % plan.group_size else
+               f"no P x T mesh of {N} devices fits it ({hw.name} memory, head cuts)")
+        return {"reduction": float("nan"), "mesh": why}
+    return {"reduction": 1 - best["latency_ms"] / best["tp_latency_ms"],
+            "mesh": f"P{best['P']}xT{best['T']}, ungrouped {best['ungrouped']}"}
 
 
 # ---- CQIL x TP on N devices ---------------------------------------------------------------------

@@ -266,6 +266,15 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
     assert len(choice.plan.groups) == 1 and choice.plan.group_size == 4
     assert "largest predicted latency reduction" in capsys.readouterr().out
 
+    # plan.devices=2: only plans of pairs have a mesh (P2 x T1); the others are left out, not chosen
+    plan_cfg.update(devices=2, latency={**plan_cfg["latency"], "hardware": "a100"})
+    choice = planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
+    t = choice.table.set_index("plan")
+    assert t.loc["S1 E5 P4 D0"].predicted_reduction != t.loc["S1 E5 P4 D0"].predicted_reduction  # NaN
+    assert t.loc["S1 E5 P4 D0"].mesh == "P=4 does not divide 2" and choice.plan.group_size == 2
+    assert t.loc[choice.plan.describe()].mesh.startswith("P2xT1, ungrouped")
+    assert "against tensor parallelism on 2 devices" in capsys.readouterr().out
+
     plan_cfg["rank_by"] = "fastest"
     with pytest.raises(Exception, match="rank_by='fastest' is not one of ideal, latency"):
         planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
