@@ -115,9 +115,13 @@ def split(schedule: Schedule, c: Costs) -> tuple[float, float]:
     return t["rest"] + t["alone"] + t["collectives"], t["concurrent"]
 
 
+def total(t: dict[str, float], kappa: float) -> float:
+    """The latency of a step from its terms."""
+    return t["rest"] + t["alone"] + t["collectives"] + kappa * t["concurrent"]
+
+
 def predict(schedule: Schedule, c: Costs, kappa: float = 1.0) -> float:
-    fixed, conc = split(schedule, c)
-    return fixed + kappa * conc
+    return total(terms(schedule, c), kappa)
 
 
 def original(n: int, c: Costs) -> float:
@@ -443,7 +447,7 @@ def mesh_row(s: Shape, hw: Hardware, schedule: Schedule, c: Costs, bpp: int, bat
     they fit the GPU's memory less its reserve)."""
     t = terms(schedule, c)
     weights, kv = memory_gb(schedule, s, bpp, batch, context)
-    return {"latency_ms": t["rest"] + t["alone"] + hw.kappa * t["concurrent"] + t["collectives"],
+    return {"latency_ms": total(t, hw.kappa),
             "compute_ms": t["alone"] + hw.kappa * t["concurrent"], "collectives_ms": t["collectives"],
             "collective_rounds": t["collective_rounds"], "weight_gb_per_gpu": weights, "kv_cache_gb_per_gpu": kv,
             "fits": weights + kv <= hw.memory_gb - hw.memory_reserve_gb}
@@ -516,7 +520,7 @@ def hybrid(hcfg: dict, models: dict, hardware_of: Callable[[str], Hardware]) -> 
             for phase, T in shapes:
                 for N in hcfg["devices"]:
                     tp = tensor_parallel_row(s, hw, N, phase, T, B, bpp, ctx, lm_head)
-                    key = {"model": name, "hardware": hw_name, "device": hw.name, "phase": phase, "prompt_tokens": T,
+                    key = {"model": name, "hardware": hw_name, "gpu": hw.name, "phase": phase, "prompt_tokens": T,
                            "batch_size": B, "devices": N}
                     rows = [{**key, "P": 1, "T": N, "ungrouped": "", "plan": "none (tensor parallel)", "plan_json": "",
                              "ideal_reduction": 0.0, **tp}]

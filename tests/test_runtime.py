@@ -228,6 +228,9 @@ def test_bench_cli_end_to_end(tmp_path):
     assert df[~df.setup.str.startswith("cqil")].rank0_group_ms.isna().all()
     decode = cqil[cqil.phase == "decode"]
     assert list(decode.comm_bytes) == list(decode.batch_size * 576 * 4)  # one token's hidden state per sequence
+    # the timing protocol's columns (its statistics: tests/test_bench.py); one round gives no interval
+    assert (df.rounds == 1).all() and (df.stopped_by == "repeats").all() and (df.warmup_ended_by == "fixed").all()
+    assert df.reduction_ci_low.isna().all() and df.pinning.str.startswith(("rank 0: cpu", "none (")).all()
 
 
 if __name__ == "__main__":
