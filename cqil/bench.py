@@ -1,12 +1,17 @@
 """`cqil bench`: latency of CQIL on P devices against honest baselines, side by side in one run.
 
-Setups, for every (prompt length T, batch size B):
+Setups, for every (prompt length T, batch size B), each with its own rank-local weights (cqil.runtime
+reads from the checkpoint only what each rank runs; `build_setups`):
   (a) original, 1 device       the original model, one process (CPU: 1 thread)
-  (b) cqil (...)               the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
-                               once per runtime variant in `cqil` (collectives, LM head, where
-                               the layers outside groups run)
-  (c) original, P threads      what a user would otherwise do with the same P devices: on CPU one
-      tensor parallel, P GPUs  process with P threads; on CUDA tensor parallelism over P GPUs
+  (b) cqil (...)               the plan on a devices x tp mesh (cqil.runtime; CPU: 1 thread per rank),
+                               once per runtime variant in `cqil` (communicator, LM head, where the
+                               layers outside groups run); tp > 1: CQIL x TP
+  (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
+                               once per variant in `tensor_parallel` (same LM head treatments as CQIL)
+      original, N threads      CPU: one process with the threads of all N ranks
+Memory columns: model_weight_mb (all parameters), rank_weight_mb_max (the largest rank's materialized
+parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA rank_peak_gpu_mb_max (the
+largest rank's whole bench process: all the setups it holds at once, plus activations).
 
 Protocol: `warmup` untimed rounds, then `repeats` timed rounds; a round runs every setup once,
 in turn, so slow drift of the machine hits all setups alike. A run is the prefill of the prompt
@@ -27,18 +32,18 @@ itself; starting that torchrun line directly works the same.
 """
 from __future__ import annotations
 
-import copy
 import os
+import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -47,13 +52,17 @@ from .convert import resolve_plan
 from .plan import Plan, plan_from_config
 from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
 from .results import provenance, write_csv
-from .runtime import Runtime, _MemberStage, init_distributed, make_mesh, under_torchrun
+from .runtime import Runtime, init_distributed, make_mesh, shutdown, under_torchrun
+from .schedule import Variant
 
 
 def run(cfg: DictConfig) -> None:
     """Outside torchrun: launch it with this command's overrides. Inside: be one rank of the bench."""
     if under_torchrun():
-        return worker(cfg)
+        try:
+            return worker(cfg)
+        finally:
+            shutdown()
     world = cfg.devices * cfg.tp
     if cfg.devices < 2:
         raise CqilError(f"devices={cfg.devices}: CQIL needs at least 2 devices to run group members concurrently")
@@ -136,34 +145,15 @@ def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
 def worker(cfg: DictConfig) -> None:
     """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
-    mesh = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
+    device = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
     rank, world = dist.get_rank(), dist.get_world_size()
     lead = rank == 0
     torch.set_num_threads(cfg.threads_per_rank)
     # while rank 0 times the one-device baselines alone, the others wait here (long timeout, no spinning)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.solo_timeout_s))
 
-    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
-    plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
-    check_devices(plan, cfg.devices)
-    if max(cfg.prompt_tokens) > data_cfg.block_size:
-        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
-    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
-    prompts = prompts.to(model.device)
-
-    original = Runtime(model, Plan())
-    setups: dict[str, Runtime] = {}
-    variants: dict[str, dict] = {}  # setup -> its runtime options (CSV columns comm, lm_head, ungrouped)
-    for variant in cfg.cqil:
-        v = {"comm": "auto", "lm_head": "sharded", "ungrouped": "replicated", **variant}
-        if set(v) - {"comm", "lm_head", "ungrouped"}:
-            raise CqilError(f"bench cqil setup {dict(variant)} has unknown keys; use comm, lm_head, ungrouped")
-        rt = Runtime(model, plan, mesh, timeout_s=cfg.timeout_s, **v)
-        name = f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"
-        setups[name], variants[name] = rt, {**v, "comm": rt.comm.name}
-    if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
-        setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
+    built = build_setups(cfg, device, control)
+    original, setups, variants, plan, prompts = built.original, built.runtimes, built.columns, built.plan, built.prompts
 
     def solo(fn) -> None:
         """Rank 0 runs fn alone; the other ranks wait."""
@@ -205,7 +195,7 @@ def worker(cfg: DictConfig) -> None:
         load[t, b] = other_load(start, sum(ours))
 
         def profile_original() -> None:  # (a)'s parts: the latency model's inputs
-            n = model.config.num_hidden_layers
+            n = built.config.num_hidden_layers
             for phase, v in profile(original, ids, cfg.new_tokens, cfg.profile_runs).items():
                 parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
                                                 "rest_ms": v["rest"]}
@@ -214,17 +204,114 @@ def worker(cfg: DictConfig) -> None:
         for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
             dist.barrier(group=control)
             prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
-            comm = comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device) if rt.comm else {}
+            comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, device) if rt.comm else {}
             for phase in prof:
                 parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
+    memory = peak_memory(device, control)
     if not lead:
         return
-    table = results_table(samples, load, parts, variants, cfg, plan, model, device_type)
+    table = results_table(samples, load, parts, variants, cfg, plan, built, memory, device_type)
     out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
     figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
     write_csv(table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
+
+
+MB = 2 ** 20  # the *_mb columns are MiB
+
+
+@dataclass
+class Setups:
+    """What the bench times: (a) (built on rank 0 only, else None), the multi-process setups by name, and
+    every setup's CSV columns (runtime options, mesh, memory)."""
+    original: Runtime | None
+    runtimes: dict[str, Runtime]
+    columns: dict[str, dict]
+    plan: Plan
+    config: object
+    dtype: torch.dtype
+    prompts: torch.Tensor
+
+
+def bench_plan(cfg: DictConfig, config, tokenizer, data_cfg: data.DataConfig, control) -> Plan:
+    """The plan, resolved once: given plans directly; plan=auto on rank 0 (it scores candidates on the
+    whole model, loaded there alone) and broadcast to the other ranks."""
+    plan_cfg = OmegaConf.to_object(cfg.plan)
+    if plan_cfg.get("mode", "manual") != "auto":
+        return plan_from_config(plan_cfg, config.num_hidden_layers)
+    box = [None]
+    if dist.get_rank() == 0:
+        model, _ = models.load({**OmegaConf.to_object(cfg.model), "device": "cpu"})
+        box = [resolve_plan(plan_cfg, model, tokenizer, data_cfg).to_dict()]
+        del model
+    dist.broadcast_object_list(box, group=control, group_src=0)
+    return Plan.from_dict(box[0], config.num_hidden_layers)
+
+
+def _variant(options) -> Variant:
+    v = dict(options)
+    if set(v) - {"comm", "lm_head", "ungrouped"}:
+        raise CqilError(f"bench setup {v} has unknown keys; use comm, lm_head, ungrouped")
+    return Variant(**v)
+
+
+def build_setups(cfg: DictConfig, device: torch.device, control) -> Setups:
+    """Every setup with its own rank-local weights, read from the checkpoint (nothing shared between
+    setups, nothing re-sharded): (a) the original on rank 0 alone; CQIL on the devices x tp mesh once per
+    variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`.
+    All ranks call this together."""
+    model_cfg = OmegaConf.to_object(cfg.model)
+    path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
+    config, tokenizer = models.load_config(path), models.load_tokenizer(path)
+    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
+    check_devices(plan, cfg.devices)
+    if max(cfg.prompt_tokens) > data_cfg.block_size:
+        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
+    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
+    world = dist.get_world_size()
+    runtimes: dict[str, Runtime] = {}
+    columns: dict[str, dict] = {}
+
+    def memory(rt: Runtime) -> dict:
+        sizes = [None] * world
+        dist.all_gather_object(sizes, rt.weight_bytes(), group=control)
+        return {"mesh_p": rt.schedule.P, "mesh_t": rt.schedule.T, "model_weight_mb": rt.model_bytes / MB,
+                "rank_weight_mb_max": max(sizes) / MB}
+
+    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.startup_timeout_s)
+    for options in cfg.cqil:
+        v = _variant(options)
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
+    tp_mesh = make_mesh(1, world, device, cfg.startup_timeout_s)
+    for options in cfg.tensor_parallel:
+        v = _variant(options)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)}
+    original = None
+    if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
+        original = Runtime(path, Plan(), None, Variant(), dtype, device)
+        whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
+                 "rank_weight_mb_max": original.weight_bytes() / MB}
+        columns[ORIGINAL] = columns[f"original, {world} threads"] = whole
+    return Setups(original, runtimes, columns, plan, config, dtype, prompts.to(device))
+
+
+def peak_memory(device: torch.device, control) -> dict:
+    """Peak RSS (on CUDA also peak GPU memory) of the largest rank's bench process, MiB: every setup that
+    process holds together, plus activations. All ranks call this together."""
+    mine = {"rank_peak_rss_mb_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}  # Linux: KiB
+    if device.type == "cuda":
+        mine["rank_peak_gpu_mb_max"] = torch.cuda.max_memory_allocated(device) / MB
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine, group=control)
+    return {k: max(e[k] for e in everyone) for k in mine}
 
 
 def profile(rt: Runtime, ids: torch.Tensor, new_tokens: int, runs: int) -> dict[str, dict[str, float]]:
@@ -260,15 +347,13 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
                     children[-1] += dt
         return wrapper
 
-    def kind(stage) -> str | None:
-        if isinstance(stage, nn.Module):
-            return "ungrouped"
-        return "group" if isinstance(stage, _MemberStage) else None  # a broadcast stage: its collective is timed
+    def kind(stage) -> str | None:  # a state stage is a broadcast: its collective is timed
+        return {"ungrouped": "ungrouped", "group": "group"}.get(getattr(stage, "kind", None))
 
-    stages, comm = rt.stages, rt.comm
+    stages, comms = rt.stages, list({id(c): c for c in rt.comms.values()}.values())
     rt.stages = [timed(k, s) if (k := kind(s)) else s for s in stages]
     rt.greedy = timed("head", rt.greedy)
-    if comm is not None:
+    for comm in comms:
         for op in ("all_reduce_", "broadcast_", "all_gather"):
             setattr(comm, op, timed("collective", getattr(comm, op)))
     try:
@@ -291,7 +376,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
     finally:  # back to the class's methods
         rt.stages = stages
         del rt.greedy
-        if comm is not None:
+        for comm in comms:
             for op in ("all_reduce_", "broadcast_", "all_gather"):
                 delattr(comm, op)
 
@@ -320,13 +405,13 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
 
 
 def results_table(samples: dict, load: dict, parts: dict, variants: dict, cfg: DictConfig, plan: Plan,
-                  model: torch.nn.Module, device_type: str) -> pd.DataFrame:
-    """One row per (setup, phase, T, B): medians, p90, reduction against (a), fraction of ideal, and the
-    latency model's inputs (the original's components on every row; the setup's collectives)."""
+                  built: "Setups", memory: dict, device_type: str) -> pd.DataFrame:
+    """One row per (setup, phase, T, B): medians, p90, reduction against (a), fraction of ideal, the
+    latency model's inputs (the original's components on every row; the setup's collectives), and memory."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
-    n = model.config.num_hidden_layers
-    sizes = {"hidden_size": model.config.hidden_size, "dtype_bytes": model.dtype.itemsize}
+    n = built.config.num_hidden_layers
+    sizes = {"hidden_size": built.config.hidden_size, "dtype_bytes": built.dtype.itemsize, **memory}
     rows = []
     for (setup, t, b), (ttft, tpot) in samples.items():
         for phase, ms in (("prefill", ttft), ("decode", tpot)):
