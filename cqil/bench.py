@@ -9,8 +9,8 @@ reads from the checkpoint only what each rank runs; `build_setups`):
   (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
                                once per variant in `tensor_parallel` (same LM head treatments as CQIL)
       original, N threads      CPU: one process with the threads of all N ranks
-Memory columns: model_weight_mb (all parameters), rank_weight_mb_max (the largest rank's materialized
-parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA rank_peak_gpu_mb_max (the
+Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
+rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA rank_peak_gpu_mb_max (the
 largest rank's whole bench process: all the setups it holds at once, plus activations).
 
 Protocol: `warmup` untimed rounds, then `repeats` timed rounds; a round runs every setup once,
@@ -278,7 +278,7 @@ def build_setups(cfg: DictConfig, device: torch.device, control) -> Setups:
         sizes = [None] * world
         dist.all_gather_object(sizes, rt.weight_bytes(), group=control)
         return {"mesh_p": rt.schedule.P, "mesh_t": rt.schedule.T, "model_weight_mb": rt.model_bytes / MB,
-                "rank_weight_mb_max": max(sizes) / MB}
+                "rank_weight_mb_max": max(sizes) / MB, "rank_weight_mb_min": min(sizes) / MB}
 
     cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.startup_timeout_s)
     for options in cfg.cqil:
@@ -298,7 +298,7 @@ def build_setups(cfg: DictConfig, device: torch.device, control) -> Setups:
     if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
         original = Runtime(path, Plan(), None, Variant(), dtype, device)
         whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
-                 "rank_weight_mb_max": original.weight_bytes() / MB}
+                 "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
         columns[ORIGINAL] = columns[f"original, {world} threads"] = whole
     return Setups(original, runtimes, columns, plan, config, dtype, prompts.to(device))
 

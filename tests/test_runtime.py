@@ -368,6 +368,15 @@ def test_bench_cli_end_to_end(tmp_path):
     multi = df[~df.setup.str.startswith("original")]
     assert (multi.rank_weight_mb_max < 0.9 * multi.model_weight_mb).all() and (df.rank_peak_rss_mb_max > 0).all()
     assert set(zip(multi.mesh_p, multi.mesh_t)) == {(2, 1), (1, 2)}
+    # ungrouped on member 0: member 1 holds its 6 group members, the final norm and its head rows, no more
+    from cqil.models import load_config
+    from cqil.schedule import Variant, config_shapes, make_schedule, rank_bytes
+
+    config = load_config("smollm2-135m")
+    member1 = rank_bytes(make_schedule(Plan.from_range(12, 24, 2), 30, 2, 1, Variant(ungrouped="rank0")), 1,
+                         config_shapes(config), True, 4, 9, 3) / 2 ** 20
+    rank0 = df[df.setup == "cqil (shm, head sharded, ungrouped rank0)"]
+    assert list(rank0.rank_weight_mb_min) == pytest.approx([member1] * len(rank0), rel=0.02)
 
 
 if __name__ == "__main__":
