@@ -408,7 +408,7 @@ class Runtime:
         self.rank = mesh.rank if mesh is not None else 0
         self.k, self.t = self.rank // T, self.rank % T
         self.schedule: Schedule = make_schedule(plan, config.num_hidden_layers, P, T, variant)
-        check_shardable(self.schedule, config.num_key_value_heads)
+        check_shardable(self.schedule, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
         self.plan, self.variant = plan, variant
         self._mask = create_sliding_window_causal_mask if uses_sliding_window(config) else create_causal_mask
 

@@ -404,10 +404,10 @@ def config_shapes(config) -> dict[str, tuple[int, ...]]:
                         bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False)))
 
 
-def check_shardable(schedule: Schedule, kv_heads: int) -> None:
-    """Every tensor-parallel cut gives each shard at least one whole KV head (with its query heads)."""
-    counts = {p.count for r in range(schedule.world) for p in schedule.parts(r) if p.kind == "layer"}
-    if max(counts, default=1) > kv_heads:
-        raise PlanError(f"tensor parallelism over {max(counts)} devices needs at least {max(counts)} KV heads (each "
-                        f"device holds whole KV heads with their query heads), but the model has {kv_heads}; "
-                        "choose a smaller tp or another ungrouped variant")
+def check_shardable(schedule: Schedule, heads: int, kv_heads: int, intermediate: int) -> None:
+    """Every tensor-parallel cut gives each shard whole KV heads (with their query heads) and MLP columns."""
+    count = max((p.count for r in range(schedule.world) for p in schedule.parts(r) if p.kind == "layer"), default=1)
+    if count > kv_heads or heads % kv_heads or count > intermediate:
+        raise PlanError(f"tensor parallelism over {count} devices needs at least {count} KV heads (each device "
+                        f"holds whole KV heads with their query heads), but the model has {kv_heads} (of {heads} "
+                        "heads); choose a smaller tp or another ungrouped variant")

@@ -137,8 +137,8 @@ def test_bad_meshes_and_variants():
     with pytest.raises(PlanError, match="ungrouped='everywhere' is not one of"):
         Variant(ungrouped="everywhere")
     with pytest.raises(PlanError, match="over 4 devices needs at least 4 KV heads"):
-        check_shardable(tp_schedule(N_LAYERS, 4), kv_heads=2)
-    check_shardable(tp_schedule(N_LAYERS, 2), kv_heads=2)
+        check_shardable(tp_schedule(N_LAYERS, 4), heads=4, kv_heads=2, intermediate=32)
+    check_shardable(tp_schedule(N_LAYERS, 2), heads=9, kv_heads=3, intermediate=32)  # uneven: 2 and 1 KV heads
 
 
 def test_uneven_heads_keep_gqa_groups_and_balance_bytes():
