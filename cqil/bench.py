@@ -48,10 +48,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import CqilError, data, models
-from .convert import resolve_plan
 from .plan import Plan, plan_from_config
-from .plots import BENCH_BASELINE as ORIGINAL, bench_latency
-from .results import provenance, write_csv
+from .planning import resolve_plan
+from .plots import bench_latency
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, write_csv
 from .runtime import Runtime, init_distributed, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
 
@@ -415,7 +415,7 @@ def results_table(samples: dict, load: dict, parts: dict, variants: dict, cfg: D
     rows = []
     for (setup, t, b), (ttft, tpot) in samples.items():
         for phase, ms in (("prefill", ttft), ("decode", tpot)):
-            rows.append({"model": cfg.model.name, "plan": plan.describe(), "n_layers": n, "groups": len(plan.groups),
+            rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
                          "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                          "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
                          "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms), **load[t, b], **sizes,

@@ -2,15 +2,18 @@
 
 A corpus (conf/data/*.yaml) is a list of documents: offline text files assembled at install
 (`scripts/fetch_texts.py`, under $CQIL_CACHE/texts), local .txt/.jsonl files, or a HF data set
-by name (needs network). Each document is tokenized into one stream and cut into blocks of
-`block_size` tokens (the ragged tail is dropped). Splits are contiguous per document:
+by name (needs network). Each document is tokenized into one stream and split by TOKENS,
+contiguously:
 
-    calibration = its first  calibration_fraction of blocks   (cqil analyze, plan choice)
-    evaluation  = its last   evaluation_fraction  of blocks   (held-out perplexity)
-    training    = the blocks in between                       (cqil finetune)
+    calibration = its first  calibration_fraction of tokens   (cqil analyze, plan choice)
+    evaluation  = its last   evaluation_fraction  of tokens   (held-out perplexity, agreement)
+    training    = the tokens in between                       (cqil finetune)
 
-so no token is in two splits. Blocks of all documents are interleaved round-robin, so a
-`max_tokens` cap still draws from every document.
+so no token is in two splits, whatever window length each job cuts its split into: every split is
+cut into non-overlapping blocks of `block_size` tokens (default `data.block_size`; the fine-tune
+trains on shorter blocks, yet its held-out perplexity uses the same 512-token windows as every
+other job). Blocks of all documents are interleaved round-robin, so a `max_tokens` cap still draws
+from every document.
 """
 from __future__ import annotations
 
@@ -71,31 +74,51 @@ def documents(cfg: DataConfig) -> list[tuple[str, str]]:
     return docs
 
 
-def split_ranges(n_blocks: int, cfg: DataConfig) -> dict[str, range]:
-    """Block index ranges of each split within one document of n_blocks blocks."""
-    n_cal = int(n_blocks * cfg.calibration_fraction)
-    n_eval = int(n_blocks * cfg.evaluation_fraction)
-    return {"calibration": range(0, n_cal), "training": range(n_cal, n_blocks - n_eval),
-            "evaluation": range(n_blocks - n_eval, n_blocks)}
+def split_ranges(n_tokens: int, cfg: DataConfig) -> dict[str, range]:
+    """Token index ranges of each split within one document of n_tokens tokens."""
+    n_cal = int(n_tokens * cfg.calibration_fraction)
+    n_eval = int(n_tokens * cfg.evaluation_fraction)
+    return {"calibration": range(0, n_cal), "training": range(n_cal, n_tokens - n_eval),
+            "evaluation": range(n_tokens - n_eval, n_tokens)}
 
 
-def token_blocks(cfg: DataConfig | dict, tokenizer, split: str, max_tokens: int | None = None) -> torch.Tensor:
-    """LongTensor [n_blocks, block_size] of the split, round-robin over documents, capped at max_tokens."""
+def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> None:
+    """A token count is a positive multiple of the block size: used exactly, never silently rounded."""
+    if n is None:
+        return
+    is_int = isinstance(n, int) and not isinstance(n, bool)
+    if not is_int or n < block_size or n % block_size:
+        near = max(1, n // block_size) * block_size if is_int else block_size
+        raise CqilError(f"{what}={n!r} must be a positive multiple of the block size {block_size}; "
+                        f"use {near} or {near + block_size}")
+
+
+def token_blocks(cfg: DataConfig | dict, tokenizer, split: str, max_tokens: int | None = None,
+                 block_size: int | None = None, what: str = "max_tokens") -> torch.Tensor:
+    """LongTensor [n_blocks, block_size] of the split, round-robin over documents, exactly max_tokens if given.
+
+    block_size: window length (default cfg.block_size); `what` names the config key of max_tokens in errors.
+    """
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig(**cfg)
+    block_size = block_size or cfg.block_size
     if split not in SPLITS:
         raise CqilError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if not isinstance(block_size, int) or block_size < 2:
+        raise CqilError(f"block size {block_size!r} must be an integer >= 2 (tokens per window)")
+    check_tokens(max_tokens, block_size, what)
     per_doc = []
     for _, text in documents(cfg):
         ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-        blocks = ids[: len(ids) // cfg.block_size * cfg.block_size].view(-1, cfg.block_size)
-        per_doc.append(blocks[list(split_ranges(len(blocks), cfg)[split])])
+        part = ids[list(split_ranges(len(ids), cfg)[split])]
+        per_doc.append(part[: len(part) // block_size * block_size].view(-1, block_size))
     order = [doc[i] for i in range(max(len(d) for d in per_doc)) for doc in per_doc if i < len(doc)]
     if not order:
-        raise CqilError(f"the {split} split of {cfg.name!r} is empty; use more text or a larger {split}_fraction")
+        raise CqilError(f"the {split} split of {cfg.name!r} has no block of {block_size} tokens; "
+                        f"use more text or a larger {split}_fraction")
     if max_tokens is not None:
-        n = max(1, max_tokens // cfg.block_size)
+        n = max_tokens // block_size
         if n > len(order):
-            raise CqilError(f"asked for {max_tokens} {split} tokens but {cfg.name!r} has {len(order) * cfg.block_size}; "
-                            "lower the token count or add text")
+            raise CqilError(f"{what}={max_tokens} asks for more {split} tokens than {cfg.name!r} has in "
+                            f"{block_size}-token blocks ({len(order) * block_size}); lower it or add text")
         order = order[:n]
     return torch.stack(order)

@@ -7,8 +7,8 @@ list through one config (conf/eval.yaml). Tasks are:
   movie-review sentences as two-way multiple choice). Their data files are built from the offline
   texts at run time under $CQIL_CACHE/eval/data, and the YAMLs are copied with absolute paths to
   $CQIL_CACHE/eval/tasks (so plain `lm_eval --include_path` can use them too);
-- `perplexity`: token perplexity on the held-out (evaluation) split of `data` (cqil.data), the same
-  measure `cqil sweep` and `cqil finetune` report;
+- `perplexity`: token perplexity on the held-out (evaluation) split of `data` (cqil.metrics: the same
+  windows and definition that `cqil convert`, `cqil sweep` and `cqil finetune` report);
 - any lm-eval task or group by name (sciq, winogrande, arc_easy, mmlu, ...): needs the Hugging Face
   hub for its data set (or a local HF cache and HF_HUB_OFFLINE=1).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -32,31 +31,19 @@ import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 from transformers import AutoConfig
 
 from . import CqilError, data, models
+from .metrics import perplexity
 from .modeling import apply_plan, get_plan
 from .plan import plan_from_config
-from .results import provenance, read_csv, write_csv
+from .planning import resolve_plan
+from .results import plan_columns, provenance, read_csv, write_csv
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # lm-eval YAML configs of the local tasks
 PERPLEXITY = "perplexity"                               # the built-in held-out perplexity task
 ENTRY_KEYS = {"label", "path", "plan", "skip_missing"}   # keys of one `models` entry
 
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over blocks [n, T], each block scored on its own (T-1 targets each)."""
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for batch in tqdm(blocks.split(batch_size), desc=desc, unit="batch", leave=False):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 # ---- local task data: real labelled text -> jsonl ---------------------------------------
@@ -282,8 +269,6 @@ def check_entries(entries: list[dict]) -> list[dict]:
 
 def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     """(model, tokenizer) of one entry: loaded as saved, then its plan applied if it names one."""
-    from .convert import resolve_plan  # here, not at the top: cqil.convert imports perplexity from this module
-
     model, tokenizer = models.load({"name": entry["label"], "path": entry["path"],
                                     "dtype": cfg.model.dtype, "device": cfg.model.device})
     if entry["plan"] is not None:
@@ -298,8 +283,7 @@ def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg:
     model, tokenizer = load_entry(entry, cfg, data_cfg)
     plan = get_plan(model)
     n_layers = model.config.num_hidden_layers
-    head = {"label": entry["label"], "path": entry["path"], "plan": plan.describe(),
-            "ideal_latency_reduction": round(plan.ideal_latency_reduction(n_layers), 4)}
+    head = {"label": entry["label"], "path": entry["path"], **plan_columns(plan, n_layers)}
     print(f"[{entry['label']}] {entry['path']} ({plan.describe()}, ideal latency reduction "
           f"{head['ideal_latency_reduction']:.1%})")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
@@ -308,7 +292,7 @@ def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg:
     for task in tasks:
         start = time.perf_counter()
         if task == PERPLEXITY:
-            blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.perplexity_tokens)
+            blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.perplexity_tokens, what="perplexity_tokens")
             ppl = perplexity(model, blocks, cfg.perplexity_batch_size, desc=f"{entry['label']} perplexity")
             task_rows = [{"task": PERPLEXITY, "dataset": f"{data_cfg.name}/evaluation", "metric": "perplexity",
                           "filter": "none", "value": ppl, "stderr": float("nan"), "n": blocks[:, 1:].numel(),

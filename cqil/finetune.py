@@ -1,17 +1,14 @@
-"""`cqil finetune`: recover a converted model with LoRA adapters and self-distillation.
+"""`cqil finetune`: recover a converted model with the recovery recipe of cqil.distill (LoRA + self-distillation).
 
-The authors' recipe (see DESIGN.md): LoRA on q,k,v,o,gate,up,down of every layer, loss =
-KL(teacher || student) where the teacher is the *same weights* with the adapter and the plan
-switched off (peft's `disable_adapter()` + `cqil.modeling.plan_disabled`), so no second copy of
-the model is held. Plain next-token loss (`loss.kind=ce`) and a mix (`loss.kind=mix`) are options.
-
-Training runs on the HF Trainer, so one command runs on a CPU, one GPU, or under
+The recipe (conf/recipe/<name>.yaml: `lora`, `loss`, `train`) is cqil.distill's; this module is the
+job around it. Training runs on the HF Trainer, so one command runs on a CPU, one GPU, or under
 `torchrun --nproc_per_node=N -m cqil finetune ...` (DDP). Checkpoints land in
 `<out_dir>/checkpoints/checkpoint-<step>` every `train.save_steps`; rerunning the same command
 resumes from the last complete one. Outputs: `<out_dir>/adapter` (peft format, applies on top of
 the converted model), `<out_dir>/merged` (a CQIL model directory, loads like `cqil convert`'s
 output), the loss curve CSV and one row of held-out perplexities (original / converted /
-fine-tuned) on the evaluation split, which training never sees.
+fine-tuned) on the evaluation split, which training never sees, in the same windows as every other
+job (cqil.metrics; training itself uses `train.block_size`-token blocks).
 """
 from __future__ import annotations
 
@@ -26,90 +23,24 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from safetensors import safe_open
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import CqilError, data, models
-from .convert import resolve_plan
-from .evaluate import perplexity
+from .distill import make_trainer
+from .metrics import perplexity
 from .modeling import apply_plan, get_plan, plan_disabled, save_converted
 from .plan import Plan
-from .results import provenance, upsert_csv, write_csv
+from .planning import resolve_plan
+from .results import plan_columns, provenance, upsert_csv, write_csv
 
-LOSS_KINDS = ("kl", "ce", "mix")
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
 FINGERPRINT_KEYS = ("model", "plan", "lora", "loss", "data", "batch_size", "grad_accum", "seed")
 
 
-# ---- the loss ----------------------------------------------------------------------------
-@torch.no_grad()
-def teacher_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the original model: the same weights with the LoRA adapter and the plan switched off."""
-    was_training = model.training
-    model.eval()  # the teacher is the original model as evaluated (no dropout)
-    try:
-        with model.disable_adapter(), plan_disabled(model):
-            return model(input_ids=input_ids, use_cache=False).logits
-    finally:
-        model.train(was_training)
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) per token (mean over positions), on logits softened by `temperature`.
-
-    Scaled by T^2 so its gradient keeps the same size whatever the temperature (Hinton et al.).
-    """
-    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from positions <= t."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-
-
-class DistillTrainer(Trainer):
-    """Trainer whose loss is self-distillation (kl), next-token (ce) or their mix."""
-
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by grad_accum
-
-    def __init__(self, *args, loss_kind: str = "kl", temperature: float = 1.0, kl_weight: float = 0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_kind, self.temperature, self.kl_weight = loss_kind, temperature, kl_weight
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids = inputs["input_ids"]
-        outputs = model(input_ids=input_ids, use_cache=False)  # the wrapped (DDP) model: gradients sync
-        terms = {}
-        if self.loss_kind in ("kl", "mix"):
-            teacher = teacher_logits(self.accelerator.unwrap_model(model), input_ids)  # no DDP hooks, no grad
-            terms["kl"] = distill_loss(outputs.logits, teacher, self.temperature)
-        if self.loss_kind in ("ce", "mix"):
-            terms["ce"] = next_token_loss(outputs.logits, input_ids)
-        if self.loss_kind == "mix":
-            loss = self.kl_weight * terms["kl"] + (1 - self.kl_weight) * terms["ce"]
-        else:
-            loss = terms[self.loss_kind]
-        return (loss, outputs) if return_outputs else loss
-
-
-# ---- data, progress log, checkpoints -----------------------------------------------------
-class Blocks(torch.utils.data.Dataset):
-    """Token blocks [n, T] as Trainer samples {'input_ids': LongTensor[T]}."""
-
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks[i]}
-
-
+# ---- progress log, checkpoints -----------------------------------------------------------
 class LossCsv(TrainerCallback):
     """Loss per optimizer step -> CSV, one row per step, appended as training goes.
 
@@ -158,8 +89,6 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def check_checkpoint(ckpt: Path) -> None:
     """Refuse a damaged checkpoint with one line instead of a traceback deep inside the Trainer."""
-    from safetensors import safe_open
-
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
         with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:
@@ -209,51 +138,6 @@ def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> 
     return wanted
 
 
-def lora_layers(spec, plan: Plan, num_layers: int) -> list[int] | None:
-    """Layers to adapt: 'all' (None), 'from_plan' (first grouped layer to the last), or a list of indices.
-
-    'from_plan' leaves the layers before the first group frozen: teacher and student compute them
-    identically, and the backward pass then stops at the first group (about a third less work
-    for S12 on a 30-layer model).
-    """
-    if spec in (None, "all"):
-        return None
-    if spec == "from_plan":
-        return list(range(plan.groups[0][0], num_layers))
-    if isinstance(spec, str) or not all(isinstance(i, int) and 0 <= i < num_layers for i in spec):
-        raise CqilError(f"lora.layers={spec!r} must be all, from_plan or a list of 0-based layer indices "
-                        f"below {num_layers}")
-    return list(spec)
-
-
-def add_lora(model, lora_cfg: dict, layers: list[int] | None = None):
-    """Wrap `model` in a peft LoRA model (the plan keeps working: peft only swaps Linear modules)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
-                        target_modules=list(lora_cfg["target_modules"]), bias="none", task_type="CAUSAL_LM",
-                        layers_to_transform=layers)
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise CqilError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}; check lora.target_modules "
-                        "(e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) and lora.layers") from None
-
-
-def training_args(cfg: DictConfig, ckpt_dir: Path) -> TrainingArguments:
-    t = cfg.train
-    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
-    bf16 = (on_gpu and torch.cuda.is_bf16_supported()) if t.bf16 == "auto" else bool(t.bf16)
-    return TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.schedule,
-        warmup_steps=t.warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
-        data_seed=t.seed, bf16=bf16, use_cpu=not on_gpu, logging_steps=1, save_strategy="steps",
-        save_steps=t.save_steps, save_total_limit=t.save_total_limit, report_to=[], disable_tqdm=False,
-        remove_unused_columns=False, label_names=[], dataloader_drop_last=True, ddp_find_unused_parameters=False,
-        ddp_timeout=t.ddp_timeout)
-
-
 def peak_memory_mb() -> dict:
     """Peak resident memory of this process (and peak GPU memory allocated, if any), MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -266,35 +150,31 @@ def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
     """Fine-tune, save adapter + merged model, report held-out perplexities. Returns the result row (rank 0)."""
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    if cfg.loss.kind not in LOSS_KINDS:
-        raise CqilError(f"loss.kind={cfg.loss.kind!r} is not one of {', '.join(LOSS_KINDS)}")
-    if cfg.train.max_steps < 1 or cfg.train.save_steps < 1:
-        raise CqilError("train.max_steps and train.save_steps must be >= 1")
+    if cfg.train.save_steps < 1:
+        raise CqilError(f"train.save_steps={cfg.train.save_steps} must be >= 1")
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     plan = choose_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
-    train_blocks = data.token_blocks(data_cfg, tokenizer, "training", cfg.train.train_tokens)
-    eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens)
-    set_seed(cfg.train.seed)  # the LoRA A matrices are drawn at random: same seed, same run
-    layers = lora_layers(OmegaConf.to_object(cfg.lora).get("layers"), plan, model.config.num_hidden_layers)
-    model = add_lora(model, OmegaConf.to_object(cfg.lora), layers)
+    block = cfg.train.block_size
+    train_blocks = data.token_blocks(data_cfg, tokenizer, "training", cfg.train.train_tokens, block, "train.train_tokens")
+    eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")
 
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     resume = last_checkpoint(ckpt_dir)
-    fingerprint = {"model": cfg.model.path, "plan": plan.to_dict(), "lora": OmegaConf.to_object(cfg.lora),
-                   "loss": OmegaConf.to_object(cfg.loss), "batch_size": cfg.train.batch_size,
-                   "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed,
-                   "data": OmegaConf.to_object(cfg.data)}
+    recipe = {k: OmegaConf.to_object(cfg[k]) for k in ("lora", "loss", "train")}
+    fingerprint = {"model": cfg.model.path, "plan": plan.to_dict(), "lora": recipe["lora"], "loss": recipe["loss"],
+                   "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed,
+                   "block_size": block, "data": OmegaConf.to_object(cfg.data)}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
 
-    args = training_args(cfg, ckpt_dir)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * args.world_size * data_cfg.block_size
-    device = str(args.device)
-    columns = {"model": cfg.model.name, "plan": plan.describe(), "data": f"{data_cfg.name}/training",
-               "loss_kind": cfg.loss.kind, **provenance(device)}
-    trainer = DistillTrainer(model=model, args=args, train_dataset=Blocks(train_blocks),
-                             callbacks=[LossCsv(cfg.loss_csv, tokens_per_step, columns), *callbacks],
-                             loss_kind=cfg.loss.kind, temperature=cfg.loss.temperature, kl_weight=cfg.loss.kl_weight)
+    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
+    trainer = make_trainer(model, plan, train_blocks, recipe, ckpt_dir, on_gpu, callbacks=callbacks,
+                           save_strategy="steps", save_steps=cfg.train.save_steps,
+                           save_total_limit=cfg.train.save_total_limit, ddp_timeout=cfg.train.ddp_timeout)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size * block
+    columns = {"model": cfg.model.name, **plan_columns(plan), "data": f"{data_cfg.name}/training",
+               "recipe": cfg.recipe_name, "loss_kind": cfg.loss.kind, **provenance(str(trainer.args.device))}
+    trainer.add_callback(LossCsv(cfg.loss_csv, tokens_per_step, columns))
     if resume is not None:
         print(f"resuming from {resume}")
     start = time.perf_counter()
@@ -305,7 +185,7 @@ def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
     return report(cfg, trainer.model, tokenizer, plan, eval_blocks, columns, {
         "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
         "train_tokens": trainer.state.global_step * tokens_per_step, "train_blocks_available": len(train_blocks),
-        "block_size": data_cfg.block_size, "train_seconds": round(train_seconds, 1)}, started)
+        "block_size": block, "ppl_window": data_cfg.block_size, "train_seconds": round(train_seconds, 1)}, started)
 
 
 def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Tensor, columns: dict,
@@ -328,8 +208,8 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Ten
     merged = save_converted(model.merge_and_unload(), tokenizer, out_dir / "merged")
 
     gap = ppl_converted - ppl_original
-    row = {"model": cfg.model.name, "plan": plan.describe(), "data": f"{cfg.data.name}/evaluation",
-           "eval_tokens": eval_blocks.numel(), **training, "loss_kind": cfg.loss.kind,
+    row = {"model": cfg.model.name, **plan_columns(plan), "data": f"{cfg.data.name}/evaluation",
+           "eval_tokens": eval_blocks.numel(), **training, "recipe": cfg.recipe_name, "loss_kind": cfg.loss.kind,
            "temperature": cfg.loss.temperature, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
            "lora_targets": ",".join(cfg.lora.target_modules),
            "lora_layers": cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers)),
@@ -338,11 +218,11 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Ten
            "ppl_original": ppl_original, "ppl_converted": ppl_converted, "ppl_finetuned": ppl_finetuned,
            "gap_recovered": (ppl_converted - ppl_finetuned) / gap if gap > 0 else float("nan"),
            "wall_seconds": round(time.perf_counter() - started, 1), **peak_memory_mb(),
-           "adapter": str(adapter), "merged": str(merged),
-           **{k: v for k, v in columns.items() if k not in ("model", "plan", "data", "loss_kind")}}
+           "adapter": str(adapter), "merged": str(merged)}
+    row |= {k: v for k, v in columns.items() if k not in row}  # provenance
     # one row per setting: different tries stay side by side, rerunning the same one replaces its row
-    upsert_csv([row], cfg.out, ["model", "plan", "data", "steps", "block_size", "loss_kind", "lora_r", "lora_layers",
-                                "lr", "seed"])
+    upsert_csv([row], cfg.out, ["model", "plan", "data", "steps", "block_size", "recipe", "loss_kind", "lora_r",
+                                "lora_layers", "lr", "seed"])
     print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
           f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation):")

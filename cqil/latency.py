@@ -37,7 +37,6 @@ broadcast beta = bus_bw, bypass all-gather beta = bus_bw / (P-1). Figures: conf/
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,9 +46,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
-from .plan import Plan, PlanError
-from .plots import BENCH_BASELINE as ORIGINAL, latency_projection, latency_validation
-from .results import provenance, read_csv, write_csv
+from .plan import Plan
+from .cli import conf_dir
+from .plots import latency_projection, latency_validation
+from .results import BENCH_BASELINE as ORIGINAL, plan_of, provenance, read_csv, write_csv
 
 PHASES = ("prefill", "decode")
 
@@ -115,7 +115,7 @@ def original(n: int, c: Costs) -> float:
 
 
 # ---- calibration and validation on measured CPU runs ---------------------------------------------
-COLUMNS = ["plan", "n_layers", "devices", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "comm",
+COLUMNS = ["plan", "plan_json", "n_layers", "devices", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "comm",
            "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms", "allreduce_ms",
            "broadcast_ms", "comm_bytes"]
 
@@ -143,15 +143,6 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
                             f"rerun `{bench_command(path)}`")
         frames.append(df.assign(source=path))
     return pd.concat(frames, ignore_index=True)
-
-
-def plan_from_name(name: str, n: int) -> Plan:
-    """The plan of a result row from its describe() name ('S12 E24 P2 D0' or 'groups [[..]] D1')."""
-    if m := re.fullmatch(r"S(\d+) E(\d+) P(\d+) D(\d+)", name):
-        return Plan.from_range(int(m[1]), int(m[2]), int(m[3]), int(m[4]), n)
-    if m := re.fullmatch(r"groups (\[.*\]) D(\d+)", name):
-        return Plan(tuple(map(tuple, json.loads(m[1]))), int(m[2])).validate(n)
-    raise PlanError(f"cannot read the plan {name!r} of a bench row; expected 'S.. E.. P.. D..' or 'groups [..] D..'")
 
 
 def fit_comm(nbytes: np.ndarray, ms: np.ndarray) -> Comm:
@@ -195,7 +186,7 @@ def row_costs(r, fits: dict) -> Costs:
 
 
 def with_terms(rows: pd.DataFrame, fits: dict) -> pd.DataFrame:
-    plans = [plan_from_name(r.plan, int(r.n_layers)) for r in rows.itertuples()]
+    plans = [plan_of(r).validate(int(r.n_layers)) for r in rows.itertuples()]
     terms = [split(p, int(r.n_layers), row_costs(r, fits), r.lm_head, r.ungrouped) for p, r in zip(plans, rows.itertuples())]
     return rows.assign(fixed_ms=[t[0] for t in terms], concurrent_ms=[t[1] for t in terms],
                        n_groups=[len(p.groups) for p in plans])
@@ -297,7 +288,6 @@ class Hardware:
 def hardware(spec: str | dict) -> Hardware:
     """A device: a name of conf/hardware/<name>.yaml, or the figures themselves as a dict."""
     if isinstance(spec, str):
-        from .cli import conf_dir
         path = conf_dir() / "hardware" / f"{spec}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from . import CqilError  # noqa: E402
-from .results import read_csv  # noqa: E402
+from .results import BENCH_BASELINE, read_csv  # noqa: E402
 
 
 def _save(fig: plt.Figure, out: str | Path) -> Path:
@@ -141,9 +141,6 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out)
-
-
-BENCH_BASELINE = "original, 1 device"  # setup (a) of cqil bench: what reductions are measured against
 
 
 def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:

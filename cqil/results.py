@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import shlex
 import sys
@@ -12,6 +13,9 @@ import torch
 import transformers
 
 from . import CqilError, __version__
+from .plan import Plan
+
+BENCH_BASELINE = "original, 1 device"  # setup (a) of cqil bench: what latency reductions are measured against
 
 
 def command() -> str:
@@ -30,6 +34,24 @@ def provenance(device: str = "cpu") -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command(),
     }
+
+
+def plan_columns(plan: Plan, num_layers: int | None = None) -> dict:
+    """The columns that name a plan in every results table: `plan` (its short name, for people) and
+    `plan_json` (what `Plan.from_dict(json.loads(...))` reads back: no table is parsed by regex);
+    with num_layers also its ideal latency reduction g(P-1)/n."""
+    cols = {"plan": plan.describe(), "plan_json": json.dumps(plan.to_dict(), separators=(",", ":"))}
+    if num_layers is not None:
+        cols["ideal_latency_reduction"] = round(plan.ideal_latency_reduction(num_layers), 4)
+    return cols
+
+
+def plan_of(row) -> Plan:
+    """The plan of a results row (a dict, a pandas row or namedtuple with `plan_json`)."""
+    text = row["plan_json"] if isinstance(row, dict) else getattr(row, "plan_json", None)
+    if not isinstance(text, str):
+        raise CqilError("this results table has no plan_json column (made by an older cqil); rerun the job that wrote it")
+    return Plan.from_dict(json.loads(text))
 
 
 def write_csv(rows: pd.DataFrame | list[dict], path: str | Path) -> Path:

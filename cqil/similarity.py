@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
-    blocks = data.token_blocks(data_cfg, tokenizer, "calibration", cfg.n_tokens)
+    blocks = data.token_blocks(data_cfg, tokenizer, "calibration", cfg.n_tokens, what="n_tokens")
     start = time.perf_counter()
     table = layer_similarity(model, blocks, cfg.batch_size)
     seconds = time.perf_counter() - start

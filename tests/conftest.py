@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from cqil import cli, models, similarity
+
 VOCAB = 97
 
 
@@ -78,3 +80,30 @@ def tiny_checkpoint(tmp_path: Path) -> dict:
         path.write_text(text)
         files.append(str(path))
     return {"model": str(model_dir), "files": files}
+
+
+# ---- jobs on the tiny checkpoint -------------------------------------------------------------
+def overrides(ckpt: dict, tmp_path, *extra: str) -> list[str]:
+    """Point a job at the tiny checkpoint, its text files and tmp_path (block size 64)."""
+    files = ",".join(f"'{f}'" for f in ckpt["files"])
+    return [f"model.path={ckpt['model']}", "model.name=tiny", f"data.files=[{files}]", "data.name=tiny",
+            "data.block_size=64", *extra]
+
+
+@pytest.fixture
+def analyzed(tiny_checkpoint, tmp_path) -> dict:
+    """tiny_checkpoint plus a real `cqil analyze` CSV of it."""
+    csv = tmp_path / "similarity.csv"
+    similarity.run(cli.compose("analyze", overrides(tiny_checkpoint, tmp_path, "n_tokens=256", f"out={csv}")))
+    return {**tiny_checkpoint, "similarity": str(csv)}
+
+
+def auto_overrides(ckpt: dict, tmp_path, *extra: str) -> list[str]:
+    return overrides(ckpt, tmp_path, "plan=auto", f"plan.similarity_csv={ckpt['similarity']}",
+                     "plan.calibration_tokens=256", f"plan.table={tmp_path}/candidates.csv",
+                     f"plan.out={tmp_path}/plan.json", "plan.min_similarity=-1", *extra)
+
+
+def model_and_tokenizer(ckpt: dict):
+    """(model, tokenizer) of a tiny checkpoint, loaded as the jobs load it."""
+    return models.load({"name": "tiny", "path": ckpt["model"]})

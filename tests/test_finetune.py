@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, finetune, models, plots
+from cqil import CqilError, distill, finetune, models, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -53,7 +53,8 @@ def cfg_for_overrides(root, out, *overrides) -> list[str]:
     """Overrides that point the finetune job at the tiny model and text, with a short schedule."""
     return [
         f"model.path={root / 'model'}", "model.name=tiny", "data=local", f"data.files=[{root / 'text.txt'}]",
-        "data.block_size=16", "threads=1", "plan.start=1", "plan.end=5", "plan.group_size=2", "plan.bypass=1",
+        "data.block_size=16", "train.block_size=16", "threads=1", "plan.start=1", "plan.end=5", "plan.group_size=2",
+        "plan.bypass=1",
         "lora.r=4", "lora.alpha=8", "train.max_steps=8", "train.batch_size=16", "train.lr=1e-2",
         "train.warmup=0", "train.schedule=constant", "train.save_steps=2", "eval_tokens=256",
         f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides]
@@ -74,8 +75,8 @@ class Probe(TrainerCallback):
         was = model.training
         model.eval()
         with torch.no_grad():
-            self.kl[when] = finetune.distill_loss(model(input_ids=self.ids).logits,
-                                                  finetune.teacher_logits(model, self.ids)).item()
+            self.kl[when] = distill.distill_loss(model(input_ids=self.ids).logits,
+                                                  distill.teacher_logits(model, self.ids)).item()
             if when == "after":
                 self.logits = model(input_ids=self.ids).logits
         model.train(was)
@@ -124,7 +125,7 @@ def test_teacher_is_exactly_the_original_model(tiny_dir):
     student = get_peft_model(base_model(tiny_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                               init_lora_weights=False))
     student.train()
-    teacher = finetune.teacher_logits(student, ids)
+    teacher = distill.teacher_logits(student, ids)
     assert torch.equal(teacher, original)
     assert student.training  # restored
     with torch.no_grad():
@@ -156,11 +157,11 @@ def test_loss_curve_figure_is_drawn_from_the_csv(trained, tmp_path):
 
 
 def test_lora_layers():
-    assert finetune.lora_layers("all", PLAN, 6) is None
-    assert finetune.lora_layers("from_plan", PLAN, 6) == [1, 2, 3, 4, 5]
-    assert finetune.lora_layers([0, 5], PLAN, 6) == [0, 5]
+    assert distill.lora_layers("all", PLAN, 6) is None
+    assert distill.lora_layers("from_plan", PLAN, 6) == [1, 2, 3, 4, 5]
+    assert distill.lora_layers([0, 5], PLAN, 6) == [0, 5]
     with pytest.raises(CqilError, match="lora.layers"):
-        finetune.lora_layers([6], PLAN, 6)
+        distill.lora_layers([6], PLAN, 6)
 
 
 def test_saved_adapter_and_merged_model_reproduce_the_finetuned_logits(tiny_dir, trained):

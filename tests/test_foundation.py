@@ -64,14 +64,24 @@ def test_splits_are_disjoint_and_cover_documents(tmp_path):
     cfg = data.DataConfig(name="t", files=files, block_size=10, calibration_fraction=0.2, evaluation_fraction=0.1)
     tok = CharTokenizer()
     seen = {s: {tuple(b.tolist()) for b in data.token_blocks(cfg, tok, s)} for s in data.SPLITS}
-    # Block positions: identify each block by (document, index) via ranges, then check disjointness.
-    for k, f in enumerate(files):
-        n = len(open(f).read()) // 10
+    # Splits are token ranges of each document: disjoint, covering it, of the configured fractions.
+    for f in files:
+        n = len(open(f).read())
         r = data.split_ranges(n, cfg)
         ids = [set(r[s]) for s in data.SPLITS]
         assert ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2]) and ids[0].isdisjoint(ids[2])
         assert set().union(*ids) == set(range(n))
         assert len(r["calibration"]) == int(0.2 * n) and len(r["evaluation"]) == int(0.1 * n)
+    # Any window length keeps them disjoint: the fine-tune's short blocks never reach held-out text.
+    # (A tokenizer whose ids are positions: document k's i-th character is token 10_000 k + i.)
+    texts = [open(f).read() for f in files]
+
+    def positions(text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [10_000 * texts.index(text) + i for i in range(len(text))]})()
+    short = set(data.token_blocks(cfg, positions, "training", block_size=7).flatten().tolist())
+    held_out = set(data.token_blocks(cfg, positions, "evaluation").flatten().tolist())
+    calibration = set(data.token_blocks(cfg, positions, "calibration", block_size=3).flatten().tolist())
+    assert short and held_out and calibration and not short & held_out and not calibration & (short | held_out)
     total = sum(len(v) for v in seen.values())
     assert total == len(set().union(*seen.values()))  # no block content shared across splits
     capped = data.token_blocks(cfg, tok, "training", max_tokens=30)
@@ -89,9 +99,14 @@ def test_data_errors_are_clear(tmp_path):
     with pytest.raises(CqilError, match="no 'text' field"):
         data.token_blocks(data.DataConfig(name="x", files=[str(tmp_path / "a.jsonl")]), tok, "training")
     (tmp_path / "b.txt").write_text("x" * 100)
-    with pytest.raises(CqilError, match="asked for"):
+    with pytest.raises(CqilError, match="asks for more training tokens"):
         data.token_blocks(data.DataConfig(name="x", files=[str(tmp_path / "b.txt")], block_size=10), tok,
                           "training", max_tokens=10_000)
+    # a token count is used exactly or refused with the nearest valid values, never rounded silently
+    for bad, hint in ((25, "use 20 or 30"), (0, "use 10 or 20"), (-10, "use 10 or 20"), (5, "use 10 or 20")):
+        with pytest.raises(CqilError, match=f"eval_tokens={bad} must be a positive multiple of the block size 10; {hint}"):
+            data.token_blocks(data.DataConfig(name="x", files=[str(tmp_path / "b.txt")], block_size=10), tok,
+                              "training", max_tokens=bad, what="eval_tokens")
 
 
 def test_model_errors_are_clear(tmp_path):

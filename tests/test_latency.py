@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
-from test_convert import _model_and_tokenizer, analyzed, auto_overrides  # noqa: F401 (analyzed is a fixture)
+from conftest import auto_overrides, model_and_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cqil import cli, convert, latency
+from cqil import cli, latency, planning
 from cqil.latency import Comm, Costs, Shape
 from cqil.plan import Plan
+from cqil.results import plan_columns
 
 VARIANTS = [("sharded", "rank0"), ("replicated", "rank0"), ("replicated", "replicated"), ("sharded", "replicated")]
 NO_COMM = Comm(0.0, float("inf"))
@@ -43,7 +44,7 @@ def test_broadcasts_follow_the_runtime():
     assert latency.split(plan, n, c, "sharded", "replicated") == (0.0, 0.0)
 
 
-def synthetic_bench(plan_name: str, kappa: dict, comms: dict, n: int = 30, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+def synthetic_bench(plan: Plan, kappa: dict, comms: dict, n: int = 30, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
     """A `cqil bench`-like table whose latencies follow the model exactly (times a relative noise)."""
     rng = np.random.default_rng(seed)
     H, P, rows = 576, 2, []
@@ -51,12 +52,11 @@ def synthetic_bench(plan_name: str, kappa: dict, comms: dict, n: int = 30, noise
     def jitter() -> float:
         return 1 + noise * rng.standard_normal()
 
-    plan = latency.plan_from_name(plan_name, n)
     for phase, T, B in itertools.product(("prefill", "decode"), (32, 128), (1, 4)):
         tokens = T if phase == "prefill" else 1
         parts = {"layer_ms": 0.05 + 0.01 * B * tokens, "head_ms": 0.3 + 0.002 * B, "rest_ms": 0.2 + 0.001 * B * tokens}
         nbytes = B * tokens * H * 4
-        common = {"model": "synthetic", "plan": plan_name, "n_layers": n, "devices": P, "phase": phase,
+        common = {"model": "synthetic", **plan_columns(plan), "n_layers": n, "devices": P, "phase": phase,
                   "prompt_tokens": T, "batch_size": B, "hidden_size": H, "dtype_bytes": 4, "comm_bytes": nbytes, **parts}
         c0 = Costs(parts["rest_ms"], parts["layer_ms"], parts["head_ms"], parts["head_ms"] / P, NO_COMM, NO_COMM,
                    NO_COMM, nbytes, B)
@@ -69,27 +69,28 @@ def synthetic_bench(plan_name: str, kappa: dict, comms: dict, n: int = 30, noise
                 rows.append({**common, "setup": f"cqil ({comm}, head {lm_head}, ungrouped {ungrouped})",
                              "median_ms": t * jitter(), "comm": comm, "lm_head": lm_head, "ungrouped": ungrouped,
                              "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
-    return pd.DataFrame(rows).assign(source=f"{plan_name}.csv")
+    return pd.DataFrame(rows).assign(source=f"{plan.tag()}.csv")
 
 
 KAPPA = {"prefill": 1.07, "decode": 1.21}
+S12E24, S24E28 = Plan.from_range(12, 24, 2, 0, 30), Plan.from_range(24, 28, 2, 0, 30)
 COMMS = {"shm": (Comm(0.004, 2e6), Comm(0.003, 4e6)), "torch": (Comm(0.3, 4e5), Comm(0.2, 5e5))}
 
 
 def test_fit_recovers_known_parameters():
-    fits, kappa = latency.calibrate(synthetic_bench("S12 E24 P2 D0", KAPPA, COMMS))
+    fits, kappa = latency.calibrate(synthetic_bench(S12E24, KAPPA, COMMS))
     assert kappa == pytest.approx(KAPPA, rel=1e-9)
     for comm, (ar, bc) in COMMS.items():
         for op, true in (("allreduce", ar), ("broadcast", bc)):
             assert fits[comm, op].alpha == pytest.approx(true.alpha, rel=1e-6)
             assert fits[comm, op].beta == pytest.approx(true.beta, rel=1e-6)
     # another plan is predicted exactly from those fits
-    val = latency.validate({"validation": synthetic_bench("S24 E28 P2 D0", KAPPA, COMMS)}, fits, kappa)
+    val = latency.validate({"validation": synthetic_bench(S24E28, KAPPA, COMMS)}, fits, kappa)
     assert len(val) == 8 * 2 * 3 and val.error_pct.abs().max() < 1e-6
     # with 3% measurement noise the fit stays close and so do the predictions
-    fits, kappa = latency.calibrate(synthetic_bench("S12 E24 P2 D0", KAPPA, COMMS, noise=0.03, seed=1))
+    fits, kappa = latency.calibrate(synthetic_bench(S12E24, KAPPA, COMMS, noise=0.03, seed=1))
     assert kappa == pytest.approx(KAPPA, rel=0.03)
-    val = latency.validate({"validation": synthetic_bench("S24 E28 P2 D0", KAPPA, COMMS, noise=0.03, seed=2)}, fits, kappa)
+    val = latency.validate({"validation": synthetic_bench(S24E28, KAPPA, COMMS, noise=0.03, seed=2)}, fits, kappa)
     assert val.error_pct.abs().mean() < 6
 
 
@@ -123,19 +124,19 @@ def test_projection_has_the_papers_7b_plans():
     assert {"peak_flops", "bus_bw", "flops_eff", "layer_overhead_s"} <= set(proj.columns)
 
 
-def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, capsys):
     """A huge all-reduce latency makes every group expensive: one group of 4 beats three groups of 2
     with the same ideal reduction; rank_by=ideal keeps the ideal ranking."""
-    monkeypatch.setattr(convert, "plan_perplexities", lambda model, blocks, plans, batch_size=4, desc="": [10.0] * len(plans))
-    model, tokenizer = _model_and_tokenizer(analyzed)
+    monkeypatch.setattr(planning, "plan_perplexities", lambda model, blocks, plans, batch_size=4, desc="": [10.0] * len(plans))
+    model, tokenizer = model_and_tokenizer(analyzed)
     cfg = cli.compose("convert", auto_overrides(analyzed, tmp_path, "plan.max_ppl_ratio=1.5"))
     plan_cfg = OmegaConf.to_container(cfg.plan, resolve=True)
-    ideal = convert.choose_plan(plan_cfg, model, tokenizer, cfg.data)
+    ideal = planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
     assert ideal.plan.describe() == "S1 E7 P3 D0" and "predicted_reduction" not in ideal.table  # 4/8 of the layers
 
     slow = {**latency.hardware("a100").__dict__, "comm_alpha_s": 1.0}
     plan_cfg.update(rank_by="latency", latency={**plan_cfg["latency"], "hardware": slow})
-    choice = convert.choose_plan(plan_cfg, model, tokenizer, cfg.data)
+    choice = planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
     t = choice.table.set_index("plan")
     assert t.loc["S1 E7 P2 D0"].ideal_latency_reduction == t.loc["S1 E5 P4 D0"].ideal_latency_reduction
     assert t.loc["S1 E5 P4 D0"].predicted_reduction > t.loc["S1 E7 P2 D0"].predicted_reduction
@@ -144,13 +145,13 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
 
     plan_cfg["rank_by"] = "fastest"
     with pytest.raises(Exception, match="rank_by='fastest' is not one of ideal, latency"):
-        convert.choose_plan(plan_cfg, model, tokenizer, cfg.data)
+        planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
 
 
 def test_job_end_to_end(tmp_path, capsys):
     cal, val = tmp_path / "cal_S12E24P2D0.csv", tmp_path / "val_S24E28P2D0.csv"
-    synthetic_bench("S12 E24 P2 D0", KAPPA, COMMS, noise=0.02).drop(columns="source").to_csv(cal, index=False)
-    synthetic_bench("S24 E28 P2 D0", KAPPA, COMMS, noise=0.02, seed=3).drop(columns="source").to_csv(val, index=False)
+    synthetic_bench(S12E24, KAPPA, COMMS, noise=0.02).drop(columns="source").to_csv(cal, index=False)
+    synthetic_bench(S24E28, KAPPA, COMMS, noise=0.02, seed=3).drop(columns="source").to_csv(val, index=False)
     outs = [f"validation_out={tmp_path}/v.csv", f"params_out={tmp_path}/p.csv", f"validation_png={tmp_path}/v.png",
             f"projection_out={tmp_path}/proj.csv", f"projection_png={tmp_path}/proj.png"]
     cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{val}]", *outs])

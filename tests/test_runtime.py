@@ -326,8 +326,7 @@ def bundled_model_installed() -> bool:
 def test_bench_cli_end_to_end(tmp_path):
     """`cqil bench` launches torchrun itself and writes one row per setup, phase and shape, plus a figure;
     every setup has its own rank-local weights (TP after CQIL on the same ranks: no re-sharding)."""
-    from cqil.plots import BENCH_BASELINE
-    from cqil.results import read_csv
+    from cqil.results import BENCH_BASELINE, read_csv
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",

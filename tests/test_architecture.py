@@ -1,0 +1,80 @@
+"""The module structure: no import cycles among cqil/ modules (imports inside functions count too), and no
+job module imports another (shared logic lives in library modules: planning, metrics, distill, ...)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "cqil"
+# Modules that exist to run one job (cqil.cli names them); their logic is theirs alone. plots and latency
+# also serve `cqil plot` / `cqil latency`, but they are libraries first (figures; the latency model).
+JOB_MODULES = {"convert", "finetune", "bench", "evaluate", "similarity"}
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """cqil modules that `path` imports anywhere in its body (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 1:  # from .x import ..., from . import x
+                names = [parts[0]] if node.module else [a.name for a in node.names]
+            elif parts[0] == "cqil":  # from cqil.x import ..., from cqil import x
+                names = parts[1:2] if len(parts) > 1 else [a.name for a in node.names]
+            else:
+                continue
+            found |= {n for n in names if n in modules}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names
+                      if a.name.startswith("cqil.") and a.name.split(".")[1] in modules}
+    return found
+
+
+def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    return {m: imports(package / f"{m}.py", modules) - {m} for m in modules}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(u: str) -> list[str] | None:
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(g[u]):
+            if state.get(v) == 1:
+                return stack[stack.index(v):] + [v]
+            if not state.get(v) and (cycle := visit(v)):
+                return cycle
+        stack.pop()
+        state[u] = 2
+        return None
+
+    for m in sorted(g):
+        if not state.get(m) and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()))
+
+
+def test_no_module_imports_a_job_module():
+    offenders = {m: sorted(deps & JOB_MODULES) for m, deps in graph().items() if deps & JOB_MODULES}
+    assert not offenders, f"job modules imported by other modules: {offenders}"
+
+
+@pytest.mark.parametrize("source, cycle", [
+    ({"a": "from .b import x", "b": "def f():\n    from .a import y"}, ["a", "b", "a"]),  # a lazy import counts
+    ({"a": "from cqil import b", "b": "import cqil.c", "c": "from cqil.a import z"}, ["a", "b", "c", "a"]),
+    ({"a": "from .b import x", "b": "import os"}, None),
+])
+def test_the_cycle_check_sees_lazy_and_absolute_imports(tmp_path, source, cycle):
+    for name, text in source.items():
+        (tmp_path / f"{name}.py").write_text(text + "\n")
+    assert find_cycle(graph(tmp_path)) == cycle
