@@ -10,22 +10,23 @@ reads from the checkpoint only what each rank runs; `build_setups`):
                                once per variant in `tensor_parallel` (same LM head treatments as CQIL)
       original, N threads      CPU: one process with the threads of all N ranks
 Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
-rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA rank_peak_gpu_mb_max (the
-largest rank's whole bench process: all the setups it holds at once, plus activations).
+rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA
+rank_peak_gpu_mb_max (the largest rank's whole bench process: all the setups it holds at once, plus
+activations); mesh_p, mesh_t: the setup's mesh.
 
 Protocol: `warmup` untimed rounds, then `repeats` timed rounds; a round runs every setup once,
 in turn, so slow drift of the machine hits all setups alike. A run is the prefill of the prompt
 (time to first token, TTFT, includes choosing that token) followed by `new_tokens` greedy decode
 steps (time per output token, TPOT, each step timed). Reported: median and p90 over runs (TTFT)
 or over all timed steps (TPOT), the latency reduction of every setup against (a) (medians), and
-for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
-alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
+for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and the
+threads baseline alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
 
 Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
-the head + argmax, and the rest); for every CQIL setup, rank0_*_ms, where member 0 spends its time
-(layers outside groups, its group members, inside collectives including waiting, head, rest), and
-allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) alone.
+the head + argmax, and the rest); for every multi-process setup, rank0_*_ms, where rank 0 spends its
+time (layers outside groups, its group members, inside collectives including waiting, head, rest), and
+allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) over all ranks.
 
 `cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
 itself; starting that torchrun line directly works the same.
@@ -145,7 +146,7 @@ def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
 def worker(cfg: DictConfig) -> None:
     """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
-    device = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
+    device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     lead = rank == 0
     torch.set_num_threads(cfg.threads_per_rank)
@@ -280,14 +281,14 @@ def build_setups(cfg: DictConfig, device: torch.device, control) -> Setups:
         return {"mesh_p": rt.schedule.P, "mesh_t": rt.schedule.T, "model_weight_mb": rt.model_bytes / MB,
                 "rank_weight_mb_max": max(sizes) / MB, "rank_weight_mb_min": min(sizes) / MB}
 
-    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.startup_timeout_s)
+    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.cqil:
         v = _variant(options)
         rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
         name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
         runtimes[name] = rt
         columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
-    tp_mesh = make_mesh(1, world, device, cfg.startup_timeout_s)
+    tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.tensor_parallel:
         v = _variant(options)
         rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
@@ -385,7 +386,7 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
                repeats: int = 20) -> dict[str, dict[str, float]]:
     """Median ms of one all-reduce and one broadcast of the hidden state [B, T, H] (decode: [B, 1, H]).
 
-    Every rank of the member axis calls this together (they are collectives)."""
+    Every rank of the communicator's group calls this together (they are collectives)."""
     sync = device_sync(device)
     result = {}
     for phase, tokens in (("prefill", t), ("decode", 1)):

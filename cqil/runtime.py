@@ -5,8 +5,8 @@ variant)` lists the stages; this module turns them into computations on this ran
 (`cqil bench devices=P tp=T` launches it). Backend gloo on CPU, nccl on CUDA (device cuda:LOCAL_RANK):
 one code path, only the backend and the device differ.
 
-    init_distributed(P, T, timeout_s, device_type) -> device   join the job (collective timeout: short)
-    make_mesh(P, T, device, startup_timeout_s) -> Mesh          process groups of the axes member/tp/world
+    init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
+    make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
     Runtime(checkpoint or model, plan, mesh, variant)           this rank's weights and stages
     rt.prefill / rt.decode / rt.generate / rt.forward           (every rank calls the same, in the same order)
     shutdown()                                                  destroy the process groups (call in a finally)
@@ -17,8 +17,9 @@ partial reads through cqil.models.SafetensorsReader): its members' layers (1/T o
 tensor parallelism), the ungrouped layers where the variant runs them, its vocabulary rows of the head,
 the embedding and final norm where used. Everything else stays on `meta` and never leaves disk.
 `Runtime(model, ...)` copies the same slices out of an in-memory model (tests, one-process jobs).
-After loading, every rank waits in a barrier with a long timeout (`startup_timeout_s`: ranks finish
-loading minutes apart on big models) before the first collective, whose timeout stays short.
+Timeouts: joining the job and the barrier after loading wait up to `startup_timeout_s` (ranks start
+and finish loading minutes apart on big models); the mesh's own process groups, which carry every
+collective of the forward, time out after `timeout_s` (a dead or stuck peer ends the run quickly).
 
 The computation on rank (k, t), with the layers cut as gpt-fast's tp.py cuts them (q,k,v,gate,up by
 output features, o,down by input features; the HF attention reshapes with -1, so its shard of heads
@@ -95,8 +96,11 @@ def check_world_size(devices: int, tp: int = 1) -> int:
     return world
 
 
-def init_distributed(devices: int, tp: int = 1, timeout_s: float = 60.0, device_type: str = "cpu") -> torch.device:
-    """Join the torchrun job (gloo on CPU, nccl on CUDA) and return this rank's device (cuda:LOCAL_RANK)."""
+def init_distributed(devices: int, tp: int = 1, device_type: str = "cpu", startup_timeout_s: float = 1800.0) -> torch.device:
+    """Join the torchrun job (gloo on CPU, nccl on CUDA) and return this rank's device (cuda:LOCAL_RANK).
+
+    The default process group waits up to startup_timeout_s (ranks start at different times); the
+    collectives of the forward run on make_mesh's groups, with their own short timeout."""
     check_world_size(devices, tp)
     if device_type not in BACKENDS:
         raise CqilError(f"device {device_type!r} is not supported by the runtime; use cpu or cuda")
@@ -107,7 +111,7 @@ def init_distributed(devices: int, tp: int = 1, timeout_s: float = 60.0, device_
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)  # before anything allocates: every rank on its own GPU
     if not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=startup_timeout_s))
     return device
 
 
@@ -136,19 +140,23 @@ class Mesh:
         return self.rank % self.T
 
 
-def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", startup_timeout_s: float = 1800.0) -> Mesh:
-    """The (member, tp) mesh over all ranks; every rank calls this together (it creates process groups)."""
+def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s: float = 60.0,
+              startup_timeout_s: float = 1800.0) -> Mesh:
+    """The (member, tp) mesh over all ranks, its groups with collective timeout `timeout_s`; every rank
+    calls this together (it creates process groups)."""
     world = dist.get_world_size()
     if P * T != world:
         raise CqilError(f"a {P} x {T} mesh needs {P * T} processes but the job has {world}")
+    timeout = timedelta(seconds=timeout_s)
+    whole = dist.new_group(timeout=timeout) if world > 1 else None
     layouts = {"member": [[k * T + t for k in range(P)] for t in range(T)],
                "tp": [[k * T + t for t in range(T)] for k in range(P)]}
     groups: dict[str, dist.ProcessGroup] = {}
     for axis, ranks in layouts.items():
         if len(ranks[0]) > 1:
-            groups[axis] = dist.group.WORLD if len(ranks[0]) == world else dist.new_subgroups_by_enumeration(ranks)[0]
+            groups[axis] = whole if len(ranks[0]) == world else dist.new_subgroups_by_enumeration(ranks, timeout)[0]
     if world > 1:
-        groups["world"] = dist.group.WORLD
+        groups["world"] = whole
     startup = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s)) if world > 1 else None
     return Mesh(P, T, dist.get_rank(), torch.device(device), groups, startup)
 

@@ -56,12 +56,15 @@ CASES = {
 }
 
 
-def models() -> dict:
-    """The tiny models behind the checkpoints (built again by the reference: same seeds)."""
+def model(name: str):
+    """The tiny model behind checkpoint `name` (built again by the reference: same seeds)."""
     from conftest import make_tiny_llama, make_tiny_mistral
 
-    return {"llama": make_tiny_llama(), "tied": make_tiny_llama(tied=True, seed=1, kv_heads=4),
-            "gqa3": make_tiny_llama(seed=2, heads=6, kv_heads=3), "mistral": make_tiny_mistral(4)}
+    return {"llama": lambda: make_tiny_llama(), "tied": lambda: make_tiny_llama(tied=True, seed=1, kv_heads=4),
+            "gqa3": lambda: make_tiny_llama(seed=2, heads=6, kv_heads=3), "mistral": lambda: make_tiny_mistral(4)}[name]()
+
+
+CHECKPOINTS = ("llama", "tied", "gqa3", "mistral")
 
 
 def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -85,11 +88,10 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    short = mode in ("slow start, raise", "stall")
-    init_distributed(world, 1, timeout_s=TIMEOUT_S if short else 60)
+    init_distributed(world, 1)
     try:
-        if short:  # rank 1 fails while rank 0 is inside a collective (raises, or hangs in shm)
-            mesh = make_mesh(2)
+        if mode in ("slow start, raise", "stall"):  # rank 1 fails while rank 0 is inside a collective
+            mesh = make_mesh(2, timeout_s=TIMEOUT_S)
             if mode == "slow start, raise" and rank == 1:
                 time.sleep(2 * TIMEOUT_S)  # loads much longer than a collective may wait
             rt = Runtime(str(checkpoints / "llama"), Plan(((1, 2), (3, 4))), mesh,
@@ -133,8 +135,8 @@ def torchrun(world: int, mode: str, out: Path, checkpoints: Path, timeout: float
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("checkpoints")
-    for name, model in models().items():
-        model.save_pretrained(root / name)  # safetensors: the runtime reads each rank's slices
+    for name in CHECKPOINTS:
+        model(name).save_pretrained(root / name)  # safetensors: the runtime reads each rank's slices
     return root
 
 
@@ -157,11 +159,11 @@ def reference(ckpt: str, groups, bypass, ids, mask):
 
     key = (ckpt, groups, bypass, ids.shape)
     if key not in _references:
-        model = apply_plan(models()[ckpt], Plan(groups, bypass))
-        model.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
+        grouped = apply_plan(model(ckpt), Plan(groups, bypass))
+        grouped.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
         with torch.no_grad():
-            fwd = model(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            fwd = grouped(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
+            gen = grouped.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         _references[key] = fwd, gen.sequences[:, ids.shape[1]:], torch.stack(gen.logits, 1)
     return _references[key]
@@ -191,7 +193,7 @@ def test_every_rank_holds_what_the_schedule_says(launch):
     from cqil.schedule import Variant, config_shapes, make_schedule, rank_bytes
 
     world, ranks = launch
-    configs = {name: m.config for name, m in models().items()}
+    configs = {name: model(name).config for name in CHECKPOINTS}
     for name, (w, ckpt, groups, bypass, (P, T), variant) in CASES.items():
         if w != world:
             continue
@@ -210,7 +212,7 @@ def test_one_process_runtime_equals_model(checkpoints):
     """mesh=None (the bench's one-device baseline), from a checkpoint or an in-memory model."""
     from cqil.runtime import Runtime
 
-    for source, groups, bypass in ((str(checkpoints / "llama"), (), 0), (models()["llama"], ((1, 2), (3, 4)), 1),
+    for source, groups, bypass in ((str(checkpoints / "llama"), (), 0), (model("llama"), ((1, 2), (3, 4)), 1),
                                    (str(checkpoints / "tied"), ((1, 2), (3, 4)), 1)):
         ckpt = "tied" if "tied" in str(source) else "llama"
         rt = Runtime(source, Plan(groups, bypass))
@@ -228,13 +230,13 @@ def test_sliding_window_matches_transformers(checkpoints):
     cache are transformers' (a full causal mask would differ by several logits)."""
     from cqil.runtime import Runtime
 
-    model = models()["mistral"]
-    model.generation_config.eos_token_id = None
+    mistral = model("mistral")
+    mistral.generation_config.eos_token_id = None
     rt = Runtime(str(checkpoints / "mistral"), Plan())
     for ids, mask in inputs().values():
         with torch.no_grad():
-            fwd = model(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            fwd = mistral(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
+            gen = mistral.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         real = slice(None) if mask is None else mask.bool()
         torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
