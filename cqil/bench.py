@@ -1,19 +1,25 @@
 """`cqil bench`: latency of CQIL on P devices against honest baselines, side by side in one run.
 
-Setups, for every (prompt length T, batch size B):
+Setups, for every (prompt length T, batch size B), each with its own rank-local weights (cqil.runtime
+reads from the checkpoint only what each rank runs; `build_setups`):
   (a) original, 1 device       the original model, one process (CPU: 1 thread)
-  (b) cqil (...)               the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
-                               once per runtime variant in `cqil` (collectives, LM head, where
-                               the layers outside groups run)
-  (c) original, P threads      what a user would otherwise do with the same P devices: on CPU one
-      tensor parallel, P GPUs  process with P threads; on CUDA tensor parallelism over P GPUs
+  (b) cqil (...)               the plan on a devices x tp mesh (cqil.runtime; CPU: 1 thread per rank),
+                               once per runtime variant in `cqil` (communicator, LM head, where the
+                               layers outside groups run); tp > 1: CQIL x TP
+  (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
+                               once per variant in `tensor_parallel` (same LM head treatments as CQIL)
+      original, N threads      CPU: one process with the threads of all N ranks
+Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
+rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA
+rank_peak_gpu_mb_max (the largest rank's whole bench process: all the setups it holds at once, plus
+activations); mesh_p, mesh_t: the setup's mesh.
 
 Protocol. A run is the prefill of the prompt (time to first token, TTFT, includes choosing that
 token) followed by `new_tokens` greedy decode steps (time per output token, TPOT). A round runs
 every setup once, back to back (the order rotates from round to round), so slow drift of the
 machine hits all setups of a round alike. A round's figure is its TTFT, and for decode the median
 of its steps. Warm-up rounds run until two successive rounds take the same time (within
-`warmup.tol`, at most `warmup.max` rounds); then timed rounds run, `repeats` of them or, with
+`warmup_tol`, at most `warmup_max` rounds); then timed rounds run, `repeats` of them or, with
 `repeats: auto`, until the 95% interval of the headline reduction is narrower than
 `stop.ci_width` in both phases or the time budget `stop.budget_s` runs out (the CSV says which).
 Reported per setup: the median over rounds (and p90: over rounds for TTFT, over all steps for TPOT);
@@ -21,13 +27,13 @@ the latency reduction against (a) as the median over rounds of the PAIRED reduct
 1 - setup/(a) of the same round, with a bootstrap interval resampling rounds; for CQIL its
 fraction of the plan's ideal reduction g*(P-1)/n. Each rank (and the one-process baselines) is
 pinned to its own cores where the platform allows (`pin`; recorded in the CSV). While rank 0 times
-(a) and (c) alone, the other ranks wait. Prompts are real text (the data set's evaluation split).
+(a) and the threads baseline alone, the other ranks wait. Prompts are real text (the data set's evaluation split).
 
 Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
-the head + argmax, and the rest); for every CQIL setup, rank0_*_ms, where member 0 spends its time
-(layers outside groups, its group members, inside collectives including waiting, head, rest), and
-allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) alone.
+the head + argmax, and the rest); for every multi-process setup, rank0_*_ms, where rank 0 spends its
+time (layers outside groups, its group members, inside collectives including waiting, head, rest), and
+allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) over all ranks.
 
 Failure: the bench's own waits (barriers, rank 0's decisions) go through the launcher's key-value
 store and are bounded: a peer that shows no sign of life for `timeout_s` (dead, or stopped) ends
@@ -40,17 +46,18 @@ itself; starting that torchrun line directly works the same.
 """
 from __future__ import annotations
 
-import copy
+import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -60,13 +67,17 @@ from .control import Control
 from .planning import resolve_plan
 from .plots import bench_latency
 from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, write_csv
-from .runtime import Runtime, _MemberStage, init_distributed, make_mesh, under_torchrun
+from .runtime import Runtime, init_distributed, make_mesh, shutdown, under_torchrun
+from .schedule import Variant
 
 
 def run(cfg: DictConfig) -> None:
     """Outside torchrun: launch it with this command's overrides. Inside: be one rank of the bench."""
     if under_torchrun():
-        return worker(cfg)
+        try:
+            return worker(cfg)
+        finally:
+            shutdown()
     world = cfg.devices * cfg.tp
     check_protocol(cfg)
     if cfg.devices < 2:
@@ -284,7 +295,7 @@ def worker(cfg: DictConfig) -> None:
     """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
     check_protocol(cfg)
-    mesh = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
+    device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     lead = rank == 0
     # before any thread starts: every thread inherits the pinning (the P-thread baseline widens it)
@@ -296,27 +307,8 @@ def worker(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads_per_rank)
     control = Control(cfg.timeout_s, cfg.solo_timeout_s)
 
-    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
-    plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
-    check_devices(plan, cfg.devices)
-    if max(cfg.prompt_tokens) > data_cfg.block_size:
-        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
-    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
-    prompts = prompts.to(model.device)
-
-    original = Runtime(model, Plan())
-    setups: dict[str, Runtime] = {}
-    variants: dict[str, dict] = {}  # setup -> its runtime options (CSV columns comm, lm_head, ungrouped)
-    for variant in cfg.cqil:
-        v = {"comm": "auto", "lm_head": "sharded", "ungrouped": "replicated", **variant}
-        if set(v) - {"comm", "lm_head", "ungrouped"}:
-            raise CqilError(f"bench cqil setup {dict(variant)} has unknown keys; use comm, lm_head, ungrouped")
-        rt = Runtime(model, plan, mesh, timeout_s=cfg.timeout_s, **v)
-        name = f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"
-        setups[name], variants[name] = rt, {**v, "comm": rt.comm.name}
-    if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
-        setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
+    built = build_setups(cfg, device, control)
+    original, setups, variants, plan, prompts = built.original, built.runtimes, built.columns, built.plan, built.prompts
 
     control.barrier("the start (ranks load at their own speed)", busy=True)
 
@@ -392,7 +384,7 @@ def worker(cfg: DictConfig) -> None:
             load[t, b] = other_load(start, sum(map(float, ours)))
 
         def profile_original() -> None:  # (a)'s parts: the latency model's inputs
-            n = model.config.num_hidden_layers
+            n = built.config.num_hidden_layers
             for phase, v in profile(original, ids, cfg.new_tokens, cfg.profile_runs).items():
                 parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
                                                 "rest_ms": v["rest"]}
@@ -401,20 +393,116 @@ def worker(cfg: DictConfig) -> None:
         for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
             control.barrier(f"the start of a profile of {name}")
             prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
-            comm = comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device) if rt.comm else {}
+            comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, device) if rt.comm else {}
             for phase in prof:
                 parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
-    control.barrier("the end")
+    memory = peak_memory(device, control)
     control.close()
     if not lead:
         return
     names = [ORIGINAL, *([threads_name] if device_type == "cpu" else []), *setups]
-    table = results_table(timings, protocol, load, parts, variants, names, pinning, cfg, plan, model, device_type)
+    table = results_table(timings, protocol, load, parts, variants, names, pinning, cfg, plan, built, memory,
+                          device_type)
     out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
     figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
     write_csv(table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
+
+
+MB = 2 ** 20  # the *_mb columns are MiB
+
+
+@dataclass
+class Setups:
+    """What the bench times: (a) (built on rank 0 only, else None), the multi-process setups by name, and
+    every setup's CSV columns (runtime options, mesh, memory)."""
+    original: Runtime | None
+    runtimes: dict[str, Runtime]
+    columns: dict[str, dict]
+    plan: Plan
+    config: object
+    dtype: torch.dtype
+    prompts: torch.Tensor
+
+
+def bench_plan(cfg: DictConfig, config, tokenizer, data_cfg: data.DataConfig, control: Control) -> Plan:
+    """The plan, resolved once: given plans directly; plan=auto on rank 0 (it scores candidates on the
+    whole model, loaded there alone) and broadcast to the other ranks."""
+    plan_cfg = OmegaConf.to_object(cfg.plan)
+    if plan_cfg.get("mode", "manual") != "auto":
+        return plan_from_config(plan_cfg, config.num_hidden_layers)
+    chosen = None
+    if dist.get_rank() == 0:
+        model, _ = models.load({**OmegaConf.to_object(cfg.model), "device": "cpu"})
+        chosen = json.dumps(resolve_plan(plan_cfg, model, tokenizer, data_cfg).to_dict())
+        del model
+    return Plan.from_dict(json.loads(control.decide(chosen, "rank 0 choosing plan=auto", busy=True)),
+                          config.num_hidden_layers)
+
+
+def _variant(options) -> Variant:
+    v = dict(options)
+    if set(v) - {"comm", "lm_head", "ungrouped"}:
+        raise CqilError(f"bench setup {v} has unknown keys; use comm, lm_head, ungrouped")
+    return Variant(**v)
+
+
+def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Setups:
+    """Every setup with its own rank-local weights, read from the checkpoint (nothing shared between
+    setups, nothing re-sharded): (a) the original on rank 0 alone; CQIL on the devices x tp mesh once per
+    variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`.
+    All ranks call this together."""
+    model_cfg = OmegaConf.to_object(cfg.model)
+    path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
+    config, tokenizer = models.load_config(path), models.load_tokenizer(path)
+    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
+    check_devices(plan, cfg.devices)
+    if max(cfg.prompt_tokens) > data_cfg.block_size:
+        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
+    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
+    world = dist.get_world_size()
+    runtimes: dict[str, Runtime] = {}
+    columns: dict[str, dict] = {}
+
+    def memory(rt: Runtime) -> dict:
+        sizes = control.gather(str(rt.weight_bytes()), "the weight accounting")  # on rank 0 (the CSV's), else None
+        return {"mesh_p": rt.schedule.P, "mesh_t": rt.schedule.T, "model_weight_mb": rt.model_bytes / MB,
+                **({"rank_weight_mb_max": max(map(int, sizes)) / MB, "rank_weight_mb_min": min(map(int, sizes)) / MB}
+                   if sizes else {})}
+
+    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
+    for options in cfg.cqil:
+        v = _variant(options)
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
+    tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
+    for options in cfg.tensor_parallel:
+        v = _variant(options)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)}
+    original = None
+    if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
+        original = Runtime(path, Plan(), None, Variant(), dtype, device)
+        whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
+                 "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
+        columns[ORIGINAL] = columns[f"original, {world} threads"] = whole
+    return Setups(original, runtimes, columns, plan, config, dtype, prompts.to(device))
+
+
+def peak_memory(device: torch.device, control: Control) -> dict:
+    """Peak RSS (on CUDA also peak GPU memory) of the largest rank's bench process, MiB: every setup that
+    process holds together, plus activations. All ranks call this together."""
+    mine = {"rank_peak_rss_mb_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}  # Linux: KiB
+    if device.type == "cuda":
+        mine["rank_peak_gpu_mb_max"] = torch.cuda.max_memory_allocated(device) / MB
+    everyone = control.gather(json.dumps(mine), "the peak memory")  # on rank 0 (the CSV's), else None
+    return {k: max(json.loads(e)[k] for e in everyone) for k in mine} if everyone else {}
 
 
 def profile(rt: Runtime, ids: torch.Tensor, new_tokens: int, runs: int) -> dict[str, dict[str, float]]:
@@ -450,15 +538,13 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
                     children[-1] += dt
         return wrapper
 
-    def kind(stage) -> str | None:
-        if isinstance(stage, nn.Module):
-            return "ungrouped"
-        return "group" if isinstance(stage, _MemberStage) else None  # a broadcast stage: its collective is timed
+    def kind(stage) -> str | None:  # a state stage is a broadcast: its collective is timed
+        return {"ungrouped": "ungrouped", "group": "group"}.get(getattr(stage, "kind", None))
 
-    stages, comm = rt.stages, rt.comm
+    stages, comms = rt.stages, list({id(c): c for c in rt.comms.values()}.values())
     rt.stages = [timed(k, s) if (k := kind(s)) else s for s in stages]
     rt.greedy = timed("head", rt.greedy)
-    if comm is not None:
+    for comm in comms:
         for op in ("all_reduce_", "broadcast_", "all_gather"):
             setattr(comm, op, timed("collective", getattr(comm, op)))
     try:
@@ -481,7 +567,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
     finally:  # back to the class's methods
         rt.stages = stages
         del rt.greedy
-        if comm is not None:
+        for comm in comms:
             for op in ("all_reduce_", "broadcast_", "all_gather"):
                 delattr(comm, op)
 
@@ -490,7 +576,7 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
                repeats: int = 20) -> dict[str, dict[str, float]]:
     """Median ms of one all-reduce and one broadcast of the hidden state [B, T, H] (decode: [B, 1, H]).
 
-    Every rank of the member axis calls this together (they are collectives)."""
+    Every rank of the communicator's group calls this together (they are collectives)."""
     sync = device_sync(device)
     result = {}
     for phase, tokens in (("prefill", t), ("decode", 1)):
@@ -510,15 +596,16 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
 
 
 def results_table(timings: dict, protocol: dict, load: dict, parts: dict, variants: dict, names: list[str],
-                  pinning: str, cfg: DictConfig, plan: Plan, model: torch.nn.Module, device_type: str) -> pd.DataFrame:
+                  pinning: str, cfg: DictConfig, plan: Plan, built: "Setups", memory: dict,
+                  device_type: str) -> pd.DataFrame:
     """One row per (setup, phase, T, B): median over rounds (its interval), p90, the paired reduction
     against (a) (median over rounds, its interval), fraction of ideal, the protocol (rounds, warm-up,
-    what ended the rounds, pinning), and the latency model's inputs (the original's components on
-    every row; the setup's collectives)."""
+    what ended the rounds, pinning), the latency model's inputs (the original's components on every
+    row; the setup's collectives), and memory."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
-    n = model.config.num_hidden_layers
-    sizes = {"hidden_size": model.config.hidden_size, "dtype_bytes": model.dtype.itemsize}
+    n = built.config.num_hidden_layers
+    sizes = {"hidden_size": built.config.hidden_size, "dtype_bytes": built.dtype.itemsize, **memory}
     level, resamples = cfg.confidence, cfg.bootstrap_resamples
     rows = []
     for (t, b), rounds in timings.items():

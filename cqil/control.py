@@ -90,14 +90,14 @@ class Control:
             self.store.compare_set(key, "", "ok")
         self._wait(key, what, busy)
 
-    def decide(self, value: str | None, what: str) -> str:
-        """Rank 0's `value` on every rank (the others pass None)."""
+    def decide(self, value: str | None, what: str, busy: bool = False) -> str:
+        """Rank 0's `value` on every rank (the others pass None); busy=True: rank 0 may take long to decide."""
         self.seq += 1
         key = f"decision/{self.seq}"
         if self.rank == 0:
             self.store.set(f"{key}/arrived/0", "1")
             self.store.compare_set(key, "", f"ok {value}")
-        return self._wait(key, what, busy=False).split(" ", 1)[1]
+        return self._wait(key, what, busy=busy and self.rank != 0).split(" ", 1)[1]
 
     def gather(self, value: str, what: str) -> list[str] | None:
         """Every rank's `value`, in rank order, on rank 0 (None on the others)."""

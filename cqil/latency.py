@@ -156,6 +156,8 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
         if missing:
             raise CqilError(f"{path} lacks the columns {', '.join(missing)} (made by an older cqil bench); "
                             f"rerun `{bench_command(path)}`")
+        if "mesh_p" not in df:  # older tables: every multi-process setup ran on the devices x tp mesh
+            df = df.assign(mesh_p=df.devices, mesh_t=df.tp)
         frames.append(df.assign(source=path))
     return pd.concat(frames, ignore_index=True)
 
@@ -174,10 +176,15 @@ def fit_kappa(measured: np.ndarray, fixed: np.ndarray, conc: np.ndarray) -> floa
 
 
 def cqil_rows(df: pd.DataFrame) -> pd.DataFrame:
-    rows = df[df.setup.str.startswith("cqil")].copy()
+    rows = df[df.setup.str.startswith("cqil")].assign(kind="cqil")
     if rows.empty:
         raise CqilError(f"no cqil rows in {', '.join(df.source.unique())}; rerun cqil bench")
     return rows
+
+
+def model_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The multi-process rows the model predicts: CQIL (x TP) and the tensor-parallel baseline (kind tp)."""
+    return pd.concat([cqil_rows(df), df[df.setup.str.startswith("tensor parallel")].assign(kind="tp")])
 
 
 def fit_comms(rows: pd.DataFrame) -> dict[tuple[str, str], Comm]:
@@ -209,10 +216,12 @@ def row_costs(r, fits: dict) -> Costs:
 
 
 def row_schedule(r) -> Schedule:
-    """The schedule a bench row ran: its plan on its P x T mesh, its runtime variant."""
+    """The schedule a bench row ran: its plan (none for tensor parallelism) on its P x T mesh, its variant."""
     n = int(r.n_layers)
-    return schedule_of(plan_of(r).validate(n), n, int(r.devices), int(r.tp),
-                         Variant(lm_head=r.lm_head, ungrouped=r.ungrouped))
+    if r.kind == "tp":
+        return schedule_of(Plan(), n, 1, int(r.mesh_t), Variant(lm_head=r.lm_head))
+    return schedule_of(plan_of(r).validate(n), n, int(r.mesh_p), int(r.mesh_t),
+                       Variant(lm_head=r.lm_head, ungrouped=r.ungrouped))
 
 
 def with_terms(rows: pd.DataFrame, fits: dict) -> pd.DataFrame:
@@ -249,7 +258,7 @@ def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float
     interval beside the model's error, and the parameters used as columns."""
     out = []
     for role, df in frames.items():
-        rows = paired(with_terms(cqil_rows(df), fits), df)
+        rows = paired(with_terms(model_rows(df), fits), df)
         missing = set(rows.phase) - set(kappa)
         if missing:
             raise CqilError(f"phase(s) {', '.join(missing)} were not calibrated; the calibration runs need them too")
@@ -260,7 +269,8 @@ def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float
         ar = [fits[c, "allreduce"] for c in rows.comm]
         bc = [fits[c, "broadcast"] for c in rows.comm]
         out.append(pd.DataFrame({
-            "role": role, "source": rows.source, "model": rows.model, "plan": rows.plan, "n_layers": rows.n_layers,
+            "role": role, "kind": rows.kind, "source": rows.source, "model": rows.model,
+            "plan": rows.plan.where(rows.kind == "cqil", "none (tensor parallel)"), "n_layers": rows.n_layers,
             "devices": rows.devices, "setup": rows.setup, "comm": rows.comm, "lm_head": rows.lm_head,
             "ungrouped": rows.ungrouped, "phase": rows.phase, "prompt_tokens": rows.prompt_tokens,
             "batch_size": rows.batch_size, "rounds": rows.rounds, "measured_ms": rows.measured_ms, "predicted_ms": pred,
@@ -377,8 +387,18 @@ def layer_work(s: Shape, phase: str, T: int, B: int, bpp: int, context: int) -> 
     return flops, s.layer_params * bpp + kv_read
 
 
+def fullest_shard(s: Shape, k: int) -> float:
+    """The fullest of k tensor-parallel shards of a layer, as a multiple of 1/k of it: shards hold whole KV heads
+    (with their query heads) and whole MLP columns, so an uneven cut (LLaMA-33B's 52 heads on 8) has a larger one."""
+    attention = 2 * s.hidden * s.hd * (s.heads + s.kv_heads)
+    mlp = 3 * s.hidden * s.intermediate
+    return (attention * math.ceil(s.kv_heads / k) * k / s.kv_heads
+            + mlp * math.ceil(s.intermediate / k) * k / s.intermediate) / (attention + mlp)
+
+
 def gpu_costs(s: Shape, hw: Hardware, phase: str, T: int, B: int, bpp: int = 2, context: int = 512) -> Costs:
-    """Roofline Costs of one step (prefill of T tokens, or a decode step against `context` tokens)."""
+    """Roofline Costs of one step (prefill of T tokens, or a decode step against `context` tokens); a layer cut
+    into k shards costs what its fullest shard does."""
     flops, nbytes = layer_work(s, phase, T, B, bpp, context)
     head_flops, head_bytes = 2 * s.hidden * s.vocab * B, s.hidden * s.vocab * bpp  # the last position only
     bus = hw.bus_bw / 1e3  # bytes per ms
@@ -388,7 +408,8 @@ def gpu_costs(s: Shape, hw: Hardware, phase: str, T: int, B: int, bpp: int = 2, 
         return 1e3 * hw.comm_alpha_s + moved[op](n) * nbytes / bus
 
     return Costs(rest=1e3 * hw.rest_overhead_s,
-                 layer=lambda k: roofline_ms(flops / k, nbytes / k, hw, hw.layer_overhead_s),
+                 layer=lambda k: roofline_ms(flops * fullest_shard(s, k) / k, nbytes * fullest_shard(s, k) / k, hw,
+                                             hw.layer_overhead_s),
                  head=lambda k: roofline_ms(head_flops / k, head_bytes / k, hw, hw.layer_overhead_s),
                  collective=collective, batch=B, tokens=T if phase == "prefill" else 1, hidden=s.hidden,
                  dtype_bytes=bpp, vocab=s.vocab)
@@ -401,8 +422,8 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
     shapes = llama_shapes(s.layers, s.hidden, s.intermediate, s.heads, s.kv_heads, s.vocab, s.head_dim or None)
     fullest = (0.0, 0.0)
     for r in range(schedule.world):
-        weights = rank_bytes(schedule, r, shapes, tied=False, dtype_bytes=bpp)
-        kv = sum(2 * batch * context * s.hd * bpp * s.kv_heads / min(p.count, s.kv_heads)
+        weights = rank_bytes(schedule, r, shapes, tied=False, dtype_bytes=bpp, heads=s.heads, kv_heads=s.kv_heads)
+        kv = sum(2 * batch * context * s.hd * bpp * math.ceil(s.kv_heads / p.count)
                  for p in schedule.parts(r) if p.kind == "layer")
         fullest = max(fullest, (weights / 1e9, kv / 1e9), key=sum)
     return fullest
@@ -474,8 +495,7 @@ def mesh_candidates(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: i
 def tensor_parallel_row(s: Shape, hw: Hardware, N: int, phase: str, T: int, B: int, bpp: int, context: int,
                         lm_head: str) -> dict:
     """Tensor parallelism over N devices (the schedule with no groups, P = 1, T = N), the same head treatment;
-    latency NaN (shardable False) where N does not divide the heads, KV heads and MLP width (LLaMA-33B's 52
-    heads on 8 GPUs)."""
+    latency NaN (shardable False) where the runtime cannot cut the layers N ways (fewer KV heads than N)."""
     schedule = schedule_of(Plan(), s.layers, 1, N, Variant(lm_head=lm_head))
     row = mesh_row(s, hw, schedule, gpu_costs(s, hw, phase, T, B, bpp, context), bpp, B, context)
     try:
@@ -582,7 +602,7 @@ def external_table(ext: dict, models: dict, hw: Hardware, role: str | None = Non
                 T, B, bpp = (int(setup[k]) for k in ("prompt_tokens", "batch_size", "bytes_per_param"))
                 c = gpu_costs(s, hw, "prefill", T, B, bpp, T)
                 schedule = schedule_of(plan, s.layers, plan.group_size, 1,
-                                         Variant(lm_head=setup["lm_head"], ungrouped=setup["ungrouped"]))
+                                       Variant(lm_head=setup["lm_head"], ungrouped=setup["ungrouped"]))
                 predicted, published = 1 - predict(schedule, c, hw.kappa) / original(s.layers, c), float(entry["published"])
                 rows.append({**common, "devices": plan.group_size, "plan": plan.describe(),
                              "setup": spec["describe"].format(N=plan.group_size, plan=plan.describe()),
@@ -677,8 +697,8 @@ def run(cfg: DictConfig) -> None:
         if slow.notna().all():
             print("  member slowdown measured directly (median over rows): "
                   + ", ".join(f"{ph} {v:.3f}" for ph, v in slow.items()))
-        for role, g in table.groupby("role", sort=False):
-            print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): " + error_summary(g))
+        for (role, kind), g in table.groupby(["role", "kind"], sort=False):  # tp rows: never fitted
+            print(f"  {role}, {kind} ({', '.join(g.plan.unique())}, {len(g)} rows): " + error_summary(g))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
     elif cfg.calibrate:
         print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "

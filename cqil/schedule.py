@@ -23,6 +23,8 @@ Stages (`Stage.kind`), in execution order:
              tensor parallel: q,k,v,gate,up column-parallel (output features; heads and KV heads
              split), o,down row-parallel (input features), so it ends each half with an all-reduce
              of partial sums: (attention) after o_proj, (mlp) after down_proj, over the cut's axis.
+             A shard holds whole KV heads with their query heads; where the KV heads do not divide
+             evenly, the MLP columns balance the shards' bytes (tp_cuts).
     "group"  a plan group. Member k runs layers[k] (None if the group is shorter than P; with P=1,
              in one process, all of them: the single-process definition) on its T ranks, cut "tp":
                (attention) all-reduce over tp of the o_proj partial sums: member k's MLP norm needs a_k whole
@@ -250,9 +252,7 @@ def tp_schedule(n_layers: int, N: int, lm_head: str = "sharded", comm: str = "au
 # ---- weights: which slice of which tensor a rank holds -------------------------------------
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 LAYER_PREFIX = "model.layers."
-# tensor-parallel cuts of a layer's linear maps (suffix of the module name)
-COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # cut by input features: their bias lives on shard 0
 
 
 @dataclass(frozen=True)
@@ -279,27 +279,56 @@ def vocab_rows(vocab: int, index: int, count: int) -> tuple[int, int]:
     return min(vocab, index * rows), min(vocab, (index + 1) * rows)
 
 
-def _layer_share(name: str, shape: tuple[int, ...], index: int, count: int) -> Share | None:
-    """The slice of one layer tensor in tensor-parallel shard `index` of `count` (None: not held)."""
-    if count == 1:
+def tp_cuts(count: int, heads: int, kv_heads: int, head_dim: int, hidden: int,
+            intermediate: int) -> list[dict[str, tuple[int, int]]]:
+    """[start, stop) per tensor-parallel shard of a layer: "q" (query rows = o_proj columns), "kv" (key and
+    value rows), "mlp" (gate/up rows = down_proj columns).
+
+    Each shard holds whole KV heads with their query heads (GQA groups stay together), split as evenly as
+    the KV heads allow; the MLP columns then balance every shard's parameter count, so an uneven head split
+    (SmolLM2: 3 KV heads on 2 ranks -> 2 and 1) still gives every rank the same bytes to stream. With
+    heads, KV heads and intermediate size divisible by `count` this is the usual even cut."""
+    group = heads // kv_heads
+    kv = [kv_heads // count + (i < kv_heads % count) for i in range(count)]
+    attn = [2 * hidden * head_dim * (group * n + n) for n in kv]  # q + o, k + v parameters
+    per_column = 3 * hidden  # gate, up, down
+    target = (sum(attn) + per_column * intermediate) / count
+    mlp = [max(0.0, (target - a) / per_column) for a in attn]
+    scale = intermediate / sum(mlp)
+    bounds = [round(sum(mlp[:i]) * scale) for i in range(count + 1)]
+    out, k0 = [], 0
+    for i, n in enumerate(kv):
+        out.append({"q": (k0 * group * head_dim, (k0 + n) * group * head_dim),
+                    "kv": (k0 * head_dim, (k0 + n) * head_dim), "mlp": (bounds[i], bounds[i + 1])})
+        k0 += n
+    return out
+
+
+CUT_OF = {"self_attn.q_proj": ("q", 0), "self_attn.k_proj": ("kv", 0), "self_attn.v_proj": ("kv", 0),
+          "self_attn.o_proj": ("q", 1), "mlp.gate_proj": ("mlp", 0), "mlp.up_proj": ("mlp", 0),
+          "mlp.down_proj": ("mlp", 1)}  # module -> (cut, weight dim it cuts)
+
+
+def _layer_share(name: str, cut: dict[str, tuple[int, int]] | None, index: int) -> Share | None:
+    """The slice of one layer tensor in tensor-parallel shard `index` with cut `cut` (None: whole layer)."""
+    if cut is None:
         return Share(name, name)
     module, _, kind = name.rpartition(".")
-    if module.endswith(COLUMN_PARALLEL):  # output features: weight rows and bias
-        n = shape[0] // count
-        return Share(name, name, 0, index * n, (index + 1) * n)
-    if module.endswith(ROW_PARALLEL):
-        if kind == "bias":  # added once, by shard 0
-            return Share(name, name) if index == 0 else None
-        n = shape[1] // count
-        return Share(name, name, 1, index * n, (index + 1) * n)
+    for suffix, (part, dim) in CUT_OF.items():
+        if module.endswith(suffix):
+            if kind == "bias" and dim == 1:  # a row-parallel bias is added once, by shard 0
+                return Share(name, name) if index == 0 else None
+            return Share(name, name, 0 if kind == "bias" else dim, *cut[part])
     return Share(name, name)  # norms: whole
 
 
-def shares(schedule: Schedule, rank: int, shapes: Mapping[str, tuple[int, ...]], tied: bool) -> list[Share]:
+def shares(schedule: Schedule, rank: int, shapes: Mapping[str, tuple[int, ...]], tied: bool,
+           heads: int | None = None, kv_heads: int | None = None) -> list[Share]:
     """Every tensor slice `rank` holds, from the parameter shapes of the whole model (name -> shape).
 
     `shapes` are the model's parameters (a checkpoint's header or a meta model's named_parameters, or
-    llama_shapes(...)); a tied model's head is read from the embedding (`tied`)."""
+    llama_shapes(...)); a tied model's head is read from the embedding (`tied`). heads / kv_heads: the
+    attention heads, for tensor-parallel cuts (tp_cuts); None: even cuts (heads, KV heads, MLP divisible)."""
     parts = schedule.parts(rank)
     whole_embed = any(p.kind == "embed" for p in parts)
     layers: dict[int, tuple[int, int]] = {p.layer: (p.index, p.count) for p in parts if p.kind == "layer"}
@@ -316,19 +345,32 @@ def shares(schedule: Schedule, rank: int, shapes: Mapping[str, tuple[int, ...]],
             else:
                 start, stop = vocab_rows(shapes[source][0], p.index, p.count)
                 out.append(Share(HEAD, source, 0, start, stop, view=tied and whole_embed))
+    cuts: dict[tuple[int, int], dict] = {}
     for name, shape in shapes.items():
-        if name.startswith(LAYER_PREFIX):
-            i = int(name[len(LAYER_PREFIX):].split(".", 1)[0])
-            if i in layers and (s := _layer_share(name, shape, *layers[i])) is not None:
-                out.append(s)
+        if not name.startswith(LAYER_PREFIX):
+            continue
+        i = int(name[len(LAYER_PREFIX):].split(".", 1)[0])
+        if i not in layers:
+            continue
+        index, count = layers[i]
+        if count > 1 and (i, index) not in cuts:
+            p = f"{LAYER_PREFIX}{i}."
+            q, k, gate = shapes[p + "self_attn.q_proj.weight"], shapes[p + "self_attn.k_proj.weight"], shapes[p + "mlp.gate_proj.weight"]
+            if heads:
+                cuts[i, index] = tp_cuts(count, heads, kv_heads, k[0] // kv_heads, q[1], gate[0])[index]
+            else:  # even cuts of the rows
+                cuts[i, index] = {c: (n // count * index, n // count * (index + 1))
+                                  for c, n in (("q", q[0]), ("kv", k[0]), ("mlp", gate[0]))}
+        if (s := _layer_share(name, cuts.get((i, index)), index)) is not None:
+            out.append(s)
     return out
 
 
 def rank_bytes(schedule: Schedule, rank: int, shapes: Mapping[str, tuple[int, ...]], tied: bool,
-               dtype_bytes: int) -> int:
+               dtype_bytes: int, heads: int | None = None, kv_heads: int | None = None) -> int:
     """Bytes of the weights `rank` materializes (views of tensors it holds whole cost nothing)."""
     return sum(math.prod(s.shape(shapes[s.source])) * dtype_bytes
-               for s in shares(schedule, rank, shapes, tied) if not s.view)
+               for s in shares(schedule, rank, shapes, tied, heads, kv_heads) if not s.view)
 
 
 def llama_shapes(n_layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
@@ -363,11 +405,9 @@ def config_shapes(config) -> dict[str, tuple[int, ...]]:
 
 
 def check_shardable(schedule: Schedule, heads: int, kv_heads: int, intermediate: int) -> None:
-    """Every tensor-parallel cut of the schedule must split heads, KV heads and the MLP evenly."""
-    counts = {count for r in range(schedule.world) for p in schedule.parts(r) if p.kind == "layer" for count in [p.count]}
-    for count in sorted(counts - {1}):
-        for name, v in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
-                        ("intermediate_size", intermediate)):
-            if v % count:
-                raise PlanError(f"tensor parallelism over {count} devices needs {name} divisible by {count}, "
-                                f"but the model has {v}; choose a tp size (or ungrouped variant) among its divisors")
+    """Every tensor-parallel cut gives each shard whole KV heads (with their query heads) and MLP columns."""
+    count = max((p.count for r in range(schedule.world) for p in schedule.parts(r) if p.kind == "layer"), default=1)
+    if count > kv_heads or heads % kv_heads or count > intermediate:
+        raise PlanError(f"tensor parallelism over {count} devices needs at least {count} KV heads (each device "
+                        f"holds whole KV heads with their query heads), but the model has {kv_heads} (of {heads} "
+                        "heads); choose a smaller tp or another ungrouped variant")

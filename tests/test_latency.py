@@ -75,8 +75,10 @@ def synthetic_bench(plan: Plan, kappa: dict, comms: dict, n: int = 30, noise: fl
         tokens = T if phase == "prefill" else 1
         parts = {"layer_ms": 0.05 + 0.01 * B * tokens, "head_ms": 0.3 + 0.002 * B, "rest_ms": 0.2 + 0.001 * B * tokens}
         nbytes = B * tokens * H * 4
-        common = {"model": "synthetic", **plan_columns(plan), "n_layers": n, "devices": P, "tp": 1, "phase": phase,
-                  "prompt_tokens": T, "batch_size": B, "hidden_size": H, "dtype_bytes": 4, "comm_bytes": nbytes, **parts}
+        common = {"model": "synthetic", **plan_columns(plan), "n_layers": n, "devices": P, "tp": 1, "mesh_p": P,
+                  "mesh_t": 1, "phase": phase, "prompt_tokens": T, "batch_size": B, "hidden_size": H, "dtype_bytes": 4,
+                  "comm_bytes": nbytes, **parts}
+
         def c(ar: Comm = NO_COMM, bc: Comm = NO_COMM) -> Costs:
             return latency.measured_costs(parts["rest_ms"], parts["layer_ms"], parts["head_ms"], ar, bc, B, tokens, H, 4)
 
@@ -88,6 +90,11 @@ def synthetic_bench(plan: Plan, kappa: dict, comms: dict, n: int = 30, noise: fl
                 rows.append({**common, "setup": f"cqil ({comm}, head {lm_head}, ungrouped {ungrouped})",
                              "median_ms": t * jitter(), "comm": comm, "lm_head": lm_head, "ungrouped": ungrouped,
                              "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
+            # the tensor-parallel baseline on the same 2 ranks: never fitted, predicted with the CQIL fit
+            t = latency.predict(tp_schedule(n, P, lm_head="replicated"), c(ar, bc), kappa[phase])
+            rows.append({**common, "mesh_p": 1, "mesh_t": P, "setup": f"tensor parallel TP={P} ({comm}, head replicated)",
+                         "median_ms": t * jitter(), "comm": comm, "lm_head": "replicated", "ungrouped": np.nan,
+                         "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
     df = pd.DataFrame(rows)
     base = df[df.setup == "original, 1 device"].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
     orig = base.reindex(list(zip(df.phase, df.prompt_tokens, df.batch_size))).to_numpy()
@@ -110,10 +117,11 @@ def test_fit_recovers_known_parameters():
             assert fits[comm, op].beta == pytest.approx(true.beta, rel=1e-6)
     # another plan is predicted exactly from those fits
     val = latency.validate({"validation": synthetic_bench(S24E28, KAPPA, COMMS)}, fits, kappa)
-    assert len(val) == 8 * 2 * 3 and val.error_pct.abs().max() < 1e-6
+    assert len(val) == 8 * 2 * 4 and val.error_pct.abs().max() < 1e-6  # 3 CQIL variants and TP per communicator
+    assert (val.kind == "tp").sum() == 16 and (val[val.kind == "tp"].plan == "none (tensor parallel)").all()
     # the measurement's interval beside the model's error: the exact prediction lies inside it
     assert val.measured_ci_halfwidth_pp.to_numpy() == pytest.approx(1.5) and val.within_measured_ci.all()
-    assert "(the measurement's interval: +/-1.5 points, 24/24 inside it)" in latency.error_summary(val)
+    assert "(the measurement's interval: +/-1.5 points, 32/32 inside it)" in latency.error_summary(val)
     # with 3% measurement noise the fit stays close and so do the predictions
     fits, kappa = latency.calibrate(synthetic_bench(S12E24, KAPPA, COMMS, noise=0.03, seed=1))
     assert kappa == pytest.approx(KAPPA, rel=0.03)
@@ -187,11 +195,18 @@ def test_memory_per_gpu_comes_from_the_schedule():
     assert not rows["replicated"]["fits"] and rows["tp"]["fits"]
     best = latency.best_mesh(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512)
     assert best["ungrouped"] == "tp" and best["tp_latency_ms"] == pytest.approx(tp["latency_ms"])
-    # LLaMA-33B's 52 heads cannot be cut over 8 GPUs: TP=8 is refused, and so are cuts over 8 inside CQIL x TP
+    # LLaMA-33B's 52 heads on 8 GPUs: an uneven cut (whole KV heads per GPU), priced by its fullest shard (7 of 52
+    # heads); fewer KV heads than GPUs cannot be cut at all: TP refused, and so are such cuts inside CQIL x TP
     thirty = Shape(60, 6656, 17920, 52, 52, 32000)
-    assert not latency.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
-    assert latency.mesh_candidates(thirty, hw, Plan.from_range(26, 58, 8, 0, 60), 8, "decode", 1, 1, 2, 512,
-                                   "sharded", ("tp",)) == []
+    attention, mlp = 4 * 6656 * 6656, 3 * 6656 * 17920
+    assert latency.fullest_shard(thirty, 8) == pytest.approx((attention * 7 * 8 / 52 + mlp) / (attention + mlp))
+    assert latency.fullest_shard(SEVEN, 8) == 1.0
+    assert latency.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    few = Shape(8, 512, 1024, 8, 4, 1000)
+    assert not latency.tensor_parallel_row(few, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    rows = latency.mesh_candidates(few, hw, Plan.from_range(2, 8, 2, 0, 8), 8, "decode", 1, 1, 2, 512, "sharded",
+                                   ("tp", "replicated"))
+    assert [(r["ungrouped"], r["T"]) for r in rows] == [("replicated", 4)]  # layers 0, 1 cut 8 ways: refused
 
 
 def test_external_fit_recovers_known_figures():
@@ -289,7 +304,8 @@ def test_job_end_to_end(tmp_path, capsys):
             f"hybrid_png={tmp_path}/h.png", "hybrid.models=[llama-2-7b,llama-2-70b]", "hybrid.hardware=[a100]"]
     cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{val}]", *outs])
     out = capsys.readouterr().out
-    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 48 rows): mean |error| prefill" in out and "llama-2-70b" in out
+    assert "kappa[prefill]" in out and "validation, cqil (S24 E28 P2 D0, 48 rows): mean |error| prefill" in out and "llama-2-70b" in out
+    assert "validation, tp (none (tensor parallel), 16 rows)" in out
     table = pd.read_csv(tmp_path / "v.csv")
     assert set(table.role) == {"calibration", "validation"} and "command" in table
     assert table[table.role == "validation"].error_pct.abs().mean() < 6

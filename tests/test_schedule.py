@@ -7,7 +7,7 @@ import pytest
 
 from cqil.plan import Plan, PlanError
 from cqil.schedule import (Collective, Variant, check_shardable, config_shapes, llama_shapes, make_schedule,
-                           rank_bytes, shares, tp_schedule)
+                           rank_bytes, shares, tp_cuts, tp_schedule)
 
 N_LAYERS = 8
 PLAN2 = Plan(((2, 3), (4, 5)))  # layers 0, 1, 6, 7 outside groups
@@ -136,6 +136,24 @@ def test_bad_meshes_and_variants():
         make_schedule(PLAN2, N_LAYERS, 1, 2)
     with pytest.raises(PlanError, match="ungrouped='everywhere' is not one of"):
         Variant(ungrouped="everywhere")
-    with pytest.raises(PlanError, match="num_key_value_heads divisible by 4"):
+    with pytest.raises(PlanError, match="over 4 devices needs at least 4 KV heads"):
         check_shardable(tp_schedule(N_LAYERS, 4), heads=4, kv_heads=2, intermediate=32)
-    check_shardable(tp_schedule(N_LAYERS, 2), heads=4, kv_heads=2, intermediate=32)
+    check_shardable(tp_schedule(N_LAYERS, 2), heads=9, kv_heads=3, intermediate=32)  # uneven: 2 and 1 KV heads
+
+
+def test_uneven_heads_keep_gqa_groups_and_balance_bytes():
+    """SmolLM2-135M: 9 heads, 3 KV heads, MLP 1536, hidden 576, head_dim 64, on 2 ranks."""
+    cuts = tp_cuts(2, heads=9, kv_heads=3, head_dim=64, hidden=576, intermediate=1536)
+    assert [c["kv"] for c in cuts] == [(0, 128), (128, 192)] and [c["q"] for c in cuts] == [(0, 384), (384, 576)]
+    params = [2 * 576 * (c["q"][1] - c["q"][0] + c["kv"][1] - c["kv"][0]) + 3 * 576 * (c["mlp"][1] - c["mlp"][0])
+              for c in cuts]
+    assert cuts[0]["mlp"][0] == 0 and cuts[1]["mlp"] == (cuts[0]["mlp"][1], 1536)
+    assert abs(params[0] - params[1]) <= 3 * 576  # balanced to one MLP column
+    # divisible shapes: the usual even cut
+    assert tp_cuts(2, 4, 2, 4, 16, 32) == [{"q": (0, 8), "kv": (0, 4), "mlp": (0, 16)},
+                                           {"q": (8, 16), "kv": (4, 8), "mlp": (16, 32)}]
+    shapes = llama_shapes(2, 576, 1536, 9, 3, 100)
+    tp = tp_schedule(2, 2)
+    total = sum(rank_bytes(tp, r, shapes, False, 2, 9, 3) for r in range(2))
+    twice = 100 * 576 + 576 + 2 * 2 * 576  # embedding, final norm, the layers' norms: on both ranks
+    assert total == (sum(math.prod(v) for v in shapes.values()) + twice) * 2
