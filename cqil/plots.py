@@ -196,19 +196,23 @@ def _interval(s: pd.DataFrame, low: str, high: str, center: pd.Series) -> tuple[
 
 
 def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
-    """Latency model per CQIL row: predicted against measured latency (log, error of each validation row
-    annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
+    """Latency model per CQIL (and tensor-parallel) row: predicted against measured latency (log, error of each
+    validation row annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
     fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5.4), layout="constrained")
     colors = {"prefill": "tab:blue", "decode": "tab:orange"}
-    for (role, phase), g in df.groupby(["role", "phase"], sort=False):
-        style = dict(s=26, color=colors.get(phase, "k"), marker="o" if role == "validation" else "x",
+    df = df if "kind" in df else df.assign(kind="cqil")
+    for (role, kind, phase), g in df.groupby(["role", "kind", "phase"], sort=False):
+        color = colors.get(phase, "k")
+        style = dict(s=26, marker="o" if role == "validation" else "x", color=color,
                      label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        if kind == "tp":  # hollow squares: never fitted
+            style = {**style, "marker": "s", "color": None, "edgecolors": color, "facecolors": "none"}
         ax.scatter(g.measured_ms, g.predicted_ms, **style)
         ax_r.scatter(100 * g.measured_reduction, 100 * g.predicted_reduction, **style)
         if "measured_reduction_ci_low" in g and g.measured_reduction_ci_low.notna().any():  # the bench's interval
             lo, hi = _interval(g, "measured_reduction_ci_low", "measured_reduction_ci_high", g.measured_reduction)
             ax_r.errorbar(100 * g.measured_reduction, 100 * g.predicted_reduction, fmt="none", lw=0.8, alpha=0.6,
-                          xerr=[100 * (g.measured_reduction - lo), 100 * (hi - g.measured_reduction)], color=style["color"])
+                          xerr=[100 * (g.measured_reduction - lo), 100 * (hi - g.measured_reduction)], color=color)
         if role == "validation":
             for r in g.itertuples():
                 ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
@@ -229,7 +233,7 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     ax.legend(fontsize=7, loc="upper left")
     val = df[df.role == "validation"]
     mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
-    fig.suptitle(f"{df.model.iloc[0]}: CQIL latency model against cqil bench, mean |error| on validation rows: {mape}",
+    fig.suptitle(f"{df.model.iloc[0]}: latency model against cqil bench, mean |error| on validation rows: {mape}",
                  fontsize=10)
     return _save(fig, out)
 
