@@ -22,13 +22,16 @@ and finish loading minutes apart on big models); the mesh's own process groups, 
 collective of the forward, time out after `timeout_s` (a dead or stuck peer ends the run quickly).
 
 The computation on rank (k, t), with the layers cut as gpt-fast's tp.py cuts them (q,k,v,gate,up by
-output features, o,down by input features; the HF attention reshapes with -1, so its shard of heads
-and KV heads just works) and plain collectives on explicit process groups (no DTensor on the hot path):
+output features, o,down by input features; whole KV heads with their query heads per shard, see
+cqil.schedule.tp_cuts; the HF attention reshapes with -1, so its shard of heads just works) and plain
+collectives on explicit process groups (no DTensor on the hot path):
     ungrouped layer, cut over an axis:  a = Attn(x) partial; all-reduce; r = x + a;
                                         m = MLP(r) partial; all-reduce; r + m
     group, member k on its T ranks:     a_k = Attn_k(x) partial; all-reduce over tp (MLP_k's norm needs it whole)
                                         (D > 0) all-gather of the a_j over member: bypass
                                         y = x + all-reduce over world of (MLP_k partial + [t = 0] a_k)
+                                        (a_k added by one of its T ranks rather than a_k / T by each:
+                                        counted once either way, and no rounding)
     state (ungrouped="rank0"):          member 0's hidden state broadcast over member
     head:                               final norm + head rows of this rank; greedy: all-gather of
                                         (max logit, token id) pairs over world; logits: all-gather of the shards
