@@ -232,7 +232,7 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     ax_r.set_ylabel("predicted latency reduction (%)")
     ax.legend(fontsize=7, loc="upper left")
     val = df[df.role == "validation"]
-    mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
+    mape = "; ".join(f"{kind} {ph} {e.abs().mean():.1f}%" for (kind, ph), e in val.groupby(["kind", "phase"], sort=False).error_pct)
     fig.suptitle(f"{df.model.iloc[0]}: latency model against cqil bench, mean |error| on validation rows: {mape}",
                  fontsize=10)
     return _save(fig, out)
