@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,17 +159,20 @@ def test_a_stopped_or_killed_rank_ends_the_run_naming_it(mode, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, mode]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    start, lines, stopped = time.monotonic(), [], None
+    # A hang guard, not a timing check: the workers would wait up to busy_timeout_s (600 s) if the bound failed.
+    guard = threading.Timer(400, proc.kill)
+    guard.start()
+    lines, stopped = [], None
     try:
-        for line in proc.stdout:  # a hang would hit the deadline below
+        for line in proc.stdout:
             lines.append(line)
             if line.startswith("rank 1 pid"):
                 stopped = int(line.split()[-1])
             if "no sign of life" in line and stopped and mode == "stop":
                 os.kill(stopped, signal.SIGKILL)  # torchrun would only SIGKILL it after its 30 s grace
-            assert time.monotonic() - start < 90, "".join(lines)
-        proc.wait(timeout=60)
+        proc.wait()
     finally:
+        guard.cancel()
         if proc.poll() is None:
             proc.kill()
     out = "".join(lines)
