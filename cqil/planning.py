@@ -420,12 +420,14 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
     table["pareto"] = pareto_front(table, key)
     table["budget"], table["max_ppl_ratio"] = budget_kind, budget
     show_scores(table, key)
+    prov = provenance(str(next(model.parameters()).device))
 
     probes = None
     if budget_kind == "before":
         table["within_budget"] = table.ppl_ratio <= budget
         metric, measured_as = "ppl_ratio", "calibration perplexity"
     else:
+        write_csv(table.assign(**prov), cfg["table"])  # the scores so far, in case a probe fails
         probes = run_probes(cfg, probe_cfg, recipe, model, tokenizer, dcfg, blocks, candidates, table, key)
         by_plan = probes.set_index("plan")
         table["probe_ppl"] = table.plan.map(by_plan.probe_ppl)
@@ -454,9 +456,8 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
                        f"{b[metric]:.2f} x)")
     if probes is not None:
         probes["chosen"] = probes.plan.isin(table[table.chosen].plan)
-        write_csv(probes.assign(**provenance(str(next(model.parameters()).device))), probe_cfg["table"])
-    for k, v in provenance(str(next(model.parameters()).device)).items():
-        table[k] = v
+        write_csv(probes.assign(**prov), probe_cfg["table"])
+    table = table.assign(**prov)
     write_csv(table, cfg["table"])
     print(f"plan=auto: {reason}\n  candidate table -> {cfg['table']}"
           + (f"\n  probe table -> {probe_cfg['table']}" if probes is not None else ""))

@@ -156,13 +156,14 @@ def plan_probes(df: pd.DataFrame, out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     x = 100 * df.ideal_latency_reduction
     ax.scatter(x, df.ppl_ratio, marker="o", facecolors="none", edgecolors="tab:red", label="before recovery")
-    ax.scatter(x, df.probe_ratio, marker="o", color="tab:blue", label=f"after a {int(df.steps.iloc[0])}-step probe "
-                                                                          f"({df.recipe.iloc[0]} recipe)")
+    ax.scatter(x, df.probe_ratio, marker="o", color="tab:blue",
+               label=f"after a {int(df.steps.iloc[0])}-step probe ({df.recipe.iloc[0]} recipe)")
     for xi, before, after in zip(x, df.ppl_ratio, df.probe_ratio):
         ax.annotate("", (xi, after), (xi, before), arrowprops=dict(arrowstyle="->", color="grey", lw=0.8))
-    for r in df.itertuples():
-        ax.annotate(r.plan if len(r.plan) < 24 else f"{r.n_groups} groups of {r.group_size}", (100 * r.ideal_latency_reduction, r.probe_ratio),
-                    fontsize=6, xytext=(4, -8), textcoords="offset points")
+    for r in df.itertuples():  # long names (group sets) shortened to their shape
+        name = r.plan if len(r.plan) < 24 else f"{r.n_groups} groups of {r.group_size}"
+        ax.annotate(name, (100 * r.ideal_latency_reduction, r.probe_ratio), fontsize=6, xytext=(4, -8),
+                    textcoords="offset points")
     chosen = df[df.chosen]
     if not chosen.empty:
         ax.scatter(100 * chosen.ideal_latency_reduction, chosen.probe_ratio, s=180, facecolors="none",
