@@ -105,6 +105,11 @@ def sweep_perplexity(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def _plan_label(row) -> str:
+    """A plan's name, or its shape where the name (a list of groups) would not fit a legend."""
+    return row.plan if len(row.plan) < 24 else f"{row.n_groups} groups of {row.group_size} (from layer {row.start})"
+
+
 def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
     """plan=auto: calibration perplexity against ideal latency reduction (greedy group sets, contiguous spans, the
     Pareto front, the budget and the choice), and the check that group costs add up (measured against predicted)."""
@@ -122,7 +127,7 @@ def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
     chosen = df[df.chosen]
     if not chosen.empty:
         ax.scatter(100 * chosen.ideal_latency_reduction, chosen.ppl_ratio, s=160, facecolors="none", edgecolors="k",
-                   lw=1.5, label=f"chosen: {chosen.plan.iloc[0]}")
+                   lw=1.5, label=f"chosen: {_plan_label(chosen.iloc[0])}")
     if df.budget.iloc[0] == "before":
         ax.axhline(df.max_ppl_ratio.iloc[0], color="r", ls="--", lw=1, label=f"budget {df.max_ppl_ratio.iloc[0]} x")
     ax.set_yscale("log")
@@ -160,14 +165,13 @@ def plan_probes(df: pd.DataFrame, out: str | Path) -> Path:
                label=f"after a {int(df.steps.iloc[0])}-step probe ({df.recipe.iloc[0]} recipe)")
     for xi, before, after in zip(x, df.ppl_ratio, df.probe_ratio):
         ax.annotate("", (xi, after), (xi, before), arrowprops=dict(arrowstyle="->", color="grey", lw=0.8))
-    for r in df.itertuples():  # long names (group sets) shortened to their shape
-        name = r.plan if len(r.plan) < 24 else f"{r.n_groups} groups of {r.group_size}"
-        ax.annotate(name, (100 * r.ideal_latency_reduction, r.probe_ratio), fontsize=6, xytext=(4, -8),
+    for r in df.itertuples():
+        ax.annotate(_plan_label(r), (100 * r.ideal_latency_reduction, r.probe_ratio), fontsize=6, xytext=(4, -8),
                     textcoords="offset points")
     chosen = df[df.chosen]
     if not chosen.empty:
         ax.scatter(100 * chosen.ideal_latency_reduction, chosen.probe_ratio, s=180, facecolors="none",
-                   edgecolors="k", lw=1.5, label=f"chosen: {chosen.plan.iloc[0]}")
+                   edgecolors="k", lw=1.5, label=f"chosen: {_plan_label(chosen.iloc[0])}")
     ax.axhline(df.max_ppl_ratio.iloc[0], color="r", ls="--", lw=1, label=f"budget {df.max_ppl_ratio.iloc[0]} x")
     ax.set_yscale("log")
     ax.set_xlabel("ideal latency reduction g(P-1)/n (%)")
