@@ -105,20 +105,79 @@ def sweep_perplexity(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def _plan_label(row) -> str:
+    """A plan's name, or its shape where the name (a list of groups) would not fit a legend."""
+    return row.plan if len(row.plan) < 24 else f"{row.n_groups} groups of {row.group_size} (from layer {row.start})"
+
+
 def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
-    """plan=auto: calibration perplexity ratio against ideal latency reduction, budget and choice marked."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """plan=auto: calibration perplexity against ideal latency reduction (greedy group sets, contiguous spans, the
+    Pareto front, the budget and the choice), and the check that group costs add up (measured against predicted)."""
+    fig, (ax, ax_c) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    colors = dict(zip(sorted(df.group_size.unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    greedy = df.greedy_step.notna()
     for p, part in df.groupby("group_size"):
-        ax.scatter(100 * part.ideal_latency_reduction, part.ppl_ratio, s=14, label=f"P={p}")
+        spans, sets = part[part.contiguous & ~greedy.loc[part.index]], part[greedy.loc[part.index]]
+        ax.scatter(100 * spans.ideal_latency_reduction, spans.ppl_ratio, s=14, color=colors[p], marker="o",
+                   alpha=0.6, label=f"P={p} contiguous span")
+        ax.scatter(100 * sets.ideal_latency_reduction, sets.ppl_ratio, s=30, color=colors[p], marker="^",
+                   label=f"P={p} greedy group set")
+    front = df[df.pareto].sort_values("ideal_latency_reduction")
+    ax.step(100 * front.ideal_latency_reduction, front.ppl_ratio, where="post", color="grey", lw=1, label="Pareto front")
     chosen = df[df.chosen]
     if not chosen.empty:
-        ax.scatter(100 * chosen.ideal_latency_reduction, chosen.ppl_ratio, s=120, facecolors="none",
-                   edgecolors="k", label=f"chosen: {chosen.plan.iloc[0]}")
+        ax.scatter(100 * chosen.ideal_latency_reduction, chosen.ppl_ratio, s=160, facecolors="none", edgecolors="k",
+                   lw=1.5, label=f"chosen: {_plan_label(chosen.iloc[0])}")
+    if df.budget.iloc[0] == "before":
+        ax.axhline(df.max_ppl_ratio.iloc[0], color="r", ls="--", lw=1, label=f"budget {df.max_ppl_ratio.iloc[0]} x")
+    ax.set_yscale("log")
+    ax.set_xlabel("ideal latency reduction g(P-1)/n (%)")
+    ax.set_ylabel("calibration perplexity / original (log)")
+    ax.set_title(f"candidates, budget {df.budget.iloc[0]}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+    multi = df[df.n_groups > 1]
+    for kind, part, marker in (("contiguous span", multi[multi.contiguous & multi.greedy_step.isna()], "o"),
+                               ("greedy group set", multi[multi.greedy_step.notna()], "^")):
+        ax_c.scatter(part.predicted_log_ppl_increase, part.log_ppl_increase, s=18, marker=marker,
+                     c=[colors[p] for p in part.group_size], label=kind)
+    hi = max(multi.predicted_log_ppl_increase.max(), multi.log_ppl_increase.max(), 0.01) if len(multi) else 1.0
+    ax_c.plot([0, hi], [0, hi], "k-", lw=0.8, label="measured = sum of the single groups' costs")
+    ax_c.set_xlabel("sum of its groups' log-perplexity increases (each group alone)")
+    ax_c.set_ylabel("measured log-perplexity increase of the plan")
+    ax_c.set_title("do the groups' costs add up?", fontsize=10)
+    ax_c.grid(alpha=0.3)
+    ax_c.legend(fontsize=7)
+    fig.suptitle(f"{df.model.iloc[0]}: plan=auto candidates ({df.n_tokens.iloc[0]} tokens of {df.data.iloc[0]})",
+                 fontsize=10)
+    return _save(fig, out)
+
+
+def plan_probes(df: pd.DataFrame, out: str | Path) -> Path:
+    """plan=auto budget=after_recovery: each probed candidate's calibration perplexity before and after its short
+    recovery probe against its ideal reduction; the budget and the chosen plan marked (probe CSV)."""
+    df = df.sort_values("ideal_latency_reduction")
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    x = 100 * df.ideal_latency_reduction
+    ax.scatter(x, df.ppl_ratio, marker="o", facecolors="none", edgecolors="tab:red", label="before recovery")
+    ax.scatter(x, df.probe_ratio, marker="o", color="tab:blue",
+               label=f"after a {int(df.steps.iloc[0])}-step probe ({df.recipe.iloc[0]} recipe)")
+    for xi, before, after in zip(x, df.ppl_ratio, df.probe_ratio):
+        ax.annotate("", (xi, after), (xi, before), arrowprops=dict(arrowstyle="->", color="grey", lw=0.8))
+    for r in df.itertuples():
+        ax.annotate(_plan_label(r), (100 * r.ideal_latency_reduction, r.probe_ratio), fontsize=6, xytext=(4, -8),
+                    textcoords="offset points")
+    chosen = df[df.chosen]
+    if not chosen.empty:
+        ax.scatter(100 * chosen.ideal_latency_reduction, chosen.probe_ratio, s=180, facecolors="none",
+                   edgecolors="k", lw=1.5, label=f"chosen: {_plan_label(chosen.iloc[0])}")
     ax.axhline(df.max_ppl_ratio.iloc[0], color="r", ls="--", lw=1, label=f"budget {df.max_ppl_ratio.iloc[0]} x")
     ax.set_yscale("log")
     ax.set_xlabel("ideal latency reduction g(P-1)/n (%)")
     ax.set_ylabel("calibration perplexity / original (log)")
-    ax.set_title(f"{df.model.iloc[0]}: plan=auto candidates ({df.n_tokens.iloc[0]} tokens of {df.data.iloc[0]})")
+    ax.set_title(f"{df.model.iloc[0]}: recovery probes of the Pareto front ({df.n_tokens.iloc[0]} tokens of "
+                 f"{df.data.iloc[0]})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, out)
@@ -280,6 +339,7 @@ FIGURES = {
     "accuracy": (accuracy_table, "eval_csv", "accuracy_png"),
     "sweep_perplexity": (sweep_perplexity, "sweep_csv", "sweep_perplexity_png"),
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
+    "plan_probes": (plan_probes, "plan_probes_csv", "plan_probes_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),

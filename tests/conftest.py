@@ -99,9 +99,12 @@ def analyzed(tiny_checkpoint, tmp_path) -> dict:
 
 
 def auto_overrides(ckpt: dict, tmp_path, *extra: str) -> list[str]:
+    """plan=auto on the tiny checkpoint, every output under tmp_path; the budget before recovery (no probes)
+    unless `extra` says plan.budget=after_recovery."""
     return overrides(ckpt, tmp_path, "plan=auto", f"plan.similarity_csv={ckpt['similarity']}",
                      "plan.calibration_tokens=256", f"plan.table={tmp_path}/candidates.csv",
-                     f"plan.out={tmp_path}/plan.json", "plan.min_similarity=-1", *extra)
+                     f"plan.probe.table={tmp_path}/probes.csv", f"plan.out={tmp_path}/plan.json",
+                     "plan.min_similarity=-1", "plan.group_sizes=[2,3,4]", "plan.budget=before", *extra)
 
 
 def model_and_tokenizer(ckpt: dict):
