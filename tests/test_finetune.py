@@ -34,6 +34,8 @@ def tiny_dir(tmp_path_factory):
     rng = random.Random(0)
     text = " ".join(rng.choice(WORDS[: rng.randint(20, 150)]) for _ in range(4000))
     (root / "text.txt").write_text(text)
+    # another "source": other word frequencies, never trained on
+    (root / "ood.txt").write_text(" ".join(rng.choice(WORDS[::-1][: rng.randint(10, 150)]) for _ in range(600)))
     tok = Tokenizer(tok_models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
@@ -57,7 +59,10 @@ def cfg_for_overrides(root, out, *overrides) -> list[str]:
         "plan.bypass=1",
         "lora.r=4", "lora.alpha=8", "train.max_steps=8", "train.batch_size=16", "train.lr=1e-2",
         "train.warmup=0", "train.schedule=constant", "train.save_steps=2", "eval_tokens=256",
-        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides]
+        f"ood_data.files=[{root / 'ood.txt'}]", "ood_data.block_size=16", "ood_tokens=128",
+        "agreement.prompts=4", "agreement.prompt_tokens=6", "agreement.new_tokens=5",
+        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", f"curve.out={out}/curve.csv",
+        *overrides]
 
 
 def cfg_for(root, out, *overrides):
