@@ -276,14 +276,14 @@ def recovery(model: nn.Module, teacher: nn.Module | None, sets: dict[str, torch.
 
 
 class RecoveryCurve(TrainerCallback):
-    """The recovery measures (fine-tuned against the original) before training and every `every` optimizer
-    steps, one CSV row each: the recovery curve against training tokens. Rank 0 measures; the time it takes
-    is left out of train_seconds."""
+    """The teacher-forced recovery measures (fine-tuned against the original: perplexities, top-1, KL; no greedy
+    decoding) before training and every `every` optimizer steps, one CSV row each: the recovery curve against
+    training tokens. Rank 0 measures; the time it takes is left out of train_seconds."""
 
-    def __init__(self, every: int, path: str | Path, teacher: nn.Module | None, sets: dict, agreement: dict,
-                 batch_size: int, tokens_per_step: int, columns: dict):
+    def __init__(self, every: int, path: str | Path, teacher: nn.Module | None, sets: dict, batch_size: int,
+                 tokens_per_step: int, columns: dict):
         self.every, self.path, self.teacher, self.sets = every, Path(path), teacher, sets
-        self.agreement, self.batch_size, self.tokens_per_step, self.columns = agreement, batch_size, tokens_per_step, columns
+        self.batch_size, self.tokens_per_step, self.columns = batch_size, tokens_per_step, columns
         self.started, self.measuring, self.converted = 0.0, 0.0, {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -300,7 +300,7 @@ class RecoveryCurve(TrainerCallback):
             return
         begin = time.perf_counter()
         train_seconds = begin - self.started - self.measuring
-        row = recovery(model, self.teacher, self.sets, self.agreement, self.batch_size, ("finetuned",))
+        row = recovery(model, self.teacher, self.sets, {"prompts": 0}, self.batch_size, ("finetuned",))
         if state.global_step == 0:  # the adapter starts at zero: the converted model
             self.converted = {k: v for k, v in row.items() if k.endswith("ppl_finetuned")}
         for key, ppl in self.converted.items():
@@ -366,7 +366,7 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     if cfg.curve.every_steps:
         curve_sets = {prefix: blocks[: cfg.curve.eval_tokens // blocks.shape[1]] for prefix, blocks in sets.items()}
         trainer.add_callback(RecoveryCurve(
-            cfg.curve.every_steps, cfg.curve.out, teacher, curve_sets, agreement, cfg.eval_batch_size, tokens_per_step,
+            cfg.curve.every_steps, cfg.curve.out, teacher, curve_sets, cfg.eval_batch_size, tokens_per_step,
             {**columns, "lora_layers": layers, "lr": cfg.train.lr, "max_steps": trainer.args.max_steps,
              "teacher": teacher_path}))
     if resume is not None:
