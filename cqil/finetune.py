@@ -255,8 +255,9 @@ def recovery(model: nn.Module, teacher: nn.Module | None, sets: dict[str, torch.
     row = {}
     try:
         for prefix, blocks in sets.items():
-            prompts = blocks[: agreement["prompts"], : agreement["prompt_tokens"]]
-            reference = greedy_tokens(original, prompts, agreement["new_tokens"]) if len(prompts) else None
+            greedy = agreement["prompts"] > 0
+            prompts = blocks[: agreement["prompts"], : agreement["prompt_tokens"]] if greedy else None
+            reference = greedy_tokens(original, prompts, agreement["new_tokens"]) if greedy else None
             for which in variants:
                 variant = Variant(model, teacher, which)
                 tf = teacher_forced_agreement(original, variant, blocks, batch_size, desc=f"{prefix}{which}")
