@@ -254,6 +254,11 @@ def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
         finetune.run(cfg_for(tiny_dir, tmp_path, "lora.target_modules=[nope]"))
     with pytest.raises(CqilError, match="loss.kind"):
         finetune.run(cfg_for(tiny_dir, tmp_path, "loss.kind=mse"))
+    if not torch.cuda.is_available():
+        with pytest.raises(CqilError, match="model.device=cuda but torch sees no CUDA device"):
+            finetune.run(cfg_for(tiny_dir, tmp_path, "model.device=cuda"))
+    with pytest.raises(CqilError, match="agreement.prompt_tokens=16 must be shorter"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, "agreement.prompt_tokens=16"))
 
 
 def test_recovery_is_reported_in_and_out_of_domain(trained):
