@@ -23,6 +23,7 @@ copies this file next to the weights as `modeling_cqil.py`, so a converted model
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import shutil
 from pathlib import Path
@@ -79,9 +80,18 @@ class _Group:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                  past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        out = group_forward(self.layers, hidden_states, self.bypass, attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                            position_embeddings=position_embeddings, **kwargs)
+        stage = functools.partial(group_forward, self.layers, bypass=self.bypass, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)
+        first = self.layers[0]
+        if getattr(first, "gradient_checkpointing", False) and first.training and past_key_values is None:
+            # Activation checkpointing (model.activation_checkpointing_enable(), or the Trainer's flag) sets these
+            # attributes on every decoder layer, but the members' own forward (where transformers checkpoints)
+            # never runs inside a group: checkpoint the whole stage here instead, with the same function
+            # (torch.utils.checkpoint): only the group's input is kept, its inside is recomputed in backward.
+            out = first._gradient_checkpointing_func(stage, hidden_states)
+        else:
+            out = stage(hidden_states)
         # The members' own forward() never runs, so their forward hooks would stay silent; fire the last
         # member's with the stage's input and output. transformers records `output_hidden_states` with such
         # hooks: under a plan it then returns the embeddings plus one hidden state per stage.

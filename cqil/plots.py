@@ -191,7 +191,8 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
     window = max(1, len(df) // 15)
     ax.plot(df.step, df.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"mean of {window} steps")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel({"kl": "KL(original || student)", "ce": "next-token loss"}.get(df.loss_kind.iloc[0], "loss"))
+    ax.set_ylabel({"kl": "KL(original || student)", "ce": "next-token loss",
+                   "blockwise": "group output error (relative)"}.get(df.loss_kind.iloc[0], "loss"))
     tokens_per_step = df.tokens.iloc[0] / df.step.iloc[0]
     top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e3,
                                                lambda t: t * 1e3 / tokens_per_step))
@@ -199,6 +200,36 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
     ax.set_title(f"{df.model.iloc[0]} {df.plan.iloc[0]}: LoRA recovery ({df.loss_kind.iloc[0]} loss)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, out)
+
+
+def recovery_curve(df: pd.DataFrame, out: str | Path) -> Path:
+    """Recovery against training tokens, one line per recipe (finetune curve CSV): held-out perplexity in and out of
+    domain (original and converted marked) and teacher-forced top-1 agreement with the original."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    runs = list(df.groupby(["recipe", "lora_layers", "lr", "max_steps"], sort=False))
+    for (recipe, layers, lr, steps), run in runs:
+        run = run.sort_values("tokens")
+        label = f"{recipe} (lora.layers={layers}, lr {lr:g})"
+        line, = axes[0].plot(run.tokens / 1e3, run.ppl_finetuned, marker=".", label=label)
+        if "ood_ppl_finetuned" in run:
+            axes[1].plot(run.tokens / 1e3, run.ood_ppl_finetuned, marker=".", color=line.get_color())
+            axes[2].plot(run.tokens / 1e3, run.ood_top1_finetuned, marker=".", ls="--", color=line.get_color())
+        axes[2].plot(run.tokens / 1e3, run.top1_finetuned, marker=".", color=line.get_color())
+    first = df.sort_values("tokens").iloc[0]
+    for ax, prefix, title in ((axes[0], "", "in domain"), (axes[1], "ood_", "out of domain")):
+        if f"{prefix}ppl_original" in df:
+            ax.axhline(first[f"{prefix}ppl_original"], color="k", lw=1, label="original")
+            if first.tokens == 0:  # before training: the converted model
+                ax.axhline(first[f"{prefix}ppl_finetuned"], color="grey", ls=":", label="converted")
+        ax.set_ylabel(f"held-out perplexity, {title}")
+    axes[2].set_ylabel("top-1 agreement with the original\n(solid: in domain, dashed: out of domain)")
+    for ax in axes:
+        ax.set_xlabel("training tokens (thousands)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{df.model.iloc[0]} {df.plan.iloc[0]}: recovery curve ({df.data.iloc[0]}; out of domain: "
+                 "a source never trained on)", fontsize=10)
     return _save(fig, out)
 
 
@@ -341,6 +372,7 @@ FIGURES = {
     "plan_candidates": (plan_candidates, "plan_candidates_csv", "plan_candidates_png"),
     "plan_probes": (plan_probes, "plan_probes_csv", "plan_probes_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
+    "recovery_curve": (recovery_curve, "recovery_curve_csv", "recovery_curve_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
     "latency_hybrid": (latency_hybrid, "latency_hybrid_csv", "latency_hybrid_png"),

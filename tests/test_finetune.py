@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, distill, finetune, models, plots
+from cqil import CqilError, data, distill, finetune, models, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -34,6 +34,8 @@ def tiny_dir(tmp_path_factory):
     rng = random.Random(0)
     text = " ".join(rng.choice(WORDS[: rng.randint(20, 150)]) for _ in range(4000))
     (root / "text.txt").write_text(text)
+    # another "source": other word frequencies, never trained on
+    (root / "ood.txt").write_text(" ".join(rng.choice(WORDS[::-1][: rng.randint(10, 150)]) for _ in range(600)))
     tok = Tokenizer(tok_models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
@@ -57,7 +59,10 @@ def cfg_for_overrides(root, out, *overrides) -> list[str]:
         "plan.bypass=1",
         "lora.r=4", "lora.alpha=8", "train.max_steps=8", "train.batch_size=16", "train.lr=1e-2",
         "train.warmup=0", "train.schedule=constant", "train.save_steps=2", "eval_tokens=256",
-        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", *overrides]
+        f"ood_data.files=[{root / 'ood.txt'}]", "ood_data.block_size=16", "ood_tokens=128",
+        "agreement.prompts=4", "agreement.prompt_tokens=6", "agreement.new_tokens=5",
+        f"out_dir={out}", f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv", f"curve.out={out}/curve.csv",
+        *overrides]
 
 
 def cfg_for(root, out, *overrides):
@@ -249,3 +254,72 @@ def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
         finetune.run(cfg_for(tiny_dir, tmp_path, "lora.target_modules=[nope]"))
     with pytest.raises(CqilError, match="loss.kind"):
         finetune.run(cfg_for(tiny_dir, tmp_path, "loss.kind=mse"))
+    if not torch.cuda.is_available():
+        with pytest.raises(CqilError, match="model.device=cuda but torch sees no CUDA device"):
+            finetune.run(cfg_for(tiny_dir, tmp_path, "model.device=cuda"))
+    with pytest.raises(CqilError, match="agreement.prompt_tokens=16 must be shorter"):
+        finetune.run(cfg_for(tiny_dir, tmp_path, "agreement.prompt_tokens=16"))
+
+
+def test_recovery_is_reported_in_and_out_of_domain(trained):
+    _, _, row = trained
+    for prefix in ("", "ood_"):
+        assert row[f"{prefix}ppl_original"] < row[f"{prefix}ppl_converted"]
+        for which in ("converted", "finetuned"):
+            assert 0 < row[f"{prefix}top1_{which}"] < 1 and row[f"{prefix}kl_{which}"] > 0
+            assert 0 <= row[f"{prefix}greedy_match_{which}"] <= 1
+            assert 0 <= row[f"{prefix}first_divergence_{which}"] <= 5
+        assert row[f"{prefix}kl_finetuned"] < row[f"{prefix}kl_converted"]  # KL to the original is what it trained
+    assert row["ood_tokens"] == 128 and row["eval_tokens"] == 256
+    assert not row["teacher_separate"]  # the input's own weights, adapter and plan off
+
+
+def test_the_original_agrees_exactly_with_itself(tiny_dir):
+    """The measures' wiring: the original (adapter and plan off) against itself is exact agreement."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base_model(tiny_dir), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    blocks = torch.randint(2, 150, (4, 16), generator=torch.Generator().manual_seed(3))
+    agreement = {"prompts": 2, "prompt_tokens": 6, "new_tokens": 5}
+    row = finetune.recovery(model, None, {"x_": blocks}, agreement, 2, variants=("original", "finetuned"))
+    assert row["x_top1_original"] == 1.0 and row["x_kl_original"] == pytest.approx(0, abs=1e-6)
+    assert row["x_greedy_match_original"] == 1.0 and row["x_first_divergence_original"] == 5
+    assert row["x_top1_finetuned"] < 1.0 and row["x_kl_finetuned"] > 0
+
+
+def test_out_of_domain_text_is_never_trained_on():
+    cfg = compose("finetune")
+    assert not set(cfg.data.files) & set(cfg.ood_data.files)
+    ood = data.DataConfig(**OmegaConf.to_object(cfg.ood_data))
+    assert data.split_ranges(1000, ood) == {"calibration": range(0), "training": range(0),
+                                            "evaluation": range(0, 1000)}
+
+
+def test_fine_tuning_a_merged_directory_distils_from_the_original(tiny_dir, trained, tmp_path):
+    out, _, first = trained
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True)
+    original = str((tiny_dir / "model").resolve())
+    assert merged.config.cqil_base_model == original and merged.config.cqil_finetuned
+    assert finetune.resolve_teacher(None, str(out / "merged"), merged.config) == (original, True)
+    assert finetune.resolve_teacher(None, original, base_model(tiny_dir).config) == (original, False)
+    row = finetune.run(cfg_for(tiny_dir, tmp_path, f"model.path={out / 'merged'}", "train.max_steps=2"))
+    assert row["teacher"] == original and row["teacher_separate"]
+    # "original" is the original model, not the merged weights with the plan off
+    assert row["ppl_original"] == pytest.approx(first["ppl_original"], rel=1e-6)
+    assert row["ppl_converted"] == pytest.approx(first["ppl_finetuned"], rel=1e-5)  # its input: the first fine-tune
+    assert pd.read_csv(tmp_path / "perplexity.csv").teacher[0] == original
+
+
+def test_recovery_curve_every_n_steps(tiny_dir, tmp_path):
+    row = finetune.run(cfg_for(tiny_dir, tmp_path, "train.max_steps=4", "curve.every_steps=2", "curve.eval_tokens=256"))
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert list(curve.step) == [0, 2, 4] and list(curve.tokens) == [0, 512, 1024]
+    assert curve.gap_recovered[0] == 0 and curve.ood_gap_recovered[0] == 0
+    assert (curve.ppl_original == curve.ppl_original[0]).all()
+    # the same windows as the final report: its first point is the converted model, its last the fine-tuned one
+    for prefix in ("", "ood_"):
+        assert curve[f"{prefix}ppl_finetuned"].iloc[0] == pytest.approx(row[f"{prefix}ppl_converted"], rel=1e-5)
+        assert curve[f"{prefix}top1_finetuned"].iloc[-1] == pytest.approx(row[f"{prefix}top1_finetuned"])
+        assert curve[f"{prefix}gap_recovered"].iloc[-1] == pytest.approx(row[f"{prefix}gap_recovered"], rel=1e-4)
+    assert {"train_seconds", "tokens_per_s", "recipe", "command"} <= set(curve.columns)
+    assert row["steps"] == 4
