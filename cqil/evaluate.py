@@ -111,11 +111,11 @@ def split_texts(data_cfg: data.DataConfig, tokenizer, split: str) -> list[tuple[
 
 def cloze_items(text: str, context_words: int, min_length: int) -> list[dict]:
     """Every last word of a sentence in `text` that is a content word (alphabetic, >= min_length letters, not
-    in STOPWORDS) preceded by a space and at least context_words words: {"context": the text of those words,
-    ending just before the target, "target": the word}."""
+    in STOPWORDS) preceded by a space and by context_words words (not counting the first word of `text`, which
+    may be cut): {"context": the text of those words, ending just before the target, "target": the word}."""
     words = list(re.finditer(r"\S+", text))
     items = []
-    for i in range(context_words, len(words)):
+    for i in range(context_words + 1, len(words)):
         w = words[i]
         m = SENTENCE_END.fullmatch(w.group())
         if not m or len(m.group(1)) < min_length or m.group(1).lower() in STOPWORDS or text[w.start() - 1] != " ":
@@ -151,8 +151,10 @@ def cloze_jsonl(out: Path, source: str, items: int, context_words: int, min_leng
 
 
 def arithmetic_jsonl(out: Path, part: str, digits: list[int], questions: int, shots: int, seed: int) -> Path:
-    """Addition questions {"a", "b", "answer"}: part="shots" the few-shot examples (digit counts taking turns),
-    part="test" `questions` per digit count, none repeating a shot or another question. Deterministic (seed)."""
+    """Addition questions {"a", "b", "answer"}: part="shots" the few-shot examples, part="test" `questions` per
+    digit count, none repeating a shot or another question; digit counts take turns. Deterministic (seed)."""
+    if part not in ("shots", "test"):
+        raise CqilError(f"arithmetic part {part!r}: use shots or test")
     rng, seen = random.Random(seed), set()
 
     def draw(d: int) -> dict:
@@ -163,9 +165,7 @@ def arithmetic_jsonl(out: Path, part: str, digits: list[int], questions: int, sh
                 return {"a": a, "b": b, "answer": str(a + b)}
 
     examples = [draw(digits[k % len(digits)]) for k in range(shots)]  # drawn first: the test never repeats them
-    test = [draw(d) for d in digits for _ in range(questions)]
-    if part not in ("shots", "test"):
-        raise CqilError(f"arithmetic part {part!r}: use shots or test")
+    test = [draw(digits[k % len(digits)]) for k in range(questions * len(digits))]  # interleaved: `limit` sees all
     return _write_jsonl(examples if part == "shots" else test, out)
 
 
@@ -362,7 +362,7 @@ def check_agreement(cfg: DictConfig, entries: list[dict], tasks: list[str]) -> s
         raise CqilError(f"reference={cfg.reference!r} is not a model label ({', '.join(labels)}); the agreement task "
                         "compares every model with the entry named by `reference`")
     a = cfg.agreement
-    for key in ("prompts", "prompt_tokens", "new_tokens", "batch_size"):
+    for key in ("prompts", "prompt_tokens", "new_tokens", "batch_size", "generate_batch_size"):
         if not isinstance(a[key], int) or isinstance(a[key], bool) or a[key] < 1:
             raise CqilError(f"agreement.{key}={a[key]!r} must be a positive integer")
     return cfg.reference
@@ -388,7 +388,8 @@ def reference_outputs(model, tokenizer, corpus: data.DataConfig, a: DictConfig) 
     prompts = data.token_blocks(corpus, tokenizer, "evaluation", a.prompts * a.prompt_tokens,
                                 block_size=a.prompt_tokens, what="agreement.prompts x agreement.prompt_tokens")
     return ReferenceOutputs(windows, all_logits(model, windows, a.batch_size, desc=f"reference logits {corpus.name}"),
-                            prompts, greedy_tokens(model, prompts, a.new_tokens, a.batch_size), tokenizer.get_vocab())
+                            prompts, greedy_tokens(model, prompts, a.new_tokens, a.generate_batch_size),
+                            tokenizer.get_vocab())
 
 
 def agreement_rows(model, tokenizer, ref: ReferenceOutputs, a: DictConfig, label: str, reference: str) -> list[dict]:
@@ -397,7 +398,7 @@ def agreement_rows(model, tokenizer, ref: ReferenceOutputs, a: DictConfig, label
         raise CqilError(f"{label!r} has another tokenizer than the reference {reference!r}; agreement compares "
                         "token by token, so both need the same vocabulary")
     tf = teacher_forced_agreement(ref.logits, model, ref.windows, a.batch_size, desc=f"{label} agreement")
-    greedy = greedy_agreement(ref.tokens, greedy_tokens(model, ref.prompts, a.new_tokens, a.batch_size))
+    greedy = greedy_agreement(ref.tokens, greedy_tokens(model, ref.prompts, a.new_tokens, a.generate_batch_size))
     per_position = {"n": tf["positions"], "num_fewshot": 0}
     per_prompt = {"n": greedy["prompts"], "num_fewshot": 0}
     return [{"metric": "top1_agreement", "value": tf["top1_agreement"], "stderr": tf["top1_agreement_stderr"], **per_position},

@@ -105,7 +105,7 @@ def teacher_forced_agreement(reference: nn.Module | LogitsFn | torch.Tensor, mod
         r = ref_fn(batch) if ref_fn else reference[i * batch_size:(i + 1) * batch_size].to(device)
         m = fn(batch)
         same += (r.argmax(-1) == m.argmax(-1)).float().mean(1).tolist()
-        kl += kl_per_position(r, m).mean(1).tolist()
+        kl += [kl_per_position(r[j], m[j]).mean().item() for j in range(len(r))]  # a window at a time: 7 [T, V] temporaries
         (a, c), (b, _) = nll(r, batch), nll(m, batch)
         nll_ref, nll_model, count = nll_ref + a, nll_model + b, count + c
     (top1, top1_se), (mean_kl, kl_se) = _mean_stderr(same), _mean_stderr(kl)

@@ -88,11 +88,14 @@ def test_generation_tasks_build_deterministically_from_the_evaluation_split(tmp_
         per_doc[text] += 1
     assert min(per_doc.values()) > 0  # every document contributes
 
+    config = yaml.safe_load((evaluate.TASK_DIR / "cqil_arithmetic.yaml").read_text())
+    build = config["metadata"]["build"]["cqil_arithmetic_test.jsonl"]
     shots = [json.loads(line) for line in (tmp_path / "a/data/cqil_arithmetic_shots.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (tmp_path / "a/data/cqil_arithmetic_test.jsonl").read_text().splitlines()]
-    assert len(shots) == 5 and len(test) == 200
+    assert len(shots) == build["shots"] >= config["num_fewshot"] and build["digits"] == [2, 3]
+    assert len(test) == 2 * build["questions"]
     assert all(int(r["answer"]) == r["a"] + r["b"] for r in shots + test)
-    assert [len(str(r["a"])) for r in test].count(2) == [len(str(r["b"])) for r in test].count(3) == 100
+    assert [len(str(r["a"])) for r in test].count(2) == [len(str(r["b"])) for r in test].count(3) == build["questions"]
     assert not {(r["a"], r["b"]) for r in shots} & {(r["a"], r["b"]) for r in test}
 
 
@@ -102,12 +105,12 @@ def test_generation_tasks_load_in_lm_eval_offline(tmp_path):
     tm = evaluate.task_manager(["cqil_cloze", "cqil_arithmetic"], local, [])
     tasks = tm.load(["cqil_cloze", "cqil_arithmetic"])["tasks"]
     arithmetic, cloze = tasks["cqil_arithmetic"], tasks["cqil_cloze"]
-    assert len(cloze.test_docs()) == 300 and len(arithmetic.test_docs()) == 200
+    n = {name: len((tmp_path / "data" / f"{name}.jsonl").read_text().splitlines()) for name in ("cqil_cloze", "cqil_arithmetic_test")}
+    assert len(cloze.test_docs()) == n["cqil_cloze"] and len(arithmetic.test_docs()) == n["cqil_arithmetic_test"]
     doc = arithmetic.test_docs()[0]
-    context = arithmetic.fewshot_context(doc, num_fewshot=5)
     shots = [json.loads(line) for line in (tmp_path / "data/cqil_arithmetic_shots.jsonl").read_text().splitlines()]
-    assert context == "".join(f"Q: What is {s['a']} plus {s['b']}?\nA: {s['answer']}\n\n" for s in shots) + \
-        f"Q: What is {doc['a']} plus {doc['b']}?\nA:"
+    assert arithmetic.fewshot_context(doc, num_fewshot=4) == \
+        "".join(f"{s['a']} + {s['b']} = {s['answer']}\n" for s in shots[:4]) + f"{doc['a']} + {doc['b']} ="
     doc = cloze.test_docs()[0]
     assert cloze.fewshot_context(doc, num_fewshot=0) == doc["context"] and cloze.doc_to_target(doc) == doc["target"]
 
@@ -145,7 +148,8 @@ def test_greedy_agreement_counts():
 def test_self_agreement_is_exact_and_a_plan_lowers_it(tiny_checkpoint):
     model, tok = model_and_tokenizer(tiny_checkpoint)
     corpus = data.DataConfig(name="tiny", files=tiny_checkpoint["files"], block_size=64)
-    a = OmegaConf.create({"prompts": 4, "prompt_tokens": 16, "new_tokens": 12, "tokens": 256, "batch_size": 2})
+    a = OmegaConf.create({"prompts": 4, "prompt_tokens": 16, "new_tokens": 12, "tokens": 256, "batch_size": 2,
+                          "generate_batch_size": 3})
     ref = evaluate.reference_outputs(model, tok, corpus, a)
 
     def scores() -> tuple:
@@ -191,6 +195,7 @@ def test_eval_end_to_end_original_and_converted(tiny_dir, tmp_path, capsys):
                                "data=local", f"data.files=[{TEXTS / 'alice29.txt'}]", "data.block_size=32",
                                "perplexity_tokens=64", "agreement.tokens=64", "agreement.prompts=3",
                                "agreement.prompt_tokens=8", "agreement.new_tokens=5", "agreement.batch_size=2",
+                               "agreement.generate_batch_size=2",
                                f"work_dir={tmp_path / 'work'}", f"out={out}"])
     cfg.models = entries
     cfg.texts = ["local", {"name": "lee", "files": [str(TEXTS / "lee.txt")], "block_size": 32}]  # two corpora
