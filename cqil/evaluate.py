@@ -1,19 +1,26 @@
-"""Quality of a model: perplexity on held-out token blocks, and lm-eval accuracy (`cqil eval`).
+"""Quality of a model: lm-eval tasks, held-out perplexity, and agreement with the original (`cqil eval`).
 
 `cqil eval` compares several models (original, converted, fine-tuned, any checkpoint) on one task
 list through one config (conf/eval.yaml). Tasks are:
 
-- local lm-eval tasks, kept as lm-eval YAML configs in cqil/tasks/ (e.g. `cqil_polarity`, the Pang-Lee
-  movie-review sentences as two-way multiple choice). Their data files are built from the offline
-  texts at run time under $CQIL_CACHE/eval/data, and the YAMLs are copied with absolute paths to
-  $CQIL_CACHE/eval/tasks (so plain `lm_eval --include_path` can use them too);
-- `perplexity`: token perplexity on the held-out (evaluation) split of `data` (cqil.metrics: the same
-  windows and definition that `cqil convert`, `cqil sweep` and `cqil finetune` report);
-- any lm-eval task or group by name (sciq, winogrande, arc_easy, mmlu, ...): needs the Hugging Face
-  hub for its data set (or a local HF cache and HF_HUB_OFFLINE=1).
+- local lm-eval tasks, kept as lm-eval YAML configs in cqil/tasks/: `cqil_polarity` (Pang-Lee
+  movie-review sentences, two-way multiple choice), and two generation tasks (`generate_until`, exact
+  match), because multiple-choice scores hide damage that generation shows: `cqil_cloze` (the last
+  word of sentences of the evaluation split of the offline texts) and `cqil_arithmetic` (few-shot two-
+  and three-digit addition). Their data files are built deterministically at run time by DATA_BUILDERS
+  (parameters in each YAML's `metadata.build`) under $CQIL_CACHE/eval/data, and the YAMLs are copied
+  with absolute paths to $CQIL_CACHE/eval/tasks (so plain `lm_eval --include_path` can use them too);
+- text tasks, run on the evaluation split of every corpus in `texts` (data configs):
+  `perplexity` (cqil.metrics: the same windows and definition that convert, sweep and finetune report)
+  and `agreement` with the `reference` model (teacher-forced top-1 agreement and KL(reference || model);
+  greedy continuations: fraction of matching tokens, first divergence);
+- any lm-eval task or group by name (sciq, winogrande, arc_easy, mmlu, gsm8k, ...): needs the Hugging
+  Face hub for its data set (or a local HF cache and HF_HUB_OFFLINE=1).
 
 Every model is evaluated in memory through `HFLM(pretrained=model, tokenizer=tokenizer)`, so the
-plan applied by cqil is what lm-eval measures. One CSV row per model x task x metric.
+plan applied by cqil is what lm-eval measures. The reference is evaluated first; only its outputs
+(logits of the agreement windows, greedy tokens) are kept for the others, not the model itself.
+One CSV row per model x task x metric (x corpus for the text tasks).
 """
 from __future__ import annotations
 
@@ -22,28 +29,33 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from . import CqilError, data, models
-from .metrics import perplexity
+from .cli import conf_dir
+from .metrics import all_logits, greedy_agreement, greedy_tokens, perplexity, teacher_forced_agreement
 from .modeling import apply_plan, get_plan
 from .plan import plan_from_config
 from .planning import resolve_plan
 from .results import plan_columns, provenance, read_csv, write_csv
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # lm-eval YAML configs of the local tasks
-PERPLEXITY = "perplexity"                               # the built-in held-out perplexity task
+PERPLEXITY = "perplexity"                               # built-in text task: held-out perplexity
+AGREEMENT = "agreement"                                 # built-in text task: agreement with the reference
+TEXT_TASKS = (PERPLEXITY, AGREEMENT)                    # run once per corpus of `texts`
 ENTRY_KEYS = {"label", "path", "plan", "skip_missing"}   # keys of one `models` entry
-
 
 
 # ---- local task data: real labelled text -> jsonl ---------------------------------------
@@ -74,9 +86,95 @@ def polarity_jsonl(source: Path, out: Path) -> Path:
     return _write_jsonl(rows, out)
 
 
-# data file named in a local task YAML -> function(out path) that builds it from the offline texts
+# Function words are never cloze targets: the cloze asks for content words, which carry the passage.
+STOPWORDS = frozenset("""
+about above after again against also although among another anything around away because been before being
+below between both cannot could does doing done down during each either else enough even ever every from
+have having hence here hers herself himself into itself just less many might mine more most much must myself
+neither never none nothing once only other ours ourselves over perhaps quite rather same shall should since
+some something still such than that their theirs them themselves then there these they thing this those
+though through thus till together under unless until upon very were what whatever when where whether which
+while whom whose will with within without would your yours yourself
+""".split())
+SENTENCE_END = re.compile(r"([A-Za-z]+)[.!?][\"')\]]*")  # a whitespace-delimited word that ends a sentence
+
+
+def split_texts(data_cfg: data.DataConfig, tokenizer, split: str) -> list[tuple[str, str]]:
+    """(document name, text) of one split of every document: exactly the tokens cqil.data assigns to it, decoded."""
+    out = []
+    for name, text in data.documents(data_cfg):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        part = data.split_ranges(len(ids), data_cfg)[split]
+        out.append((name, tokenizer.decode(ids[part.start:part.stop])))
+    return out
+
+
+def cloze_items(text: str, context_words: int, min_length: int) -> list[dict]:
+    """Every last word of a sentence in `text` that is a content word (alphabetic, >= min_length letters, not
+    in STOPWORDS) preceded by a space and by context_words words (not counting the first word of `text`, which
+    may be cut): {"context": the text of those words, ending just before the target, "target": the word}."""
+    words = list(re.finditer(r"\S+", text))
+    items = []
+    for i in range(context_words + 1, len(words)):
+        w = words[i]
+        m = SENTENCE_END.fullmatch(w.group())
+        if not m or len(m.group(1)) < min_length or m.group(1).lower() in STOPWORDS or text[w.start() - 1] != " ":
+            continue
+        items.append({"context": text[words[i - context_words].start():w.start() - 1], "target": m.group(1)})
+    return items
+
+
+def even_quotas(sizes: list[int], total: int) -> list[int]:
+    """`total` split over bins as evenly as possible, no bin above its size (smaller bins leave their rest to others)."""
+    quotas, left = [0] * len(sizes), total
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    for k, i in enumerate(order):
+        quotas[i] = min(sizes[i], left // (len(order) - k))
+        left -= quotas[i]
+    return quotas
+
+
+def cloze_jsonl(out: Path, source: str, items: int, context_words: int, min_length: int, split_tokenizer: str) -> Path:
+    """Last-word cloze from the evaluation split of data config `source` (split as cqil.data cuts it with the
+    tokenizer of the bundled model `split_tokenizer`, so no target lies in training text): `items` targets shared
+    evenly among the documents, evenly spaced within each, documents taking turns. Deterministic."""
+    tokenizer = AutoTokenizer.from_pretrained(models.bundled_checkpoint(split_tokenizer))
+    found = [cloze_items(text, context_words, min_length)
+             for _, text in split_texts(data_config(source), tokenizer, "evaluation")]
+    if sum(map(len, found)) < items:
+        raise CqilError(f"the evaluation split of {source!r} has only {sum(map(len, found))} cloze targets, {items} "
+                        "asked; lower metadata.build items in cqil/tasks/cqil_cloze.yaml or use more text")
+    per_doc = [[doc[k] for k in np.linspace(0, len(doc) - 1, q).round().astype(int)] if q else []
+               for doc, q in zip(found, even_quotas(list(map(len, found)), items))]
+    rows = [doc[k] for k in range(max(map(len, per_doc))) for doc in per_doc if k < len(doc)]
+    return _write_jsonl(rows, out)
+
+
+def arithmetic_jsonl(out: Path, part: str, digits: list[int], questions: int, shots: int, seed: int) -> Path:
+    """Addition questions {"a", "b", "answer"}: part="shots" the few-shot examples, part="test" `questions` per
+    digit count, none repeating a shot or another question; digit counts take turns. Deterministic (seed)."""
+    if part not in ("shots", "test"):
+        raise CqilError(f"arithmetic part {part!r}: use shots or test")
+    rng, seen = random.Random(seed), set()
+
+    def draw(d: int) -> dict:
+        while True:
+            a, b = rng.randint(10 ** (d - 1), 10 ** d - 1), rng.randint(10 ** (d - 1), 10 ** d - 1)
+            if (a, b) not in seen:
+                seen.add((a, b))
+                return {"a": a, "b": b, "answer": str(a + b)}
+
+    examples = [draw(digits[k % len(digits)]) for k in range(shots)]  # drawn first: the test never repeats them
+    test = [draw(digits[k % len(digits)]) for k in range(questions * len(digits))]  # interleaved: `limit` sees all
+    return _write_jsonl(examples if part == "shots" else test, out)
+
+
+# data file named in a local task YAML -> function(out path, **the YAML's metadata.build[file]) that builds it
 DATA_BUILDERS = {
     "pang_lee_polarity.jsonl": lambda out: polarity_jsonl(models.cache_dir() / "texts" / "pang_lee_polarity.txt", out),
+    "cqil_cloze.jsonl": cloze_jsonl,
+    "cqil_arithmetic_shots.jsonl": lambda out, **kw: arithmetic_jsonl(out, "shots", **kw),
+    "cqil_arithmetic_test.jsonl": lambda out, **kw: arithmetic_jsonl(out, "test", **kw),
 }
 
 
@@ -84,18 +182,20 @@ def prepare_local_tasks(work_dir: Path, task_dir: Path = TASK_DIR) -> dict[str, 
     """Build the data of every local task and write its YAML with absolute data paths.
 
     Returns {task name: resolved YAML path}; the YAMLs lie in work_dir/tasks (an lm-eval include_path).
+    A builder gets the keyword arguments given for its file in the YAML's `metadata.build`.
     """
     out = {}
     for src in sorted(task_dir.glob("*.yaml")):
         config = yaml.safe_load(src.read_text())
         files = config.get("dataset_kwargs", {}).get("data_files", {})
+        build = (config.get("metadata") or {}).get("build", {})
         for split, name in files.items():
             if Path(name).is_absolute():
                 continue
             if name not in DATA_BUILDERS:
                 raise CqilError(f"{src}: data file {name!r} has no builder in cqil.evaluate.DATA_BUILDERS; "
                                 "give an absolute path or add a builder")
-            files[split] = str(DATA_BUILDERS[name](work_dir / "data" / name))
+            files[split] = str(DATA_BUILDERS[name](work_dir / "data" / name, **build.get(name, {})))
         dst = work_dir / "tasks" / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
@@ -147,7 +247,7 @@ def task_manager(tasks: list[str], local: dict[str, Path], include_path: list[st
     paths = sorted({str(p.parent) for p in local.values()}) + [str(d) for d in dirs]
     tm = TaskManager(include_path=paths, include_defaults=False)
     offline_names = set(tm.all_tasks)
-    remote = [t for t in tasks if t != PERPLEXITY and t not in offline_names and not Path(t).is_file()]
+    remote = [t for t in tasks if t not in TEXT_TASKS and t not in offline_names and not Path(t).is_file()]
     if not remote:
         return tm
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -155,12 +255,12 @@ def task_manager(tasks: list[str], local: dict[str, Path], include_path: list[st
     unknown = [t for t in remote if t not in set(tm.all_tasks)]
     if unknown:
         raise CqilError(f"unknown task(s) {', '.join(unknown)}; local tasks: {', '.join(sorted(offline_names))}, "
-                        f"{PERPLEXITY}; or an lm-eval task/group name (sciq, winogrande, arc_easy, mmlu, "
+                        f"{', '.join(TEXT_TASKS)}; or an lm-eval task/group name (sciq, winogrande, arc_easy, mmlu, "
                         "hellaswag, piqa, gsm8k, ...)")
     if not offline_env and not hub_reachable():
         raise CqilError(f"task(s) {', '.join(remote)} download their data sets from the Hugging Face hub, which is "
                         f"unreachable from here; offline, use the local tasks ({', '.join(sorted(offline_names))}, "
-                        f"{PERPLEXITY}), or set HF_HUB_OFFLINE=1 if the data sets are in your HF cache")
+                        f"{', '.join(TEXT_TASKS)}), or set HF_HUB_OFFLINE=1 if the data sets are in your HF cache")
     try:
         tm.load(remote)  # fetch (or find cached) data sets now, not after the first model has run
     except Exception as e:  # ConnectionError, DatasetNotFoundError, ...: lm-eval lets many kinds through
@@ -187,8 +287,9 @@ def _n_samples(results: dict, name: str) -> int:
 def _dataset(results: dict, name: str) -> str:
     config = results.get("configs", {}).get(name, {})
     files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, dict) and files:
-        return ",".join(Path(f).stem for f in files.values())
+    if isinstance(files, dict) and files:  # the scored split's file (few-shot examples may come from another)
+        scored = [files[config["test_split"]]] if config.get("test_split") in files else files.values()
+        return ",".join(Path(f).stem for f in scored)
     return config.get("dataset_path") or ("group" if name in results.get("group_subtasks", {}) else "")
 
 
@@ -216,6 +317,95 @@ def lm_eval_task(lm, tm, task: str, num_fewshot: int | None, limit, cfg: DictCon
                               numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     names = [task] if task in results["results"] else list(results["results"])  # a tag expands to its tasks
     return [row for name in names for row in metric_rows(results, name, num_fewshot)]
+
+
+# ---- text tasks: held-out corpora, perplexity, agreement with the reference ---------------
+def data_config(name: str) -> data.DataConfig:
+    """The data config conf/data/<name>.yaml, as a DataConfig."""
+    path = conf_dir() / "data" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise CqilError(f"no data config {name!r} (conf/data/{name}.yaml); known: {known}")
+    spec = OmegaConf.load(path)
+    missing = [k for k in spec if OmegaConf.is_missing(spec, k)]
+    if missing:
+        raise CqilError(f"data config {name!r} needs {', '.join(missing)}; give it as data={name} "
+                        f"data.{missing[0]}=... and name it in texts")
+    return data.DataConfig(**OmegaConf.to_container(spec, resolve=True))
+
+
+def text_corpora(cfg: DictConfig) -> list[data.DataConfig]:
+    """The held-out corpora of the text tasks, from `texts`: data config names (the name of the composed `data`
+    group means that group, with its overrides) or inline data configs {name, files, ...}."""
+    out = []
+    for i, t in enumerate(OmegaConf.to_container(cfg.texts, resolve=True) or []):
+        if isinstance(t, dict):
+            try:
+                out.append(data.DataConfig(**t))
+            except TypeError as e:
+                raise CqilError(f"texts[{i}] is not a data config ({e}); give a data config name or "
+                                "{name: ..., files: [...]}") from None
+        else:
+            out.append(data.DataConfig(**OmegaConf.to_object(cfg.data)) if t == cfg.data.name else data_config(str(t)))
+    names = [c.name for c in out]
+    if len(set(names)) < len(names):
+        raise CqilError(f"texts names a corpus twice ({', '.join(names)}); each corpus once")
+    return out
+
+
+def check_agreement(cfg: DictConfig, entries: list[dict], tasks: list[str]) -> str | None:
+    """The reference label when the agreement task runs (checked: a models[] label, all sizes positive), else None."""
+    if AGREEMENT not in tasks:
+        return None
+    labels = [e["label"] for e in entries]
+    if cfg.reference not in labels:
+        raise CqilError(f"reference={cfg.reference!r} is not a model label ({', '.join(labels)}); the agreement task "
+                        "compares every model with the entry named by `reference`")
+    a = cfg.agreement
+    for key in ("prompts", "prompt_tokens", "new_tokens", "batch_size", "generate_batch_size"):
+        if not isinstance(a[key], int) or isinstance(a[key], bool) or a[key] < 1:
+            raise CqilError(f"agreement.{key}={a[key]!r} must be a positive integer")
+    return cfg.reference
+
+
+@dataclass
+class ReferenceOutputs:
+    """What the agreement task keeps of the reference model for one corpus (the model itself is released)."""
+    windows: torch.Tensor  # [n, block_size] held-out token ids (teacher-forced)
+    logits: torch.Tensor   # [n, block_size, vocab] the reference's logits on them
+    prompts: torch.Tensor  # [N, prompt_tokens] held-out prompts
+    tokens: torch.Tensor   # [N, new_tokens] the reference's greedy continuations
+    vocab: dict            # the reference tokenizer's vocabulary: every model must share it
+
+
+def reference_outputs(model, tokenizer, corpus: data.DataConfig, a: DictConfig) -> ReferenceOutputs:
+    """The reference's teacher-forced logits and greedy continuations on the evaluation split of `corpus`.
+
+    Windows: the first `a.tokens` tokens in data.block_size windows (null: all); prompts: the first `a.prompts`
+    blocks of `a.prompt_tokens` tokens; both round-robin over the corpus's documents (cqil.data.token_blocks).
+    """
+    windows = data.token_blocks(corpus, tokenizer, "evaluation", a.tokens, what="agreement.tokens")
+    prompts = data.token_blocks(corpus, tokenizer, "evaluation", a.prompts * a.prompt_tokens,
+                                block_size=a.prompt_tokens, what="agreement.prompts x agreement.prompt_tokens")
+    return ReferenceOutputs(windows, all_logits(model, windows, a.batch_size, desc=f"reference logits {corpus.name}"),
+                            prompts, greedy_tokens(model, prompts, a.new_tokens, a.generate_batch_size),
+                            tokenizer.get_vocab())
+
+
+def agreement_rows(model, tokenizer, ref: ReferenceOutputs, a: DictConfig, label: str, reference: str) -> list[dict]:
+    """Rows of top1_agreement, kl (teacher-forced), match_fraction and first_divergence (greedy) against ref."""
+    if tokenizer.get_vocab() != ref.vocab:
+        raise CqilError(f"{label!r} has another tokenizer than the reference {reference!r}; agreement compares "
+                        "token by token, so both need the same vocabulary")
+    tf = teacher_forced_agreement(ref.logits, model, ref.windows, a.batch_size, desc=f"{label} agreement")
+    greedy = greedy_agreement(ref.tokens, greedy_tokens(model, ref.prompts, a.new_tokens, a.generate_batch_size))
+    per_position = {"n": tf["positions"], "num_fewshot": 0}
+    per_prompt = {"n": greedy["prompts"], "num_fewshot": 0}
+    return [{"metric": "top1_agreement", "value": tf["top1_agreement"], "stderr": tf["top1_agreement_stderr"], **per_position},
+            {"metric": "kl", "value": tf["kl"], "stderr": tf["kl_stderr"], **per_position},
+            {"metric": "match_fraction", "value": greedy["match_fraction"], "stderr": greedy["match_fraction_stderr"],
+             **per_prompt},
+            {"metric": "first_divergence", "value": greedy["first_divergence"], "stderr": float("nan"), **per_prompt}]
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -276,8 +466,24 @@ def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     return model, tokenizer
 
 
-def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg: data.DataConfig) -> list[dict]:
-    """Rows of every task for one model entry."""
+def text_task_rows(task: str, model, tokenizer, corpus: data.DataConfig, cfg: DictConfig, label: str,
+                   refs: dict[str, ReferenceOutputs]) -> list[dict]:
+    """Rows of a text task (perplexity or agreement) on the evaluation split of one corpus."""
+    common = {"task": task, "dataset": f"{corpus.name}/evaluation", "filter": "none"}
+    if task == PERPLEXITY:
+        blocks = data.token_blocks(corpus, tokenizer, "evaluation", cfg.perplexity_tokens, what="perplexity_tokens")
+        ppl = perplexity(model, blocks, cfg.perplexity_batch_size, desc=f"{label} perplexity {corpus.name}")
+        return [{**common, "metric": "perplexity", "value": ppl, "stderr": float("nan"), "n": blocks[:, 1:].numel(),
+                 "num_fewshot": 0}]
+    if cfg.reference == label:  # the first model evaluated: what every model is compared with
+        refs[corpus.name] = reference_outputs(model, tokenizer, corpus, cfg.agreement)
+    return [{**common, "reference": cfg.reference, **r}
+            for r in agreement_rows(model, tokenizer, refs[corpus.name], cfg.agreement, label, cfg.reference)]
+
+
+def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg: data.DataConfig,
+                   corpora: list[data.DataConfig], refs: dict[str, ReferenceOutputs]) -> list[dict]:
+    """Rows of every task for one model entry (text tasks once per corpus); the reference fills `refs`."""
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = load_entry(entry, cfg, data_cfg)
@@ -290,34 +496,34 @@ def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg:
     fewshot = OmegaConf.to_container(cfg.num_fewshot) if cfg.num_fewshot else {}
     rows = []
     for task in tasks:
-        start = time.perf_counter()
-        if task == PERPLEXITY:
-            blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.perplexity_tokens, what="perplexity_tokens")
-            ppl = perplexity(model, blocks, cfg.perplexity_batch_size, desc=f"{entry['label']} perplexity")
-            task_rows = [{"task": PERPLEXITY, "dataset": f"{data_cfg.name}/evaluation", "metric": "perplexity",
-                          "filter": "none", "value": ppl, "stderr": float("nan"), "n": blocks[:, 1:].numel(),
-                          "num_fewshot": 0}]
-        else:
-            task_rows = lm_eval_task(lm, tm, task, fewshot.get(task), cfg.limit, cfg)
-        seconds = time.perf_counter() - start
-        rows += [{**head, **r, "limit": cfg.limit, "seconds": round(seconds, 2)} for r in task_rows]
-        print(f"[{entry['label']}] {task}: " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in task_rows)
-              + f" ({seconds:.1f} s)")
+        for corpus in corpora if task in TEXT_TASKS else [None]:
+            start = time.perf_counter()
+            if corpus is None:
+                task_rows = lm_eval_task(lm, tm, task, fewshot.get(task), cfg.limit, cfg)
+            else:
+                task_rows = text_task_rows(task, model, tokenizer, corpus, cfg, entry["label"], refs)
+            seconds = time.perf_counter() - start
+            rows += [{**head, **r, "limit": cfg.limit, "seconds": round(seconds, 2)} for r in task_rows]
+            print(f"[{entry['label']}] {task}" + (f" on {corpus.name}" if corpus else "") + ": "
+                  + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in task_rows) + f" ({seconds:.1f} s)")
     return rows
 
 
 def table(df: pd.DataFrame) -> str:
-    """Human summary: one line per task/metric, one column per model, `value ± stderr`."""
+    """Human summary: one line per task/corpus/metric, one column per model, `value ± stderr`."""
     cell = df.apply(lambda r: f"{r.value:.4g}" + (f" ± {r.stderr:.3f}" if r.stderr == r.stderr else ""), axis=1)
-    wide = df.assign(cell=cell).pivot_table(index=["task", "metric", "filter"], columns="label", values="cell",
-                                            aggfunc="first", sort=False)
+    wide = df.assign(cell=cell).pivot_table(index=["task", "dataset", "metric", "filter"], columns="label",
+                                            values="cell", aggfunc="first", sort=False)
     return wide[[c for c in dict.fromkeys(df.label) if c in wide.columns]].to_string()
 
 
+MERGE_KEY = ["label", "task", "dataset"]  # one measurement: a model on a task (on one corpus for text tasks)
+
+
 def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """Keep earlier rows of (label, task) pairs that this run did not evaluate; replace the others."""
-    done = set(zip(new.label, new.task))
-    keep = old[[(lbl, t) not in done for lbl, t in zip(old.label, old.task)]]
+    """Keep earlier rows of (label, task, dataset) that this run did not evaluate; replace the others."""
+    done = set(new[MERGE_KEY].itertuples(index=False, name=None))
+    keep = old[[key not in done for key in old[MERGE_KEY].itertuples(index=False, name=None)]]
     return pd.concat([keep, new], ignore_index=True) if len(keep) else new
 
 
@@ -326,12 +532,24 @@ def run(cfg: DictConfig) -> None:
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": intended
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     tasks = expand_tasks(list(cfg.tasks), OmegaConf.to_container(cfg.suites))
-    entries = check_entries(model_entries(cfg))
+    corpora = text_corpora(cfg) if set(tasks) & set(TEXT_TASKS) else []
+    if set(tasks) & set(TEXT_TASKS) and not corpora:
+        raise CqilError(f"texts=[] names no corpus for the task(s) {', '.join(t for t in tasks if t in TEXT_TASKS)}; "
+                        "give data config names, e.g. texts=[english]")
+    entries = model_entries(cfg)
+    reference = check_agreement(cfg, entries, tasks)
+    entries = check_entries(entries)
+    if reference is not None and reference not in [e["label"] for e in entries]:
+        raise CqilError(f"the reference {reference!r} was skipped (its path does not exist yet), so nothing can be "
+                        "compared with it; run the job that writes it or name another entry in `reference`")
     work_dir = Path(cfg.work_dir).expanduser() if cfg.work_dir else models.cache_dir() / "eval"
     local = prepare_local_tasks(work_dir)
-    tm = task_manager(tasks, local, list(cfg.include_path)) if set(tasks) - {PERPLEXITY} else None
+    tm = task_manager(tasks, local, list(cfg.include_path)) if set(tasks) - set(TEXT_TASKS) else None
     version = importlib.metadata.version("lm_eval")
-    rows = [row for entry in entries for row in evaluate_model(entry, tasks, tm, cfg, data_cfg)]
+    refs: dict[str, ReferenceOutputs] = {}
+    by_label = {e["label"]: evaluate_model(e, tasks, tm, cfg, data_cfg, corpora, refs)
+                for e in sorted(entries, key=lambda e: e["label"] != reference)}  # the reference first
+    rows = [row for e in entries for row in by_label[e["label"]]]               # table order: as in `models`
     df = pd.DataFrame(rows).assign(model=cfg.model.name, lm_eval=version, **provenance(cfg.model.device))
     df = df[["model", *[c for c in df.columns if c != "model"]]]
     if cfg.merge and Path(cfg.out).is_file():

@@ -71,42 +71,71 @@ def kl_per_position(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def teacher_forced_agreement(reference: nn.Module | LogitsFn, model: nn.Module | LogitsFn, blocks: torch.Tensor,
-                             batch_size: int = 4, desc: str = "agreement") -> dict[str, float]:
-    """Top-1 agreement, mean KL(reference || model) and both perplexities on windows blocks [n, T]."""
-    ref_fn, fn, device = logits_fn(reference), logits_fn(model), _device(model)
-    same = kl = 0.0
-    positions = 0
-    nll_ref = nll_model = 0.0
-    count = 0
-    for batch in tqdm(blocks.split(batch_size), desc=desc, unit="batch", leave=False):
-        batch = batch.to(device)
-        r, m = ref_fn(batch), fn(batch)
-        same += (r.argmax(-1) == m.argmax(-1)).sum().item()
-        kl += kl_per_position(r, m).sum().item()
-        positions += batch.numel()
-        (a, c), (b, _) = nll(r, batch), nll(m, batch)
-        nll_ref, nll_model, count = nll_ref + a, nll_model + b, count + c
-    return {"top1_agreement": same / positions, "kl": kl / positions,
-            "ppl_reference": math.exp(nll_ref / count), "ppl_model": math.exp(nll_model / count)}
+def all_logits(model: nn.Module | LogitsFn, blocks: torch.Tensor, batch_size: int = 4,
+               desc: str = "reference logits") -> torch.Tensor:
+    """Float32 logits [n, T, V] of windows blocks [n, T] on the CPU: a reference computed once, compared with many
+    models (so the reference model itself need not stay loaded; n*T*V*4 bytes)."""
+    fn, device = logits_fn(model), _device(model)
+    return torch.cat([fn(b.to(device)).float().cpu() for b in tqdm(blocks.split(batch_size), desc=desc,
+                                                                   unit="batch", leave=False)])
+
+
+def _mean_stderr(per_unit: list[float]) -> tuple[float, float]:
+    """Mean and standard error over independent units (windows, prompts); stderr NaN for one unit."""
+    x = np.asarray(per_unit, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """[B, new_tokens] greedy continuation of prompts [B, T] (transformers' generate, KV cache, no early stop)."""
+def teacher_forced_agreement(reference: nn.Module | LogitsFn | torch.Tensor, model: nn.Module | LogitsFn,
+                             blocks: torch.Tensor, batch_size: int = 4, desc: str = "agreement") -> dict[str, float]:
+    """Top-1 agreement, mean KL(reference || model) and both perplexities on windows blocks [n, T].
+
+    reference may also be its logits for `blocks`, precomputed by `all_logits` (same batch_size gives the
+    same numbers bit for bit). The *_stderr keys are standard errors over windows (positions within a
+    window are not independent).
+    """
+    ref_fn = None if isinstance(reference, torch.Tensor) else logits_fn(reference)
+    fn, device = logits_fn(model), _device(model)
+    same, kl = [], []
+    nll_ref = nll_model = 0.0
+    count = 0
+    for i, batch in enumerate(tqdm(blocks.split(batch_size), desc=desc, unit="batch", leave=False)):
+        batch = batch.to(device)
+        r = ref_fn(batch) if ref_fn else reference[i * batch_size:(i + 1) * batch_size].to(device)
+        m = fn(batch)
+        same += (r.argmax(-1) == m.argmax(-1)).float().mean(1).tolist()
+        kl += [kl_per_position(r[j], m[j]).mean().item() for j in range(len(r))]  # a window at a time: 7 [T, V] temporaries
+        (a, c), (b, _) = nll(r, batch), nll(m, batch)
+        nll_ref, nll_model, count = nll_ref + a, nll_model + b, count + c
+    (top1, top1_se), (mean_kl, kl_se) = _mean_stderr(same), _mean_stderr(kl)
+    return {"top1_agreement": top1, "kl": mean_kl, "top1_agreement_stderr": top1_se, "kl_stderr": kl_se,
+            "ppl_reference": math.exp(nll_ref / count), "ppl_model": math.exp(nll_model / count),
+            "positions": blocks.numel()}
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batch_size: int | None = None) -> torch.Tensor:
+    """[B, new_tokens] greedy continuation of prompts [B, T] (transformers' generate, KV cache, no early stop),
+    batch_size prompts at a time (None: all at once)."""
     config = copy.deepcopy(model.generation_config)
     # no EOS: every continuation has new_tokens tokens (min_new_tokens would instead mask EOS, changing argmax)
     config.update(do_sample=False, eos_token_id=None, max_new_tokens=new_tokens,
                   pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
-    prompts = prompts.to(_device(model))
-    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=config)
-    return out[:, prompts.shape[1]:].cpu()
+    out = []
+    for batch in prompts.split(batch_size or len(prompts)):
+        batch = batch.to(_device(model))
+        ids = model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config)
+        out.append(ids[:, batch.shape[1]:].cpu())
+    return torch.cat(out)
 
 
 def greedy_agreement(reference_tokens: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-    """Mean fraction of matching positions and median first divergence (0-based; M if none) of [B, M] continuations."""
+    """Mean fraction of matching positions (and its stderr over prompts) and median first divergence (0-based;
+    M if none) of [B, M] continuations."""
     match = reference_tokens == tokens
     m = match.shape[1]
     first = torch.where(match.all(1), torch.full((len(match),), m), (~match).float().argmax(1))
-    return {"match_fraction": match.float().mean().item(), "first_divergence": float(np.median(first.numpy())),
-            "new_tokens": m}
+    fraction, stderr = _mean_stderr(match.float().mean(1).tolist())
+    return {"match_fraction": fraction, "match_fraction_stderr": stderr,
+            "first_divergence": float(np.median(first.numpy())), "new_tokens": m, "prompts": len(match)}

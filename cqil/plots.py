@@ -55,15 +55,25 @@ def adjacent_similarity(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+LOWER_IS_BETTER = {"perplexity", "kl"}  # eval metrics where a smaller value is better
+FRACTIONS = {"acc", "acc_norm", "exact_match", "top1_agreement", "match_fraction"}  # eval metrics in [0, 1]
+
+
 def accuracy_table(df: pd.DataFrame, out: str | Path) -> Path:
-    """One panel per task (its first metric), one bar per model with ±stderr and the value printed (eval CSV)."""
-    firsts = df.drop_duplicates("task")[["task", "metric", "filter"]]
+    """One panel per measurement (task, corpus, metric, filter; `acc_norm` only where a task has no `acc`), one bar
+    per model side by side with ±stderr and the value printed (eval CSV): original / converted / fine-tuned."""
+    keys = ["task", "dataset", "metric", "filter"]
+    panels = df.drop_duplicates(keys)[keys]
+    has_acc = set(df[df.metric == "acc"].task)
+    panels = panels[~((panels.metric == "acc_norm") & panels.task.isin(has_acc))]
     labels = list(dict.fromkeys(df.label))
-    fig, axes = plt.subplots(1, len(firsts), figsize=(len(firsts) * max(3.2, 1.2 * len(labels) + 1), 4.0),
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * max(3.2, 1.0 * len(labels) + 1.2), 3.6 * nrows),
                              squeeze=False, layout="constrained")
     colors = plt.get_cmap("tab10")(np.arange(len(labels)) % 10)
-    for ax, (_, f) in zip(axes[0], firsts.iterrows()):
-        rows = df[(df.task == f.task) & (df.metric == f.metric) & (df["filter"] == f["filter"])].set_index("label")
+    for ax, (_, f) in zip(axes.flat, panels.iterrows()):
+        rows = df[(df[keys] == f[keys]).all(axis=1)].set_index("label")
         rows = rows.loc[[lbl for lbl in labels if lbl in rows.index]]
         x = np.arange(len(rows))
         ax.bar(x, rows.value, yerr=rows.stderr.fillna(0), capsize=3, color=colors[[labels.index(lbl) for lbl in rows.index]])
@@ -71,15 +81,18 @@ def accuracy_table(df: pd.DataFrame, out: str | Path) -> Path:
             ax.annotate(f"{v:.3g}" + (f"\n±{se:.2g}" if se == se else ""), (xi, v + (se if se == se else 0)),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(x, [f"{lbl}\n{p}" for lbl, p in zip(rows.index, rows.plan)], fontsize=7)
-        unit = "tokens" if f.metric == "perplexity" else "docs"
-        ax.set_title(f"{f.task} (n={int(rows.n.iloc[0])} {unit})", fontsize=9)
-        ax.set_ylabel(f.metric + ("" if f["filter"] == "none" else f" [{f['filter']}]"))
-        ax.margins(y=0.2)
-        if f.metric.startswith("acc"):
-            ax.set_ylim(0, 1.2)
+        where = f"\n{f.dataset}" if f.task in ("perplexity", "agreement") else ""
+        ax.set_title(f"{f.task}{where} (n={int(rows.n.iloc[0])})", fontsize=9)
+        better = " (lower is better)" if f.metric in LOWER_IS_BETTER else ""
+        ax.set_ylabel(f.metric + ("" if f["filter"] == "none" else f" [{f['filter']}]") + better, fontsize=8)
+        ax.margins(y=0.25)
+        if f.metric in FRACTIONS:
+            ax.set_ylim(0, 1.25)
             ax.set_yticks(np.linspace(0, 1, 6))
-    fig.suptitle(f"{df.model.iloc[0]}: accuracy and held-out perplexity by model (lm-eval {df.lm_eval.iloc[0]})",
-                 fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{df.model.iloc[0]}: accuracy, generation, perplexity and agreement with the original by model "
+                 f"(lm-eval {df.lm_eval.iloc[0]})", fontsize=10)
     return _save(fig, out)
 
 

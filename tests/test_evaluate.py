@@ -1,4 +1,5 @@
-"""`cqil eval`: local lm-eval task data, perplexity, end-to-end lm-eval on original and CQIL models, errors."""
+"""`cqil eval`: local lm-eval task data (polarity, cloze, arithmetic), perplexity, agreement with the reference,
+end-to-end lm-eval on original and CQIL models, errors."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, LlamaForCausalLM
 
-from cqil import CqilError, cli, evaluate, models
-from cqil.modeling import apply_plan
+from conftest import make_tiny_llama, model_and_tokenizer
+from cqil import CqilError, cli, data, evaluate, metrics, models
+from cqil.modeling import apply_plan, plan_disabled
 from cqil.plan import Plan
 from cqil.plots import accuracy_table
 
@@ -20,20 +23,12 @@ TEXTS = models.cache_dir() / "texts"
 TOKENIZER = models.bundled_checkpoint("smollm2-135m")  # the bundled model's tokenizer (dequantized once, cached)
 
 
-def tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random 4-layer LLaMA with the bundled model's real tokenizer, saved as a checkpoint directory."""
     out = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    tiny_llama(len(tok)).save_pretrained(out)
+    make_tiny_llama(layers=4, vocab=len(tok)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -65,9 +60,74 @@ def test_polarity_jsonl_matches_source_and_yaml_is_resolved(tmp_path):
     assert {rows[i]["label"] for i in range(4)} == {0, 1}  # shuffled: a small `limit` sees both labels
 
 
+def test_generation_tasks_build_deterministically_from_the_evaluation_split(tmp_path):
+    """cqil_cloze: content words that end sentences of the evaluation split, with the text just before them;
+    cqil_arithmetic: correct sums, 100 two- and 100 three-digit questions, none repeating a shot. Same bytes twice."""
+    first, again = evaluate.prepare_local_tasks(tmp_path / "a"), evaluate.prepare_local_tasks(tmp_path / "b")
+    for name in ("cqil_cloze.jsonl", "cqil_arithmetic_shots.jsonl", "cqil_arithmetic_test.jsonl"):
+        assert (tmp_path / "a/data" / name).read_bytes() == (tmp_path / "b/data" / name).read_bytes()
+    assert set(first) == set(again) == {"cqil_polarity", "cqil_cloze", "cqil_arithmetic"}
+
+    build = yaml.safe_load((evaluate.TASK_DIR / "cqil_cloze.yaml").read_text())["metadata"]["build"]["cqil_cloze.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "a/data/cqil_cloze.jsonl").read_text().splitlines()]
+    assert len(rows) == build["items"]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    corpus = evaluate.data_config(build["source"])
+    docs = {}  # document text -> character offset where its evaluation split starts (decoded token prefix)
+    for _, text in data.documents(corpus):
+        ids = tok(text, add_special_tokens=False).input_ids
+        docs[text] = len(tok.decode(ids[:data.split_ranges(len(ids), corpus)["evaluation"].start]))
+    per_doc = {text: 0 for text in docs}
+    for r in rows:
+        target = r["target"]
+        assert target.isalpha() and len(target) >= build["min_length"] and target.lower() not in evaluate.STOPWORDS
+        assert len(r["context"].split()) == build["context_words"]
+        piece = r["context"] + " " + target
+        [(text, at)] = [(text, text.rfind(piece)) for text in docs if piece in text]
+        assert at >= docs[text] and text[at + len(piece)] in ".!?"  # in the evaluation split, at a sentence end
+        per_doc[text] += 1
+    assert min(per_doc.values()) > 0  # every document contributes
+
+    config = yaml.safe_load((evaluate.TASK_DIR / "cqil_arithmetic.yaml").read_text())
+    build = config["metadata"]["build"]["cqil_arithmetic_test.jsonl"]
+    shots = [json.loads(line) for line in (tmp_path / "a/data/cqil_arithmetic_shots.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "a/data/cqil_arithmetic_test.jsonl").read_text().splitlines()]
+    assert len(shots) == build["shots"] >= config["num_fewshot"] and build["digits"] == [2, 3]
+    assert len(test) == 2 * build["questions"]
+    assert all(int(r["answer"]) == r["a"] + r["b"] for r in shots + test)
+    assert [len(str(r["a"])) for r in test].count(2) == [len(str(r["b"])) for r in test].count(3) == build["questions"]
+    assert not {(r["a"], r["b"]) for r in shots} & {(r["a"], r["b"]) for r in test}
+
+
+def test_generation_tasks_load_in_lm_eval_offline(tmp_path):
+    """The resolved YAMLs are plain lm-eval tasks: found from their directory alone (no hub), prompts as intended."""
+    local = evaluate.prepare_local_tasks(tmp_path)
+    tm = evaluate.task_manager(["cqil_cloze", "cqil_arithmetic"], local, [])
+    tasks = tm.load(["cqil_cloze", "cqil_arithmetic"])["tasks"]
+    arithmetic, cloze = tasks["cqil_arithmetic"], tasks["cqil_cloze"]
+    n = {name: len((tmp_path / "data" / f"{name}.jsonl").read_text().splitlines()) for name in ("cqil_cloze", "cqil_arithmetic_test")}
+    assert len(cloze.test_docs()) == n["cqil_cloze"] and len(arithmetic.test_docs()) == n["cqil_arithmetic_test"]
+    doc = arithmetic.test_docs()[0]
+    shots = [json.loads(line) for line in (tmp_path / "data/cqil_arithmetic_shots.jsonl").read_text().splitlines()]
+    assert arithmetic.fewshot_context(doc, num_fewshot=4) == \
+        "".join(f"{s['a']} + {s['b']} = {s['answer']}\n" for s in shots[:4]) + f"{doc['a']} + {doc['b']} ="
+    doc = cloze.test_docs()[0]
+    assert cloze.fewshot_context(doc, num_fewshot=0) == doc["context"] and cloze.doc_to_target(doc) == doc["target"]
+
+
+def test_cloze_items_and_even_quotas():
+    text = "one two three four five the cat sat on the mat. It was there. Then the dog barked!\nthe dog ran"
+    items = evaluate.cloze_items(text, context_words=5, min_length=3)
+    # "mat." and "barked!" qualify; "there." is a function word; "ran" ends no sentence
+    assert items == [{"context": "the cat sat on the", "target": "mat"},
+                     {"context": "was there. Then the dog", "target": "barked"}]
+    assert evaluate.even_quotas([1, 10, 10], 9) == [1, 4, 4]
+    assert evaluate.even_quotas([5, 5], 3) in ([1, 2], [2, 1]) and sum(evaluate.even_quotas([0, 7, 3], 10)) == 10
+
+
 # ---- perplexity -----------------------------------------------------------------------------
 def test_perplexity_matches_direct_computation():
-    model = tiny_llama(101, layers=2)
+    model = make_tiny_llama(layers=2, vocab=101)
     blocks = torch.randint(0, 101, (3, 12), generator=torch.Generator().manual_seed(1))
     nll = []
     with torch.no_grad():
@@ -75,6 +135,37 @@ def test_perplexity_matches_direct_computation():
             logp = torch.log_softmax(model(input_ids=block[None]).logits[0].double(), -1)
             nll += [-logp[t, block[t + 1]].item() for t in range(len(block) - 1)]
     assert evaluate.perplexity(model, blocks, batch_size=2) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+# ---- agreement with the reference ----------------------------------------------------------
+def test_greedy_agreement_counts():
+    ref = torch.tensor([[1, 2, 3, 4]] * 3)
+    out = metrics.greedy_agreement(ref, torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [9, 2, 3, 4]]))
+    assert out["match_fraction"] == pytest.approx(10 / 12) and out["first_divergence"] == 1.0  # median of 4, 1, 0
+    assert out["new_tokens"] == 4 and out["prompts"] == 3
+
+
+def test_self_agreement_is_exact_and_a_plan_lowers_it(tiny_checkpoint):
+    model, tok = model_and_tokenizer(tiny_checkpoint)
+    corpus = data.DataConfig(name="tiny", files=tiny_checkpoint["files"], block_size=64)
+    a = OmegaConf.create({"prompts": 4, "prompt_tokens": 16, "new_tokens": 12, "tokens": 256, "batch_size": 2,
+                          "generate_batch_size": 3})
+    ref = evaluate.reference_outputs(model, tok, corpus, a)
+
+    def scores() -> tuple:
+        rows = {r["metric"]: r["value"] for r in evaluate.agreement_rows(model, tok, ref, a, "m", "original")}
+        return rows["top1_agreement"], rows["kl"], rows["match_fraction"], rows["first_divergence"]
+
+    assert scores() == (1.0, 0.0, 1.0, 12)  # exactly: the original against itself
+    # precomputed reference logits give what the reference model itself gives
+    direct = metrics.teacher_forced_agreement(model, model, ref.windows, batch_size=2)
+    assert metrics.teacher_forced_agreement(ref.logits, model, ref.windows, batch_size=2) == direct
+
+    apply_plan(model, Plan.from_dict({"mode": "manual", "start": 2, "end": 6, "group_size": 2, "bypass": 0}, 8))
+    top1, kl, match, first = scores()
+    assert top1 < 1 and kl > 0 and match < 1 and first < 12
+    with plan_disabled(model):  # the same weights without the plan: the original again
+        assert scores() == (1.0, 0.0, 1.0, 12)
 
 
 # ---- end to end through lm-eval -------------------------------------------------------------
@@ -100,42 +191,67 @@ def test_eval_end_to_end_original_and_converted(tiny_dir, tmp_path, capsys):
                {"label": "converted", "path": str(tiny_dir), "plan": plan},
                {"label": "finetuned", "path": str(tmp_path / "not_yet"), "skip_missing": True}]
     out = tmp_path / "acc.csv"
-    cfg = cli.compose("eval", ["tasks=[cqil_polarity,perplexity]", "limit=6", "batch_size=4",
+    cfg = cli.compose("eval", ["tasks=[local]", "limit=4", "batch_size=4",
                                "data=local", f"data.files=[{TEXTS / 'alice29.txt'}]", "data.block_size=32",
-                               "perplexity_tokens=64", f"work_dir={tmp_path / 'work'}", f"out={out}"])
+                               "perplexity_tokens=64", "agreement.tokens=64", "agreement.prompts=3",
+                               "agreement.prompt_tokens=8", "agreement.new_tokens=5", "agreement.batch_size=2",
+                               "agreement.generate_batch_size=2",
+                               f"work_dir={tmp_path / 'work'}", f"out={out}"])
     cfg.models = entries
+    cfg.texts = ["local", {"name": "lee", "files": [str(TEXTS / "lee.txt")], "block_size": 32}]  # two corpora
     evaluate.run(cfg)
     printed = capsys.readouterr().out
     assert "[finetuned] skipped" in printed and "converted" in printed
 
     df = pd.read_csv(out)
     assert list(dict.fromkeys(df.label)) == ["original", "converted"]
-    assert set(zip(df.task, df.metric)) == {("cqil_polarity", "acc"), ("cqil_polarity", "acc_norm"),
-                                           ("perplexity", "perplexity")}
+    text_rows = {(t, m, d) for t in ("perplexity",) for m in ("perplexity",) for d in ("local/evaluation", "lee/evaluation")}
+    text_rows |= {("agreement", m, d) for m in ("top1_agreement", "kl", "match_fraction", "first_divergence")
+                  for d in ("local/evaluation", "lee/evaluation")}
+    measured = {("cqil_polarity", "acc", "pang_lee_polarity"), ("cqil_polarity", "acc_norm", "pang_lee_polarity"),
+                ("cqil_cloze", "exact_match", "cqil_cloze"), ("cqil_arithmetic", "exact_match", "cqil_arithmetic_test")}
+    for label in ("original", "converted"):  # one row per (model, task, metric, corpus)
+        rows = df[df.label == label]
+        assert sorted(zip(rows.task, rows.metric, rows.dataset)) == sorted(measured | text_rows)
     assert set(df[df.label == "converted"].plan) == {"S0 E4 P2 D1"}
-    pol = df[df.metric == "acc"].set_index("label")
-    assert (pol.n == 6).all() and pol.stderr.notna().all()
+    lm = df[df.task.str.startswith("cqil_")].set_index(["label", "task", "metric"])
+    assert (lm.n == 4).all() and lm.stderr.notna().all() and lm.value.between(0, 1).all()
+    assert set(df[df.task.str.startswith("cqil_")]["filter"]) == {"none", "first-word", "first-number"}
     assert {"device", "torch", "transformers", "date", "command", "lm_eval", "seconds"} <= set(df.columns)
 
+    # agreement: the reference against itself exactly 1 / M / 1 / 0; the plan lowers it on both corpora
+    agree = df[df.task == "agreement"].set_index(["label", "dataset", "metric"]).value
+    for corpus in ("local/evaluation", "lee/evaluation"):
+        assert [agree["original", corpus, m] for m in ("top1_agreement", "first_divergence", "match_fraction", "kl")] \
+            == [1.0, 5.0, 1.0, 0.0]
+        assert agree["converted", corpus, "top1_agreement"] < 1 and agree["converted", corpus, "kl"] > 0
+    assert set(df[df.task == "agreement"].reference) == {"original"}
+
     # lm-eval measured exactly the in-memory models (the CQIL one with its plan), not something else
+    pol = df[df.metric == "acc"].set_index("label")
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    docs = [json.loads(line) for line in (tmp_path / "work/data/pang_lee_polarity.jsonl").read_text().splitlines()[:6]]
+    docs = [json.loads(line) for line in (tmp_path / "work/data/pang_lee_polarity.jsonl").read_text().splitlines()[:4]]
     original = LlamaForCausalLM.from_pretrained(tiny_dir).eval()
     assert pol.loc["original", "value"] == pytest.approx(direct_polarity_acc(original, tok, docs))
     converted = apply_plan(LlamaForCausalLM.from_pretrained(tiny_dir).eval(), Plan.from_dict(plan, 4))
     assert pol.loc["converted", "value"] == pytest.approx(direct_polarity_acc(converted, tok, docs))
-    ppl = df[df.metric == "perplexity"].set_index("label").value
-    assert ppl["original"] != ppl["converted"] and (ppl > 1).all()
+    ppl = df[df.metric == "perplexity"].set_index(["label", "dataset"]).value
+    assert ppl["original", "lee/evaluation"] != ppl["converted", "lee/evaluation"] and (ppl > 1).all()
 
     png = accuracy_table(df, tmp_path / "acc.png")
     assert png.stat().st_size > 0
 
-    # a second run of one model keeps the other model's rows (merge) and replaces its own
+    # a second run of one model on one corpus keeps the rows it did not measure (merge) and replaces its own
     cfg.models = entries[:1]
     cfg.tasks = ["perplexity"]
+    cfg.texts = ["local"]
     evaluate.run(cfg)
     df2 = pd.read_csv(out)
-    assert len(df2) == len(df) and (df2[df2.label == "converted"].date == df[df.label == "converted"].date.iloc[0]).all()
+    assert len(df2) == len(df)
+    kept = df2[(df2.label == "converted") | (df2.dataset == "lee/evaluation")]
+    assert (kept.date == df.date.iloc[0]).all()
+    assert (df2[(df2.label == "original") & (df2.dataset == "local/evaluation") & (df2.task == "perplexity")].date
+            != df.date.iloc[0]).all()
 
 
 # ---- bad input: one clear line, exit 2 ------------------------------------------------------
@@ -164,6 +280,33 @@ def test_bad_plan_of_a_later_model_fails_before_any_model_runs(tiny_dir, tmp_pat
                   "plan: {mode: manual, start: 0, end: 3, group_size: 2, bypass: 0}}]")
     err = run_cli([models_arg, "tasks=[perplexity]", f"out={tmp_path / 'x.csv'}"], capsys)
     assert "end - start = 3 is not a multiple of group_size=2" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_reference_texts_and_agreement_settings_are_checked(tiny_dir, tmp_path, capsys):
+    common = [f"models=[{{label: a, path: {tiny_dir}}}, {{label: b, path: {tmp_path / 'later'}, skip_missing: true}}]",
+              f"work_dir={tmp_path}", f"out={tmp_path / 'x.csv'}"]
+    err = run_cli(["tasks=[agreement]", "reference=original", *common], capsys)
+    assert "reference='original' is not a model label (a, b)" in err
+    assert "the reference 'b' was skipped" in run_cli(["tasks=[agreement]", "reference=b", *common], capsys)
+    assert "agreement.new_tokens=0 must be a positive integer" in run_cli(
+        ["tasks=[agreement]", "reference=a", "agreement.new_tokens=0", *common], capsys)
+    assert "no data config 'nowhere'" in run_cli(["tasks=[perplexity]", "texts=[nowhere]", *common], capsys)
+    assert "texts=[] names no corpus" in run_cli(["tasks=[perplexity]", "texts=[]", *common], capsys)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_texts_are_data_configs_by_name_or_inline():
+    cfg = cli.compose("eval", ["data=local", "data.files=[/x/a.txt]", "texts=[local,wikitext2]"])
+    local, wiki = evaluate.text_corpora(cfg)
+    assert (local.name, local.files, wiki.name, wiki.hf["path"]) == ("local", ["/x/a.txt"], "wikitext2", "wikitext")
+    cfg.texts = [{"name": "mine", "files": ["/x/b.txt"], "evaluation_fraction": 1.0}]
+    assert evaluate.text_corpora(cfg)[0].evaluation_fraction == 1.0
+    cfg.texts = ["wikitext2", "wikitext2"]
+    with pytest.raises(CqilError, match="names a corpus twice"):
+        evaluate.text_corpora(cfg)
+    cfg = cli.compose("eval", ["texts=[local]"])  # conf/data/local.yaml without its files
+    with pytest.raises(CqilError, match="data config 'local' needs files"):
+        evaluate.text_corpora(cfg)
 
 
 def test_user_task_directory_is_local(tmp_path):
