@@ -290,28 +290,26 @@ def decode_batch(rt: Runtime, ids: list[list[int]], max_new_tokens: int, eos: se
             on_tokens(kept)
         return sum(t is not None for t in kept)
 
-    start = time.perf_counter()
-    if sampler is None:
-        token, state = rt.prefill(batch, mask)
-    else:
-        _, state, logits = rt.prefill(batch, mask, with_logits=True)
-        token = sampler(logits)
-    host = token.tolist()  # waits for the device: the first token is on the host
-    timing = Timing(time.perf_counter() - start, [], [], 0)
-    timing.first_tokens = keep(host)
+    def step(call, *args):
+        """One runtime call (prefill or decode): the next tokens (device, host) and the decoding state, timed."""
+        start = time.perf_counter()
+        if sampler is None:
+            token, state = call(*args)
+        else:
+            _, state, logits = call(*args, with_logits=True)
+            token = sampler(logits)
+        host = token.tolist()  # waits for the device: the tokens are on the host
+        return token, host, state, time.perf_counter() - start
+
+    token, host, state, ttft = step(rt.prefill, batch, mask)
+    timing = Timing(ttft, [], [], keep(host))
     for _ in range(max_new_tokens - 1):
         if all(done):
             break
         if any(done):  # finished rows decode padding, as transformers' generate() does
             token = token.masked_fill(torch.tensor(done, device=token.device), pad)
-        start = time.perf_counter()
-        if sampler is None:
-            token, state = rt.decode(token, state)
-        else:
-            _, state, logits = rt.decode(token, state, with_logits=True)
-            token = sampler(logits)
-        host = token.tolist()
-        timing.steps.append(time.perf_counter() - start)
+        token, host, state, seconds = step(rt.decode, token, state)
+        timing.steps.append(seconds)
         timing.step_tokens.append(keep(host))
     return out, timing
 

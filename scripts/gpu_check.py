@@ -225,6 +225,17 @@ def failure(run: subprocess.CompletedProcess) -> str:
     return " | ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
 
 
+def job_step(check: Check, step: str, args: list[str], timeout: float) -> float | None:
+    """Run a cqil job: its wall seconds, or None after a failed row (its last lines as the detail)."""
+    start = time.perf_counter()
+    run = cqil_job(args, timeout)
+    seconds = time.perf_counter() - start
+    if run.returncode:
+        check.add(step, f"cqil {args[0]}", "failed", ok=False, seconds=seconds, detail=failure(run))
+        return None
+    return seconds
+
+
 def step_finetune(check: Check, ckpt: str, device: str, plan, work: Path, *, timeout: float) -> None:
     """4 fine-tune steps in bf16 with gradient checkpointing (`cqil finetune`)."""
     from cqil import cli
@@ -241,11 +252,8 @@ def step_finetune(check: Check, ckpt: str, device: str, plan, work: Path, *, tim
     args += ["threads=1"] if device == "cpu" else []  # the CPU dry run: tiny matrices, thread start-up would dominate
     args += ["~ood_data"] if "ood_data" in keys else []          # no second text set needed here
     args += ["++agreement.prompts=0"] if "agreement" in keys else []
-    start = time.perf_counter()
-    run = cqil_job(args, timeout)
-    seconds = time.perf_counter() - start
-    if run.returncode:
-        check.add("finetune", "4 steps, bf16, checkpointing", "failed", ok=False, seconds=seconds, detail=failure(run))
+    seconds = job_step(check, "finetune", args, timeout)
+    if seconds is None:
         return
     row = read_csv(work / "finetune.csv").iloc[-1]
     losses = read_csv(work / "loss.csv").loss
@@ -271,11 +279,8 @@ def step_generate(check: Check, ckpt: str, device: str, plan, work: Path, device
             f"model.dtype={'bfloat16' if expected is None else 'float32'}", f"devices={devices}", "plan=manual",
             *plan_overrides(plan), f"prompt_file={prompts}", f"max_new_tokens={NEW_TOKENS}", "ignore_eos=true",
             f"out={out}", f"results={results}", *(["threads=1"] if device == "cpu" else [])]
-    start = time.perf_counter()
-    run = cqil_job(args, timeout)
-    seconds = time.perf_counter() - start
-    if run.returncode:
-        check.add(name, f"cqil generate devices={devices}", "failed", ok=False, seconds=seconds, detail=failure(run))
+    seconds = job_step(check, name, args, timeout)
+    if seconds is None:
         return
     row = read_csv(results).iloc[-1]
     if expected is not None:
@@ -310,11 +315,8 @@ def step_bench(check: Check, ckpt: str, plan, work: Path, *, timeout: float) -> 
             "model.dtype=bfloat16", "plan=manual", *plan_overrides(plan), "data=local", "data.name=gpu-check",
             f"data.files=[{text_file()}]", "data.block_size=128", "prompt_tokens=[128]", "batch_sizes=[1]",
             "warmup=2", "repeats=5", "new_tokens=8", "profile_runs=1", f"out={out}", f"figure={work / 'bench.png'}"]
-    start = time.perf_counter()
-    run = cqil_job(args, timeout)
-    seconds = time.perf_counter() - start
-    if run.returncode:
-        check.add("bench", "cqil bench devices=2", "failed", ok=False, seconds=seconds, detail=failure(run))
+    seconds = job_step(check, "bench", args, timeout)
+    if seconds is None:
         return
     for r in read_csv(out).itertuples():
         check.add("bench", f"{r.phase} median ms", float(r.median_ms), seconds=seconds,
