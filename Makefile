@@ -10,13 +10,14 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install test reproduce-paper clean
+.PHONY: help install test reproduce-paper gpu-check clean
 
 help:
 	@echo "make install          venv + pinned deps + bundled model + offline texts (idempotent)"
 	@echo "make test             install, then run the test suite"
 	@echo "make reproduce-paper  install, then run the default study (results/ and figures)"
 	@echo "                      other studies: make reproduce-paper ARGS=study=llama7b (conf/study/)"
+	@echo "make gpu-check        the GPU path on CUDA GPUs in < 8 min -> results/gpu_check/ (no CUDA: says so)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,12 @@ test: install
 ARGS ?=
 reproduce-paper: install
 	$(PY) scripts/reproduce_paper.py $(ARGS)
+
+# No install step and no network: a GPU machine brings its own CUDA build of torch. The repository's
+# venv if there is one, else $(PYTHON); the bundled model if cached, else a tiny random model.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,12 +26,26 @@ JOBS = {
     "bench": ("cqil.bench:run", "latency on P devices (torch.distributed) against baselines"),
     "eval": ("cqil.evaluate:run", "accuracy (lm-eval) and perplexity of original/converted/fine-tuned"),
     "latency": ("cqil.latency:run", "latency model: calibrate/validate on bench runs, project LLaMA-7B/13B/33B on GPUs"),
+    "generate": ("cqil.generate:run", "generate text on P devices (KV cache, greedy or sampling), streamed, with TTFT and tokens/s"),
 }
+# Keys whose values are free text (prompts): `key=<any text>` reaches the job verbatim (commas, quotes,
+# parentheses, `=` and `${` included); `key=[...]` stays a Hydra list, and an already quoted value stays as is.
+TEXT_KEYS = {"generate": ("prompt",)}
 CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -> [12,13] ... [28,29])."
 
 
 def conf_dir() -> Path:
     return Path(os.environ.get("CQIL_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def quote_text(override: str) -> str:
+    """`key=<text>` -> `key='<text>'` in Hydra's quoting (escaped quotes, backslashes and interpolations)."""
+    key, _, value = override.partition("=")
+    if value.startswith("[") or (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
+        return override
+    value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)  # a backslash before a quote is doubled
+    value = re.sub(r"(\\+)$", lambda m: m[1] * 2, value).replace("${", "\\${")
+    return f"{key}='{value}'"
 
 
 def compose(job: str, overrides: list[str] = ()) -> DictConfig:
@@ -39,6 +54,8 @@ def compose(job: str, overrides: list[str] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    text = TEXT_KEYS.get(job, ())
+    overrides = [quote_text(o) if "=" in o and o.partition("=")[0].lstrip("+") in text else o for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(config_name=job, overrides=list(overrides))

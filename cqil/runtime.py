@@ -5,6 +5,7 @@ variant)` lists the stages; this module turns them into computations on this ran
 (`cqil bench devices=P tp=T` launches it). Backend gloo on CPU, nccl on CUDA (device cuda:LOCAL_RANK):
 one code path, only the backend and the device differ.
 
+    launch(job, world, threads_per_rank)                        re-run `cqil <job> ...` under torchrun
     init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
     make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
     Runtime(checkpoint or model, plan, mesh, variant)           this rank's weights and stages
@@ -60,7 +61,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shlex
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -85,6 +89,21 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 def under_torchrun() -> bool:
     """True inside a process started by torchrun (or any launcher that sets the env:// variables)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch(job: str, world: int, threads_per_rank: int) -> None:
+    """Run this `cqil <job> ...` command again under `torchrun --standalone` with `world` processes on
+    this host (the same command-line overrides, so every rank composes the same config); a CqilError
+    if a rank fails (torchrun has then ended the others and the failing rank's error is above)."""
+    if len(sys.argv) < 2 or sys.argv[1] != job:
+        raise CqilError(f"cqil {job} launches torchrun with its command-line overrides; start it as `cqil {job} ...`")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "cqil", *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank))
+    print("launching:", shlex.join(cmd[1:]), file=sys.stderr, flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc:
+        raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
 
 
 def check_world_size(devices: int, tp: int = 1) -> int:
