@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import CqilError, data, models
 from .distill import make_trainer
 from .metrics import perplexity
-from .modeling import apply_plan, get_plan, plan_disabled, save_converted
+from .modeling import apply_plan, get_plan, is_converted_dir, plan_disabled, save_converted, write_dir
 from .plan import Plan
 from .planning import resolve_plan
 from .results import plan_columns, provenance, upsert_csv, write_csv
@@ -138,6 +138,22 @@ def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> 
     return wanted
 
 
+def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
+    """Make the saved adapter name its true base, the converted model, in base_model_name_or_path.
+
+    A model loaded from a `cqil convert` directory already names it. Otherwise the plan was applied here,
+    and the adapter on the unconverted model would load without complaint and compute something else:
+    the converted base (same weights, the plan in its config) is saved once to out_dir/converted.
+    """
+    if model.config.model_type != "cqil":
+        base = (out_dir / "converted").absolute()
+        saved = base / "config.json"
+        if int(os.environ.get("RANK", "0")) == 0 and not (
+                is_converted_dir(base) and saved.is_file() and json.loads(saved.read_text()).get("cqil_plan") == plan.to_dict()):
+            save_converted(model, tokenizer, base)
+        model.name_or_path = str(base)  # what peft records as the adapter's base
+
+
 def peak_memory_mb() -> dict:
     """Peak resident memory of this process (and peak GPU memory allocated, if any), MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -166,6 +182,7 @@ def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
                    "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed,
                    "block_size": block, "data": OmegaConf.to_object(cfg.data)}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
+    name_adapter_base(model, tokenizer, plan, out_dir)
 
     on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
     trainer = make_trainer(model, plan, train_blocks, recipe, ckpt_dir, on_gpu, callbacks=callbacks,
@@ -193,11 +210,7 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, eval_blocks: torch.Ten
     """Save adapter and merged model, measure the three held-out perplexities, write and print the row."""
     out_dir = Path(cfg.out_dir)
     model.eval()
-    adapter = out_dir / "adapter"
-    shutil.rmtree(adapter.with_name("adapter.tmp"), ignore_errors=True)
-    model.save_pretrained(adapter.with_name("adapter.tmp"))
-    shutil.rmtree(adapter, ignore_errors=True)
-    adapter.with_name("adapter.tmp").rename(adapter)
+    adapter = write_dir(out_dir / "adapter", model.save_pretrained)
 
     bs = cfg.eval_batch_size
     with model.disable_adapter(), plan_disabled(model):

@@ -37,7 +37,6 @@ broadcast beta = bus_bw, bypass all-gather beta = bus_bw / (P-1). Figures: conf/
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
+from .checks import bench_command
 from .plan import Plan
 from .cli import conf_dir
 from .plots import latency_projection, latency_validation
@@ -118,14 +118,6 @@ def original(n: int, c: Costs) -> float:
 COLUMNS = ["plan", "plan_json", "n_layers", "devices", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "comm",
            "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms", "allreduce_ms",
            "broadcast_ms", "comm_bytes"]
-
-
-def bench_command(path: str) -> str:
-    """The `cqil bench` line that writes `path` (plan read from its S..E..P..D.. tag when it has one)."""
-    m = re.search(r"S(\d+)E(\d+)P(\d+)D(\d+)", Path(path).name)
-    plan = (f"plan.start={m[1]} plan.end={m[2]} plan.group_size={m[3]} plan.bypass={m[4]} devices={m[3]} "
-            if m else "plan.start=.. plan.end=.. ")
-    return f"cqil bench {plan}out={path}"
 
 
 def load_bench(paths: list[str]) -> pd.DataFrame:
@@ -390,7 +382,7 @@ def summary(proj: pd.DataFrame) -> str:
 # ---- the job --------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> None:
     """cqil latency: calibrate + validate on measured CPU runs (if there), then the GPU projection."""
-    if any(Path(p).is_file() for p in cfg.calibrate):
+    if cfg.calibrate:  # every listed table must exist (cqil.checks); calibrate=[] runs the projection alone
         cal, val = load_bench(list(cfg.calibrate)), load_bench(list(cfg.validate))
         fits, kappa = calibrate(cal)
         table = validate({"calibration": cal, "validation": val}, fits, kappa)
@@ -411,9 +403,6 @@ def run(cfg: DictConfig) -> None:
                   + ", ".join(f"{ph} {r.error_pct:.1f}%" for ph, r in err.iterrows()) + "; of the reduction "
                   + ", ".join(f"{ph} {r.reduction_error_pp:.1f} points" for ph, r in err.iterrows()))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
-    elif cfg.calibrate:
-        print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "
-              f"(make it with `{bench_command(cfg.calibrate[0])}`)")
     proj = projection(OmegaConf.to_container(cfg.projection, resolve=True))
     write_csv(proj.assign(**provenance("roofline projection")), cfg.projection_out)
     print(summary(proj))

