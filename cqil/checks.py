@@ -693,8 +693,8 @@ class OutDir(Check):
     """A directory this job writes. Refused if it exists and holds files but is not an output of this
     job (it has no `marker`): cqil never deletes or mixes into a user's directory."""
 
-    def __init__(self, marker: str, null_ok: bool = False, default: str | None = None):
-        self.marker, self.null_ok, self.default = marker, null_ok, default
+    def __init__(self, marker: str, default: str | None = None):
+        self.marker, self.default, self.null_ok = marker, default, default is not None  # null: a directory under default
 
     def __call__(self, value, key, ctx) -> None:
         if value is None and self.default:  # the job picks a directory under `default`: it must be creatable
@@ -1008,9 +1008,10 @@ def undeclared(job: str, cfg: DictConfig) -> list[str]:
     return [k for k, _ in leaves(values) if not any(covers(p, k) for p in CHECKS[job])]
 
 
-def _missing(cfg: DictConfig, table: dict) -> None:
+def _missing(cfg: DictConfig | dict, table: dict) -> None:
     """Mandatory values (`???` in conf/, e.g. model.path with model=hf) that the job reads."""
-    for key, value in leaves(OmegaConf.to_container(cfg, resolve=False)):
+    values = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    for key, value in leaves(values):
         checks = [c for p, c in table.items() if covers(p, key)]
         if value == "???" and not all(c is UNUSED for c in checks):
             hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id> and model.name=<label>)",
@@ -1023,15 +1024,20 @@ def validate(job: str, cfg: DictConfig, conf: Path) -> None:
     table = CHECKS.get(job)
     if table is None:
         return
-    _missing(cfg, table)
     try:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0]
-        raise CqilError(f"the config does not resolve: {first}") from None
+    except OmegaConfBaseException as e:  # e.g. a path interpolates a value the user has not given
+        _missing(cfg, table)
+        raise CqilError(f"the config does not resolve: {str(e).strip().splitlines()[0]}") from None
+    _missing(values, table)
     ctx = Ctx(job, cfg, values, conf)
     for pattern, check in table.items():
         for key, value in _items(values, pattern.split(".")):
-            check(value, key, ctx)
+            try:
+                check(value, key, ctx)
+            except CqilError as e:  # every refusal names the setting it is about
+                if not str(e).startswith(key.split(".")[0]):
+                    raise CqilError(f"{key}: {e}") from None
+                raise
     for deferred in ctx.later:
         deferred()

@@ -145,7 +145,7 @@ def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
     and the adapter on the unconverted model would load without complaint and compute something else:
     the converted base (same weights, the plan in its config) is saved once to out_dir/converted.
     """
-    if model.config.model_type != "cqil":
+    if not is_converted_dir(model.name_or_path):
         base = (out_dir / "converted").absolute()
         saved = base / "config.json"
         if int(os.environ.get("RANK", "0")) == 0 and not (

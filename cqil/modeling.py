@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import json
 import os
 import re
 import shutil
@@ -178,10 +179,17 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---- the saved form: a transformers model class, loaded as remote code -------------------
+# The saved config says model_type "llama" (so AutoTokenizer and AutoConfig read it without remote code,
+# asking nothing and warning nothing) while its auto_map names the classes below. Its weights are saved
+# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded without
+# trust_remote_code=True, the directory fails loudly instead of running silently as the sequential model.
+WEIGHTS_VARIANT = "cqil"
+
+
 class CqilConfig(LlamaConfig):
     """LlamaConfig plus `cqil_plan` ({'groups': [...], 'bypass': D})."""
 
-    model_type = "cqil"
+    model_type = "llama"  # the saved config reads as a Llama config (see above); its class is this one
 
     def __init__(self, cqil_plan: dict | None = None, **kwargs):
         self.cqil_plan = cqil_plan
@@ -197,6 +205,11 @@ class CqilForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         if config.cqil_plan:
             apply_plan(self, Plan.from_dict(config.cqil_plan, config.num_hidden_layers))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        return super().from_pretrained(*args, **kwargs)
 
 
 # ---- writing directories: never half-written, never over a user's files ---------------------
@@ -264,7 +277,7 @@ def is_converted_dir(path: str | Path) -> bool:
 def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     """Save a CQIL model so that standard tools load it with trust_remote_code=True.
 
-    Writes weights, tokenizer, config.json (model_type 'cqil', auto_map) and the modeling code
+    Writes weights (the "cqil" variant), tokenizer, config.json (cqil_plan, auto_map) and the modeling code
     (this file as modeling_cqil.py, plus plan.py), atomically (write_dir): an interrupted save leaves
     the previous directory as it was. An existing `out_dir` is replaced only if it is itself such a
     directory; any other non-empty directory is refused, never deleted.
@@ -287,9 +300,11 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Pa
     def write(tmp: Path) -> None:
         original, model.config = model.config, config
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, variant=WEIGHTS_VARIANT)
         finally:
             model.config = original
+        saved = json.loads((tmp / "config.json").read_text())  # save_pretrained names the class it was called on
+        (tmp / "config.json").write_text(json.dumps({**saved, "architectures": ["CqilForCausalLM"]}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         here = Path(__file__).resolve().parent
