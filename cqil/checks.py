@@ -7,7 +7,9 @@ CqilError with one line (what is wrong, how to fix it); the CLI prints it and ex
 Keys are dotted paths; `*` matches one level (keys the user names, e.g. `suites.*`); a check on a
 mapping or list covers everything under it. A key that a job does not read is declared UNUSED.
 tests/test_catalogue.py walks conf/ and fails for any config key that has no entry here, so a key
-added to conf/ is added to the table in the same change.
+added to conf/ is added to the table in the same change: `"new_key": Count(1)` in its job's table
+(or in MODEL / DATA / PLAN for a key of a config group); a new kind of check subclasses Check, and
+tests/test_catalogue.py's BAD gets the values it must refuse.
 
 This module imports neither torch nor transformers (a bad input costs well under a second): the few
 checks that need them (which CUDA devices exist, scheduler names) run afterwards, in `later`,
@@ -690,14 +692,16 @@ class OutFile(Check):
 
 
 class OutDir(Check):
-    """A directory this job writes. Refused if it exists and holds files but is not an output of this
-    job (it has no `marker`): cqil never deletes or mixes into a user's directory."""
+    """A directory this job writes. With a `marker`, it is refused if it exists and holds files but is not an
+    output of this job (no marker file): cqil never deletes or mixes into a user's directory. Without one
+    (a work directory cqil keeps its own generated files in) it only has to be writable. null: the job
+    picks a directory under `default`, which must be creatable."""
 
-    def __init__(self, marker: str, default: str | None = None):
-        self.marker, self.default, self.null_ok = marker, default, default is not None  # null: a directory under default
+    def __init__(self, marker: str | None = None, default: str | None = None, null_ok: bool = False):
+        self.marker, self.default, self.null_ok = marker, default, null_ok or default is not None
 
     def __call__(self, value, key, ctx) -> None:
-        if value is None and self.default:  # the job picks a directory under `default`: it must be creatable
+        if value is None and self.default:
             return check_writable(Path(self.default) / "x", key, value)
         super().__call__(value, key, ctx)
 
@@ -708,25 +712,12 @@ class OutDir(Check):
         if path.exists() and not path.is_dir():
             raise refuse(key, value, "is a file, not a directory")
         check_writable(path / "x", key, value)
-        if int(os.environ.get("RANK", "0")) != 0:
+        if self.marker is None or int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 is the one that creates it (and may already be doing so)
         if path.is_dir() and any(path.iterdir()) and not (path / self.marker).exists():
             some = ", ".join(sorted(p.name for p in path.iterdir())[:3])
             raise refuse(key, value, f"exists and holds files that are not a cqil {ctx.job} output ({some}, ...; "
                                      f"no {self.marker}); cqil never deletes or mixes into them: choose a new or empty directory")
-
-
-class WorkDir(Check):
-    """A directory cqil keeps generated files in (null: its default under $CQIL_CACHE)."""
-    null_ok = True
-
-    def check(self, value, key, ctx) -> None:
-        if not isinstance(value, str) or not value:
-            raise refuse(key, value, "must be a directory path or null")
-        path = Path(value).expanduser()
-        if path.exists() and not path.is_dir():
-            raise refuse(key, value, "is a file, not a directory")
-        check_writable(path / "x", key, value)
 
 
 # ---- job-specific values -----------------------------------------------------------------------
@@ -940,7 +931,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "include_path": Dirs(), "limit": Limit(), "batch_size": BatchSize(),
         "perplexity_tokens": Tokens(null_ok=True), "perplexity_batch_size": Count(1),
         "bootstrap_iters": Count(0), "seed": Int(), **THREADS,
-        "work_dir": WorkDir(), "merge": Flag(),
+        "work_dir": OutDir(null_ok=True), "merge": Flag(),  # null: $CQIL_CACHE/eval
         "out": OutFile(".csv"),
     },
     "latency": {
