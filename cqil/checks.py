@@ -904,7 +904,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "lora.target_modules": StrList(), "lora.layers": LoraLayers(),
         "loss.kind": Choice("kl", "ce", "mix"), "loss.temperature": Number(0, lo_open=True),
         "loss.kl_weight": Number(0, 1),
-        "train.max_steps": Count(1), "train.block_size": Count(2), "train.batch_size": Count(1),
+        "train.max_steps": Count(1), "train.block_size": BlockSize(), "train.batch_size": Count(1),
         "train.grad_accum": Count(1), "train.lr": Number(0, lo_open=True), "train.schedule": Schedule(),
         "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
         "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
@@ -1010,11 +1010,24 @@ def _missing(cfg: DictConfig | dict, table: dict) -> None:
             raise CqilError(f"{key} has no value; give {key}=...{hint}")
 
 
-def validate(job: str, cfg: DictConfig, conf: Path) -> None:
-    """Check every value of the job's config (CHECKS[job]); resolve model.device=auto. CqilError on the first bad one."""
+def check_overrides(job: str, overrides: list[str]) -> None:
+    """Hydra lets `+key=value` add a key and `~key` remove one: a setting the job does not have would be
+    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if o.startswith("~"):
+            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)")
+        if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
+            raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
+
+
+def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -> None:
+    """Check the overrides and every value of the job's config (CHECKS[job]); resolve model.device=auto.
+    CqilError on the first bad one."""
     table = CHECKS.get(job)
     if table is None:
         return
+    check_overrides(job, list(overrides))
     try:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as e:  # e.g. a path interpolates a value the user has not given

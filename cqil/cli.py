@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             print(job_help(job))
             return
         cfg = compose(job, overrides)
-        checks.validate(job, cfg, conf_dir())  # every value, before any work (cqil/checks.py)
+        checks.validate(job, cfg, conf_dir(), overrides)  # every value, before any work (cqil/checks.py)
         module, function = JOBS[job][0].split(":")
         getattr(importlib.import_module(module), function)(cfg)
     except (CqilError, PlanError) as e:
