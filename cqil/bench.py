@@ -1,62 +1,87 @@
 """`cqil bench`: latency of CQIL on P devices against honest baselines, side by side in one run.
 
-Setups, for every (prompt length T, batch size B):
+Setups, for every (prompt length T, batch size B), each with its own rank-local weights (cqil.runtime
+reads from the checkpoint only what each rank runs; `build_setups`):
   (a) original, 1 device       the original model, one process (CPU: 1 thread)
-  (b) cqil (...)               the plan on P processes/devices (cqil.runtime; CPU: 1 thread each),
-                               once per runtime variant in `cqil` (collectives, LM head, where
-                               the layers outside groups run)
-  (c) original, P threads      what a user would otherwise do with the same P devices: on CPU one
-      tensor parallel, P GPUs  process with P threads; on CUDA tensor parallelism over P GPUs
+  (b) cqil (...)               the plan on a devices x tp mesh (cqil.runtime; CPU: 1 thread per rank),
+                               once per runtime variant in `cqil` (communicator, LM head, where the
+                               layers outside groups run); tp > 1: CQIL x TP
+  (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
+                               once per variant in `tensor_parallel` (same LM head treatments as CQIL)
+      original, N threads      CPU: one process with the threads of all N ranks
+Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
+rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA
+rank_peak_gpu_mb_max (the largest rank's whole bench process: all the setups it holds at once, plus
+activations); mesh_p, mesh_t: the setup's mesh.
 
-Protocol: `warmup` untimed rounds, then `repeats` timed rounds; a round runs every setup once,
-in turn, so slow drift of the machine hits all setups alike. A run is the prefill of the prompt
-(time to first token, TTFT, includes choosing that token) followed by `new_tokens` greedy decode
-steps (time per output token, TPOT, each step timed). Reported: median and p90 over runs (TTFT)
-or over all timed steps (TPOT), the latency reduction of every setup against (a) (medians), and
-for CQIL its fraction of the plan's ideal reduction g*(P-1)/n. While rank 0 times (a) and (c)
-alone, the other ranks sleep in a barrier. Prompts are real text (the data set's evaluation split).
+Protocol. A run is the prefill of the prompt (time to first token, TTFT, includes choosing that
+token) followed by `new_tokens` greedy decode steps (time per output token, TPOT). A round runs
+every setup once, back to back (the order rotates from round to round), so slow drift of the
+machine hits all setups of a round alike. A round's figure is its TTFT, and for decode the median
+of its steps. Warm-up rounds run until two successive rounds take the same time (within
+`warmup_tol`, at most `warmup_max` rounds); then timed rounds run, `repeats` of them or, with
+`repeats: auto`, until the 95% interval of the headline reduction is narrower than
+`stop.ci_width` in both phases or the time budget `stop.budget_s` runs out (the CSV says which).
+Reported per setup: the median over rounds (and p90: over rounds for TTFT, over all steps for TPOT);
+the latency reduction against (a) as the median over rounds of the PAIRED reduction
+1 - setup/(a) of the same round, with a bootstrap interval resampling rounds; for CQIL its
+fraction of the plan's ideal reduction g*(P-1)/n. Each rank (and the one-process baselines) is
+pinned to its own cores where the platform allows (`pin`; recorded in the CSV). While rank 0 times
+(a) and the threads baseline alone, the other ranks wait. Prompts are real text (the data set's evaluation split).
 
 Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
-the head + argmax, and the rest); for every CQIL setup, rank0_*_ms, where member 0 spends its time
-(layers outside groups, its group members, inside collectives including waiting, head, rest), and
-allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) alone.
+the head + argmax, and the rest); for every multi-process setup, rank0_*_ms, where rank 0 spends its
+time (layers outside groups, its group members, inside collectives including waiting, head, rest), and
+allreduce_ms / broadcast_ms, one collective of a [B, T, H] hidden state (decode: [B, 1, H]) over all ranks.
+
+Failure: the bench's own waits (barriers, rank 0's decisions) go through the launcher's key-value
+store and are bounded: a peer that shows no sign of life for `timeout_s` (dead, or stopped) ends
+the run with its rank named; a live peer that is busy alone (rank 0 timing the baselines, a slow
+model load) is waited for up to `solo_timeout_s`. Collectives inside the runtime time out after
+`timeout_s` (cqil.runtime).
 
 `cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
 itself; starting that torchrun line directly works the same.
 """
 from __future__ import annotations
 
-import copy
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import CqilError, data, models
 from .plan import Plan, plan_from_config
+from .control import Control
 from .planning import resolve_plan
 from .plots import bench_latency
 from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, write_csv
-from .runtime import Runtime, _MemberStage, init_distributed, make_mesh, under_torchrun
+from .runtime import Runtime, init_distributed, make_mesh, shutdown, under_torchrun
+from .schedule import Variant
 
 
 def run(cfg: DictConfig) -> None:
     """Outside torchrun: launch it with this command's overrides. Inside: be one rank of the bench."""
     if under_torchrun():
-        return worker(cfg)
+        try:
+            return worker(cfg)
+        finally:
+            shutdown()
     world = cfg.devices * cfg.tp
+    check_protocol(cfg)
     if cfg.devices < 2:
         raise CqilError(f"devices={cfg.devices}: CQIL needs at least 2 devices to run group members concurrently")
     plan_cfg = OmegaConf.to_object(cfg.plan)
@@ -128,8 +153,141 @@ def device_sync(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _stats(ms: list[float]) -> dict:
-    return {"samples": len(ms), "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+# ---- statistics of paired rounds (pure functions) ---------------------------------------------
+def paired_reductions(base_ms, setup_ms) -> np.ndarray:
+    """Per round: 1 - setup / baseline of the same round (both sequences in round order)."""
+    base, setup = np.asarray(base_ms, float), np.asarray(setup_ms, float)
+    if base.shape != setup.shape:
+        raise ValueError(f"paired rounds need as many baseline rounds as setup rounds ({base.shape} vs {setup.shape})")
+    return 1 - setup / base
+
+
+def bootstrap_ci(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median: resample the values (rounds) with replacement.
+
+    Deterministic (fixed seed), so the same rounds always give the same interval; NaN below 2 values."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    medians = np.median(v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))], axis=1)
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def reduction_stats(base_ms, setup_ms, level: float = 0.95, resamples: int = 2000) -> dict:
+    """Median of the paired per-round reductions and its bootstrap interval."""
+    r = paired_reductions(base_ms, setup_ms)
+    lo, hi = bootstrap_ci(r, level, resamples)
+    return {"reduction": float(np.median(r)), "reduction_ci_low": lo, "reduction_ci_high": hi, "rounds": len(r)}
+
+
+def warmed_up(round_ms: list[float], tol: float) -> bool:
+    """Warm-up is over when the last round took the same time as the one before, within `tol` (relative)."""
+    return len(round_ms) >= 2 and abs(round_ms[-1] / round_ms[-2] - 1) <= tol
+
+
+def warmup_reason(round_ms: list[float], warmup: int | str, warmup_max: int, tol: float, elapsed_s: float,
+                  share_s: float) -> str | None:
+    """Why warm-up ends after these rounds, or None for another: a fixed count ("fixed"); auto: two
+    rounds alike ("stable"), `warmup_max` rounds ("max"), or a quarter of the shape's time share gone ("budget")."""
+    if warmup != "auto":
+        return "fixed" if len(round_ms) >= int(warmup) else None
+    if warmed_up(round_ms, tol):
+        return "stable"
+    if len(round_ms) >= warmup_max:
+        return "max"
+    return "budget" if len(round_ms) >= 2 and elapsed_s > share_s / 4 else None
+
+
+def stop_reason(rounds: int, repeats: int | str, widths: list[float], elapsed_s: float, round_s: float,
+                share_s: float, stop: dict) -> str | None:
+    """Why the timed rounds of one shape end now, or None to add another round.
+
+    Fixed `repeats`: after that many rounds ("repeats"). `repeats="auto"`: once `stop['min_rounds']`
+    rounds are in, when every headline interval is narrower than `stop['ci_width']` ("ci"), when one
+    more round (and the profiles after the rounds, about `profile_rounds` rounds long) would overrun
+    this shape's share of the time budget ("budget"), or at `stop['max_rounds']` ("max_rounds")."""
+    if repeats != "auto":
+        return "repeats" if rounds >= int(repeats) else None
+    if rounds < stop["min_rounds"]:
+        return None
+    if widths and all(w <= stop["ci_width"] for w in widths):
+        return "ci"
+    if elapsed_s + round_s * (1 + stop.get("profile_rounds", 0)) > share_s:
+        return "budget"
+    return "max_rounds" if rounds >= stop["max_rounds"] else None
+
+
+def round_figures(runs: list[tuple[float, list[float]]]) -> dict[str, np.ndarray]:
+    """A setup's figure in each round: its TTFT (prefill) and the median of its decode steps (decode)."""
+    return {"prefill": np.array([ttft for ttft, _ in runs], float),
+            "decode": np.array([np.median(steps) for _, steps in runs], float)}
+
+
+def headline_widths(rounds: list[dict], headline: str, level: float, resamples: int) -> list[float]:
+    """Width of the interval of the headline setup's paired reduction, per phase (the stopping rule's input)."""
+    base, head = round_figures([r[ORIGINAL] for r in rounds]), round_figures([r[headline] for r in rounds])
+    widths = []
+    for phase in base:
+        s = reduction_stats(base[phase], head[phase], level, resamples)
+        widths.append(s["reduction_ci_high"] - s["reduction_ci_low"])
+    return widths
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """The timing protocol's keys, checked before any process waits on another."""
+    def bad(key: str, value, want: str) -> CqilError:
+        return CqilError(f"bench {key}={value!r}: {want}")
+
+    if cfg.repeats != "auto" and not (isinstance(cfg.repeats, int) and cfg.repeats >= 1):
+        raise bad("repeats", cfg.repeats, "give a number of timed rounds >= 1, or auto (the stopping rule)")
+    if cfg.warmup != "auto" and not (isinstance(cfg.warmup, int) and cfg.warmup >= 0):
+        raise bad("warmup", cfg.warmup, "give a number of warm-up rounds >= 0, or auto (until stable)")
+    if not cfg.new_tokens >= 1:
+        raise bad("new_tokens", cfg.new_tokens, "time at least one decode step")
+    if not 0 < cfg.confidence < 1:
+        raise bad("confidence", cfg.confidence, "a level between 0 and 1, e.g. 0.95")
+    if cfg.repeats == "auto" and not 2 <= cfg.stop.min_rounds <= cfg.stop.max_rounds:
+        raise bad("stop.min_rounds", cfg.stop.min_rounds, "at least 2 (an interval) and at most stop.max_rounds")
+
+
+# ---- pinning ------------------------------------------------------------------------------
+def core_plan(pin: str | bool, threads_per_rank: int, local_rank: int, local_world: int,
+              allowed: list[int] | None) -> tuple[list[int] | None, list[int] | None, str]:
+    """(this rank's cores, the cores of the one-process P-thread baseline on local rank 0, description).
+
+    Local rank r gets `threads_per_rank` cores of its own (the r-th slice of the cores this host
+    allows); the P-thread baseline gets the slices of all local ranks. `pin`: true (required),
+    false, or "auto" (where the platform allows: sched_setaffinity exists and there are enough cores)."""
+    if pin not in (True, False, "auto"):
+        raise CqilError(f"bench pin={pin!r}: use true, false or auto")
+    need = threads_per_rank * local_world
+    why = ("pinning off (pin=false)" if pin is False else
+           "os.sched_setaffinity is not available on this platform" if allowed is None else
+           f"{need} cores needed ({local_world} ranks x {threads_per_rank} threads), {len(allowed)} allowed"
+           if len(allowed) < need else None)
+    if why:
+        if pin is True:
+            raise CqilError(f"bench pin=true: cannot pin: {why}; use pin=auto or pin=false")
+        return None, None, f"none ({why})"
+    cores = sorted(allowed)
+    mine = cores[local_rank * threads_per_rank:(local_rank + 1) * threads_per_rank]
+    slices = "; ".join(f"rank {r}: cpu {','.join(map(str, cores[r * threads_per_rank:(r + 1) * threads_per_rank]))}"
+                       for r in range(local_world))
+    return mine, cores[:need], f"{slices}; baselines on rank 0's cores, (c) on all {need}"
+
+
+def pin(cores: list[int]) -> None:
+    """Restrict every thread of this process (OpenMP workers, gloo threads) to `cores`; new threads inherit it."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: the calling thread only
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
@@ -151,95 +309,215 @@ def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
 def worker(cfg: DictConfig) -> None:
     """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
-    mesh = init_distributed(cfg.devices, cfg.tp, cfg.timeout_s, device_type)
+    check_protocol(cfg)
+    device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     lead = rank == 0
+    # before any thread starts: every thread inherits the pinning (the P-thread baseline widens it)
+    cores, all_cores, pinning = core_plan(cfg.pin, cfg.threads_per_rank, int(os.environ.get("LOCAL_RANK", rank)),
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                          sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else None)
+    if cores:
+        pin(cores)
     torch.set_num_threads(cfg.threads_per_rank)
-    # while rank 0 times the one-device baselines alone, the others wait here (long timeout, no spinning)
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.solo_timeout_s))
+    control = Control(cfg.timeout_s, cfg.solo_timeout_s)
 
-    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
-    plan = resolve_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
-    check_devices(plan, cfg.devices)
-    if max(cfg.prompt_tokens) > data_cfg.block_size:
-        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
-    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
-    prompts = prompts.to(model.device)
+    built = build_setups(cfg, device, control)
+    original, setups, variants, plan, prompts = built.original, built.runtimes, built.columns, built.plan, built.prompts
 
-    original = Runtime(model, Plan())
-    setups: dict[str, Runtime] = {}
-    variants: dict[str, dict] = {}  # setup -> its runtime options (CSV columns comm, lm_head, ungrouped)
-    for variant in cfg.cqil:
-        v = {"comm": "auto", "lm_head": "sharded", "ungrouped": "replicated", **variant}
-        if set(v) - {"comm", "lm_head", "ungrouped"}:
-            raise CqilError(f"bench cqil setup {dict(variant)} has unknown keys; use comm, lm_head, ungrouped")
-        rt = Runtime(model, plan, mesh, timeout_s=cfg.timeout_s, **v)
-        name = f"cqil ({rt.comm.name}, head {v['lm_head']}, ungrouped {v['ungrouped']})"
-        setups[name], variants[name] = rt, {**v, "comm": rt.comm.name}
-    if device_type == "cuda":  # (c) on GPUs: the original model, tensor parallel over the same devices
-        setups[f"tensor parallel, {world} GPUs"] = Runtime(copy.deepcopy(model), Plan(), make_mesh(1, world, "cuda"))
+    control.barrier("the start (ranks load at their own speed)", busy=True)
 
     def solo(fn) -> None:
-        """Rank 0 runs fn alone; the other ranks wait."""
+        """Rank 0 runs fn alone; the other ranks wait for it (a busy peer: up to solo_timeout_s)."""
         if lead:
             fn()
-        dist.barrier(group=control)
+        control.barrier("rank 0's one-process section", busy=not lead)
 
-    samples: dict[tuple, tuple[list, list]] = {}
+    threads_name = f"original, {world} threads"
 
-    def record(name: str, t: int, b: int, rt: Runtime, ids: torch.Tensor, timed: bool) -> None:
-        ttft, tpot = timed_run(rt, ids, cfg.new_tokens)
-        if timed:
-            runs = samples.setdefault((name, t, b), ([], []))
-            runs[0].append(ttft)
-            runs[1].extend(tpot)
+    def one_round(ids: torch.Tensor, i: int) -> dict[str, tuple[float, list[float]]]:
+        """Every setup once, back to back, the order rotated by i: {setup: (TTFT, decode steps)} (rank 0's clock)."""
+        out = {}
 
+        def baselines() -> None:
+            out[ORIGINAL] = timed_run(original, ids, cfg.new_tokens)
+            if device_type == "cpu":  # (c) on CPU: one process using the threads (and cores) of all P ranks
+                torch.set_num_threads(world * cfg.threads_per_rank)
+                if all_cores:
+                    pin(all_cores)
+                out[threads_name] = timed_run(original, ids, cfg.new_tokens)
+                if cores:
+                    pin(cores)
+                torch.set_num_threads(cfg.threads_per_rank)
+
+        slots = [None, *setups]  # None: the baselines
+        for name in slots[i % len(slots):] + slots[:i % len(slots)]:
+            if name is None:
+                solo(baselines)
+            else:
+                control.barrier(f"the start of a run of {name}")  # every rank starts the run together
+                out[name] = timed_run(setups[name], ids, cfg.new_tokens)
+        return out
+
+    headline = cfg.stop.headline or next(iter(setups))
+    if headline not in setups:
+        raise CqilError(f"bench stop.headline={headline!r} is not one of the setups: {', '.join(setups)}")
+    stop = {**OmegaConf.to_object(cfg.stop), "profile_rounds": cfg.profile_runs}
     grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
+    timings: dict[tuple, list[dict]] = {}  # (T, B) -> the timed rounds (rank 0's)
+    protocol: dict[tuple, dict] = {}      # (T, B) -> warm-up rounds, what ended the rounds
     load: dict[tuple, dict] = {}
     parts: dict[tuple, dict] = {}  # (setup, phase, T, B) -> latency-model inputs
-    for t, b in tqdm(grid, desc="bench", unit="shape", disable=not lead):
+    run_start = time.perf_counter()
+    for j, (t, b) in enumerate(tqdm(grid, desc="bench", unit="shape", disable=not lead)):
         ids = prompts[:b, :t]
         start = (time.perf_counter(), machine_cpu_s(), time.process_time())
-        for i in range(cfg.warmup + cfg.repeats):  # round robin over setups: drift hits all alike
-            timed = i >= cfg.warmup
-
-            def baselines() -> None:
-                record(ORIGINAL, t, b, original, ids, timed)
-                if device_type == "cpu":  # (c) on CPU: one process using the threads of all P ranks
-                    torch.set_num_threads(world * cfg.threads_per_rank)
-                    record(f"original, {world} threads", t, b, original, ids, timed)
-                    torch.set_num_threads(cfg.threads_per_rank)
-
-            solo(baselines)
-            for name, rt in setups.items():
-                dist.barrier(group=control)  # every rank starts the run together
-                record(name, t, b, rt, ids, timed)
-        ours = [0.0] * world
-        dist.all_gather_object(ours, time.process_time() - start[2], group=control)
-        load[t, b] = other_load(start, sum(ours))
+        share = (cfg.stop.budget_s - (start[0] - run_start)) / (len(grid) - j)  # what is left, shared evenly
+        warm: list[float] = []  # rank 0's time of each warm-up round (all its setups' runs)
+        warmed = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, 0.0, share)  # warmup=0: none
+        while not warmed:
+            warm.append(sum(ttft + sum(steps) for ttft, steps in one_round(ids, len(warm)).values()))
+            mine = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, time.perf_counter() - start[0],
+                                 share) if lead else None
+            warmed = control.decide(mine or "", "the end of a warm-up round")
+        rounds: list[dict] = []
+        while True:
+            r0 = time.perf_counter()
+            rounds.append(one_round(ids, len(warm) + len(rounds)))
+            reason = None
+            if lead:
+                widths = headline_widths(rounds, headline, cfg.confidence, cfg.bootstrap_resamples) \
+                    if cfg.repeats == "auto" else []
+                now = time.perf_counter()
+                reason = stop_reason(len(rounds), cfg.repeats, widths, now - start[0], now - r0, share, stop)
+            reason = control.decide(reason or "", "the end of a timed round")
+            if reason:
+                break
+        timings[t, b], protocol[t, b] = rounds, {"warmup": len(warm), "warmup_ended_by": warmed, "stopped_by": reason}
+        ours = control.gather(str(time.process_time() - start[2]), "the load measurement")
+        if lead:
+            load[t, b] = other_load(start, sum(map(float, ours)))
 
         def profile_original() -> None:  # (a)'s parts: the latency model's inputs
-            n = model.config.num_hidden_layers
+            n = built.config.num_hidden_layers
             for phase, v in profile(original, ids, cfg.new_tokens, cfg.profile_runs).items():
                 parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
                                                 "rest_ms": v["rest"]}
 
         solo(profile_original)
         for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
-            dist.barrier(group=control)
+            control.barrier(f"the start of a profile of {name}")
             prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
-            comm = comm_times(rt.comm, b, t, model.config.hidden_size, model.dtype, model.device) if rt.comm else {}
+            comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, device) if rt.comm else {}
             for phase in prof:
                 parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
+    memory = peak_memory(device, control)
+    control.close()
     if not lead:
         return
-    table = results_table(samples, load, parts, variants, cfg, plan, model, device_type)
+    names = [ORIGINAL, *([threads_name] if device_type == "cpu" else []), *setups]
+    table = results_table(timings, protocol, load, parts, variants, names, pinning, cfg, plan, built, memory,
+                          device_type)
     out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
     figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
     write_csv(table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
+
+
+MB = 2 ** 20  # the *_mb columns are MiB
+
+
+@dataclass
+class Setups:
+    """What the bench times: (a) (built on rank 0 only, else None), the multi-process setups by name, and
+    every setup's CSV columns (runtime options, mesh, memory)."""
+    original: Runtime | None
+    runtimes: dict[str, Runtime]
+    columns: dict[str, dict]
+    plan: Plan
+    config: object
+    dtype: torch.dtype
+    prompts: torch.Tensor
+
+
+def bench_plan(cfg: DictConfig, config, tokenizer, data_cfg: data.DataConfig, control: Control) -> Plan:
+    """The plan, resolved once: given plans directly; plan=auto on rank 0 (it scores candidates on the
+    whole model, loaded there alone) and broadcast to the other ranks."""
+    plan_cfg = OmegaConf.to_object(cfg.plan)
+    if plan_cfg.get("mode", "manual") != "auto":
+        return plan_from_config(plan_cfg, config.num_hidden_layers)
+    chosen = None
+    if dist.get_rank() == 0:
+        model, _ = models.load({**OmegaConf.to_object(cfg.model), "device": "cpu"})
+        chosen = json.dumps(resolve_plan(plan_cfg, model, tokenizer, data_cfg).to_dict())
+        del model
+    return Plan.from_dict(json.loads(control.decide(chosen, "rank 0 choosing plan=auto", busy=True)),
+                          config.num_hidden_layers)
+
+
+def _variant(options) -> Variant:
+    v = dict(options)
+    if set(v) - {"comm", "lm_head", "ungrouped"}:
+        raise CqilError(f"bench setup {v} has unknown keys; use comm, lm_head, ungrouped")
+    return Variant(**v)
+
+
+def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Setups:
+    """Every setup with its own rank-local weights, read from the checkpoint (nothing shared between
+    setups, nothing re-sharded): (a) the original on rank 0 alone; CQIL on the devices x tp mesh once per
+    variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`.
+    All ranks call this together."""
+    model_cfg = OmegaConf.to_object(cfg.model)
+    path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
+    config, tokenizer = models.load_config(path), models.load_tokenizer(path)
+    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
+    check_devices(plan, cfg.devices)
+    if max(cfg.prompt_tokens) > data_cfg.block_size:
+        raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
+    prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
+    world = dist.get_world_size()
+    runtimes: dict[str, Runtime] = {}
+    columns: dict[str, dict] = {}
+
+    def memory(rt: Runtime) -> dict:
+        sizes = control.gather(str(rt.weight_bytes()), "the weight accounting")  # on rank 0 (the CSV's), else None
+        return {"mesh_p": rt.schedule.P, "mesh_t": rt.schedule.T, "model_weight_mb": rt.model_bytes / MB,
+                **({"rank_weight_mb_max": max(map(int, sizes)) / MB, "rank_weight_mb_min": min(map(int, sizes)) / MB}
+                   if sizes else {})}
+
+    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
+    for options in cfg.cqil:
+        v = _variant(options)
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
+    tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
+    for options in cfg.tensor_parallel:
+        v = _variant(options)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
+        runtimes[name] = rt
+        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)}
+    original = None
+    if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
+        original = Runtime(path, Plan(), None, Variant(), dtype, device)
+        whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
+                 "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
+        columns[ORIGINAL] = columns[f"original, {world} threads"] = whole
+    return Setups(original, runtimes, columns, plan, config, dtype, prompts.to(device))
+
+
+def peak_memory(device: torch.device, control: Control) -> dict:
+    """Peak RSS (on CUDA also peak GPU memory) of the largest rank's bench process, MiB: every setup that
+    process holds together, plus activations. All ranks call this together."""
+    mine = {"rank_peak_rss_mb_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}  # Linux: KiB
+    if device.type == "cuda":
+        mine["rank_peak_gpu_mb_max"] = torch.cuda.max_memory_allocated(device) / MB
+    everyone = control.gather(json.dumps(mine), "the peak memory")  # on rank 0 (the CSV's), else None
+    return {k: max(json.loads(e)[k] for e in everyone) for k in mine} if everyone else {}
 
 
 def profile(rt: Runtime, ids: torch.Tensor, new_tokens: int, runs: int) -> dict[str, dict[str, float]]:
@@ -275,15 +553,13 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
                     children[-1] += dt
         return wrapper
 
-    def kind(stage) -> str | None:
-        if isinstance(stage, nn.Module):
-            return "ungrouped"
-        return "group" if isinstance(stage, _MemberStage) else None  # a broadcast stage: its collective is timed
+    def kind(stage) -> str | None:  # a state stage is a broadcast: its collective is timed
+        return {"ungrouped": "ungrouped", "group": "group"}.get(getattr(stage, "kind", None))
 
-    stages, comm = rt.stages, rt.comm
+    stages, comms = rt.stages, list({id(c): c for c in rt.comms.values()}.values())
     rt.stages = [timed(k, s) if (k := kind(s)) else s for s in stages]
     rt.greedy = timed("head", rt.greedy)
-    if comm is not None:
+    for comm in comms:
         for op in ("all_reduce_", "broadcast_", "all_gather"):
             setattr(comm, op, timed("collective", getattr(comm, op)))
     try:
@@ -306,7 +582,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
     finally:  # back to the class's methods
         rt.stages = stages
         del rt.greedy
-        if comm is not None:
+        for comm in comms:
             for op in ("all_reduce_", "broadcast_", "all_gather"):
                 delattr(comm, op)
 
@@ -315,7 +591,7 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
                repeats: int = 20) -> dict[str, dict[str, float]]:
     """Median ms of one all-reduce and one broadcast of the hidden state [B, T, H] (decode: [B, 1, H]).
 
-    Every rank of the member axis calls this together (they are collectives)."""
+    Every rank of the communicator's group calls this together (they are collectives)."""
     sync = device_sync(device)
     result = {}
     for phase, tokens in (("prefill", t), ("decode", 1)):
@@ -334,27 +610,44 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
     return result
 
 
-def results_table(samples: dict, load: dict, parts: dict, variants: dict, cfg: DictConfig, plan: Plan,
-                  model: torch.nn.Module, device_type: str) -> pd.DataFrame:
-    """One row per (setup, phase, T, B): medians, p90, reduction against (a), fraction of ideal, and the
-    latency model's inputs (the original's components on every row; the setup's collectives)."""
+def results_table(timings: dict, protocol: dict, load: dict, parts: dict, variants: dict, names: list[str],
+                  pinning: str, cfg: DictConfig, plan: Plan, built: "Setups", memory: dict,
+                  device_type: str) -> pd.DataFrame:
+    """One row per (setup, phase, T, B): median over rounds (its interval), p90, the paired reduction
+    against (a) (median over rounds, its interval), fraction of ideal, the protocol (rounds, warm-up,
+    what ended the rounds, pinning), the latency model's inputs (the original's components on every
+    row; the setup's collectives), and memory."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
-    n = model.config.num_hidden_layers
-    sizes = {"hidden_size": model.config.hidden_size, "dtype_bytes": model.dtype.itemsize}
+    n = built.config.num_hidden_layers
+    sizes = {"hidden_size": built.config.hidden_size, "dtype_bytes": built.dtype.itemsize, **memory}
+    level, resamples = cfg.confidence, cfg.bootstrap_resamples
     rows = []
-    for (setup, t, b), (ttft, tpot) in samples.items():
-        for phase, ms in (("prefill", ttft), ("decode", tpot)):
-            rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
-                         "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
-                         "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
-                         "warmup": cfg.warmup, "repeats": cfg.repeats, **_stats(ms), **load[t, b], **sizes,
-                         **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b], **parts.get((setup, phase, t, b), {})})
+    for (t, b), rounds in timings.items():
+        base = round_figures([r[ORIGINAL] for r in rounds])
+        for setup in names:
+            runs = [r[setup] for r in rounds]
+            figures = round_figures(runs)
+            for phase, per_round in figures.items():
+                raw = [ttft for ttft, _ in runs] if phase == "prefill" else [s for _, steps in runs for s in steps]
+                lo, hi = bootstrap_ci(per_round, level, resamples)
+                rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
+                             "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
+                             "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
+                             "warmup": protocol[t, b]["warmup"], "warmup_ended_by": protocol[t, b]["warmup_ended_by"],
+                             "repeats": cfg.repeats,
+                             "stopped_by": protocol[t, b]["stopped_by"], "samples": len(raw),
+                             "median_ms": float(np.median(per_round)), "median_ci_low_ms": lo, "median_ci_high_ms": hi,
+                             "p90_ms": float(np.percentile(raw, 90)),
+                             **reduction_stats(base[phase], per_round, level, resamples), **load[t, b], **sizes,
+                             **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b], **parts.get((setup, phase, t, b), {})})
     df = pd.DataFrame(rows)
-    base = df[df.setup == ORIGINAL].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
-    df["reduction"] = 1 - df.median_ms / base.loc[list(zip(df.phase, df.prompt_tokens, df.batch_size))].to_numpy()
     df["ideal_reduction"] = ideal = plan.ideal_latency_reduction(n)
     df["fraction_of_ideal"] = np.where(df.setup.str.startswith("cqil"), df.reduction / ideal, np.nan)
+    df["confidence"] = level
+    df["ci_width_target"] = cfg.stop.ci_width if cfg.repeats == "auto" else np.nan
+    df["budget_s"] = cfg.stop.budget_s if cfg.repeats == "auto" else np.nan
+    df["pinning"] = pinning
     df["backend"] = dist.get_backend()
     df["cpus"] = os.cpu_count()
     df["threads_per_rank"] = cfg.threads_per_rank
@@ -363,19 +656,27 @@ def results_table(samples: dict, load: dict, parts: dict, variants: dict, cfg: D
     return df
 
 
+def _points(lo: float, hi: float) -> str:
+    return "" if np.isnan(lo) else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def summary(df: pd.DataFrame) -> str:
-    """The human table: median ms per setup, and reduction (fraction of ideal) for the others."""
-    lines = [f"{df.model.iloc[0]}, plan {df.plan.iloc[0]} ({df.groups.iloc[0]} groups of {df.n_layers.iloc[0]} layers), "
-             f"ideal latency reduction {df.ideal_reduction.iloc[0]:.1%}; {df.device.iloc[0]}, backend {df.backend.iloc[0]}"]
+    """The human table: median ms per setup, and the paired reduction [interval] (fraction of ideal) for the others."""
+    r0 = df.iloc[0]
+    lines = [f"{r0.model}, plan {r0.plan} ({r0.groups} groups of {r0.n_layers} layers), "
+             f"ideal latency reduction {r0.ideal_reduction:.1%}; {r0.device}, backend {r0.backend}; pinning: {r0.pinning}",
+             f"reductions: median over rounds of the paired reduction against {ORIGINAL} "
+             f"[{r0.confidence:.0%} bootstrap interval, points]"]
     for (phase, t, b), g in df.groupby(["phase", "prompt_tokens", "batch_size"], sort=False):
         busy = g.other_cpu_load.iloc[0] + g.steal.iloc[0]
         warn = f"  (WARNING: other processes took {busy:.0%} of the CPUs meanwhile)" if busy > 0.05 else ""
         c = g.iloc[0]  # where (a)'s time goes: the profile behind the ideal and the latency model
-        lines.append(f"{phase:7s} T={t:<4d} B={b}:{warn}  (a) = {c.n_layers} layers x {c.layer_ms:.2f} ms "
-                     f"+ head {c.head_ms:.2f} ms + rest {c.rest_ms:.2f} ms")
+        lines.append(f"{phase:7s} T={t:<4d} B={b}: {c.rounds} rounds (ended by {c.stopped_by}) after {c.warmup} warm-up ({c.warmup_ended_by}){warn}"
+                     f"  (a) = {c.n_layers} layers x {c.layer_ms:.2f} ms + head {c.head_ms:.2f} ms + rest {c.rest_ms:.2f} ms")
         for r in g.itertuples():
             frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
-            red = "" if r.setup == ORIGINAL else f"  reduction {r.reduction:+.1%}{frac}"
+            red = ("" if r.setup == ORIGINAL else
+                   f"  reduction {r.reduction:+.1%}{_points(r.reduction_ci_low, r.reduction_ci_high)}{frac}")
             comm = (f"  member 0: outside groups {r.rank0_ungrouped_ms:.1f}, in groups {r.rank0_group_ms:.1f}, "
                     f"collectives {r.rank0_collective_ms:.2f} ms" if r.setup.startswith("cqil") else "")
             lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}{comm}")

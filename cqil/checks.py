@@ -399,22 +399,25 @@ def check_checkpoint_dir(d: Path) -> None:
         assert isinstance(config, dict)
     except (ValueError, AssertionError, OSError):
         raise CqilError(f"{d / 'config.json'} is not a valid JSON config; the checkpoint is corrupt") from None
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CqilError(f"{index} is not a valid safetensors index; the checkpoint is corrupt") from None
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise CqilError(f"{d} lacks the weight file(s) {', '.join(missing)} named by its index; the checkpoint is incomplete")
-        files = [d / s for s in shards]
-    else:
-        files = sorted(d.glob("*.safetensors"))
+    files = safetensors_files(d)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CqilError(f"{d} lacks the weight file(s) {', '.join(missing)} named by its index; the checkpoint is incomplete")
     if not files and not list(d.glob("*.bin")):
         raise CqilError(f"{d} has config.json but no weights (*.safetensors or *.bin); the checkpoint is incomplete")
     for f in files:
         check_safetensors(f)
+
+
+def safetensors_files(d: Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint directory: those its index names (model.safetensors.index.json,
+    or the index of a variant, e.g. a converted directory's `cqil` weights), else every *.safetensors file."""
+    for index in sorted(d.glob("model.safetensors.index*.json")):
+        try:
+            return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CqilError(f"{index} is not a valid safetensors index; the checkpoint is corrupt") from None
+    return sorted(d.glob("*.safetensors"))
 
 
 def check_safetensors(path: Path) -> None:

@@ -1,44 +1,50 @@
-"""`cqil latency`: a latency model of CQIL plans, calibrated and validated on measured runs, projected to GPUs.
+"""`cqil latency`: the latency model of CQIL, CQIL x TP and tensor parallelism; calibrated and validated on
+measured runs (cqil bench) and on published numbers; projected to LLaMA on N GPUs; and the chooser's side.
 
-The model (its one definition). A plan on n layers runs on P devices as `Plan.stages(n)`: a single
-(ungrouped) layer or a group of P layers. With t_rest, t_layer, t_head the parts of the ORIGINAL model on
-one device (embedding/norm/masks/python; one decoder layer; LM head + argmax on the last position):
+The model (its one definition). A run is the schedule of cqil.schedule: make_schedule(plan, n_layers, P, T,
+variant) lists the stages of one forward step on a P x T mesh (embedding; layers outside groups, whole or
+cut over T or P*T ranks; groups, member k's layer cut over its T ranks; broadcasts of member 0's state;
+the LM head, whole or vocabulary-parallel) and every collective of every stage (op, axis, payload bytes).
+The model walks those stages, so TP, CQIL and CQIL x TP are costed from the same list the runtime runs:
 
-    t = t_rest + sum over stages of
-          ungrouped layer  t_layer                       ungrouped="rank0": member 0 alone
-                           kappa t_layer                 ungrouped="replicated": all P ranks at once
-          group            kappa t_layer + c_ar(bytes)   [+ c_gather(bytes) if bypass D > 0]
-                           [+ c_bc(bytes) with ungrouped="rank0" after an ungrouped layer]
-        + head  replicated, ungrouped="replicated"  kappa t_head
-                replicated, ungrouped="rank0"       t_head + c_bc(token ids)
-                sharded                             kappa t_head_shard + c_ar(max/argmax pairs)
-                                                    [+ c_bc(bytes) with "rank0" if the last stage is ungrouped]
-    c(bytes) = alpha + bytes / beta,   bytes = B * T_phase * H * bytes_per_element of the hidden state
-    (T_phase = prompt length T for prefill, 1 for decode); t_head_shard = t_head / P on CPU.
+    t = t_rest + sum over stages [ compute(stage) + sum over its collectives c(op, group size, bytes) ]
+    compute(layer | group member) = t_layer(k), compute(head) = t_head(k), k = the stage's shard count
+    (1 whole, T, or P*T); a group stage is ONE layer time (its members run at once on different ranks).
 
-kappa >= 1 is the slowdown of a layer while P members compute at once on shared hardware (CPU cores
-share one memory bus; separate GPUs: kappa = 1). The original model is t_rest + n t_layer + t_head;
-tensor parallelism on P GPUs (projection baseline): t_rest + n (t_layer_tp + 2 c_ar(bytes)) +
-t_head_shard + c_ar(pairs), with t_layer_tp the layer's roofline over P plus its full kernel overhead.
-With kappa = 1, no communication and t_rest = t_head = 0 the predicted reduction is Plan.ideal_latency_reduction.
+On shared hardware (CPU cores: one memory bus) compute that several ranks do at once slows down:
+t = fixed + kappa * concurrent, where `concurrent` is the compute of stages that more than one rank runs
+at the same time and `fixed` the rest (compute of one rank alone, every collective, t_rest); kappa = 1 on
+separate GPUs. With kappa = 1, no communication and t_rest = t_head = 0 a plan's predicted reduction is
+exactly Plan.ideal_latency_reduction.
 
-Calibration (CPU, `cqil bench` CSVs with the component columns): alpha, beta of all-reduce and of
-broadcast per communicator from the measured collectives of the hidden state; kappa per phase from the
-measured CQIL latencies (t = fixed + kappa * concurrent: a 1-D fit). Both fits minimise relative
-error, since the rows span two orders of magnitude. Validation: predict every CQIL row of another plan.
+Two sources of t_layer(k), t_head(k) and c(...):
+  - CPU, measured (cqil bench CSVs): the original model's per-layer, head and rest times (t(k) = t(1)/k)
+    and alpha + bytes/beta fitted to the measured all-reduce and broadcast of the hidden state per
+    communicator (an all-gather is taken as costly as an all-reduce of the same bytes); kappa per phase
+    fitted to the CQIL rows of one plan (the bench's paired medians), validated on another plan's rows.
+  - GPU, roofline with stated figures (conf/hardware/*.yaml), per decoder layer of a LLaMA shape
+    (b bytes per parameter, B sequences, T_phase tokens each: the prompt for a prefill, 1 for a decode step):
+        params = 2 H (heads hd) + 2 H (kv hd) + 3 H I          (q, o; k, v; gate, up, down)
+        flops  = 2 params B T_phase + 4 B T_phase T_ctx (heads hd)   (QK^T and AV, causal half not subtracted)
+        bytes  = params b [+ decode: KV cache read 2 B T_ctx kv hd b]
+        t(k)   = max(flops / k / (peak flops_eff), bytes / k / (mem_bw bw_eff)) + layer_overhead
+    (the kernel overhead does not shrink with the shard: that is what CQIL's groups save over TP), the LM
+    head likewise on the last position (H x vocab); collectives c = alpha + moved bytes / bus_bw with
+    moved = 2 (n-1)/n x bytes (ring all-reduce), (n-1) x bytes (all-gather), bytes (broadcast).
 
-GPU projection, roofline per decoder layer of a LLaMA shape (b bytes per parameter):
-    params = 2 H (heads hd) + 2 H (kv hd) + 3 H I          (q, o; k, v; gate, up, down)
-    flops  = 2 params B T_phase + 4 B T_phase T_ctx (heads hd)   (QK^T and AV, causal half not subtracted)
-    bytes  = params b [+ decode: KV cache read 2 B T_ctx kv hd b]
-    t      = max(flops / (peak flops_eff), bytes / (mem_bw bw_eff)) + layer_overhead
-LM head likewise on the last position (H x vocab); NCCL ring all-reduce beta = bus_bw P / (2 (P-1)),
-broadcast beta = bus_bw, bypass all-gather beta = bus_bw / (P-1). Figures: conf/hardware/*.yaml.
+External validation (`external` in conf/latency.yaml): numbers no one here produced: gpt-fast's tensor-
+parallel tokens/s for Llama-2-7B (the figures named in `external.fit` are fitted on those rows) and
+Llama-2-70B, and the CQIL paper's latency reductions (held out). The fitted figures then serve the GPU
+projection: TP=N against the best CQIL x TP with P*T = N (results/latency/hybrid.csv), with each setup's
+weights and KV cache per GPU from the schedule's per-rank accounting, against the GPU's memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -46,12 +52,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
 from .checks import bench_command
-from .plan import Plan
 from .cli import conf_dir
-from .plots import latency_projection, latency_validation
-from .results import BENCH_BASELINE as ORIGINAL, plan_of, provenance, read_csv, write_csv
+from .plan import Plan, PlanError
+from .plots import latency_hybrid, latency_validation
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, write_csv
+from .schedule import Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
 
 PHASES = ("prefill", "decode")
+schedule_of = lru_cache(maxsize=None)(make_schedule)  # pure and asked for the same meshes again and again (fits)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -67,55 +75,62 @@ class Comm:
 
 @dataclass(frozen=True)
 class Costs:
-    """Everything the model needs for one (phase, T, B): parts of the original model (ms) and the collectives."""
-    rest: float
-    layer: float
-    head: float
-    head_shard: float
-    allreduce: Comm
-    broadcast: Comm
-    gather: Comm
-    hidden_bytes: float  # [B, T_phase, H] hidden state
-    batch: int           # pairs (2 floats) and token ids (int64) are the tiny messages of the head
+    """What the pieces of one forward step cost on one rank, in ms, for one (phase, T, B)."""
+    rest: float                                    # embedding, final norm, masks, Python: once per step
+    layer: Callable[[int], float]                  # one decoder layer cut into k tensor-parallel shards
+    head: Callable[[int], float]                   # final norm + LM head + argmax, cut into k vocabulary shards
+    collective: Callable[[str, int, int], float]   # (op, ranks in the group, bytes each rank hands in)
+    batch: int
+    tokens: int                                    # tokens per sequence in this step: T (prefill) or 1 (decode)
+    hidden: int
+    dtype_bytes: int
+    vocab: int = 0
 
 
-def split(plan: Plan, n: int, c: Costs, lm_head: str, ungrouped: str) -> tuple[float, float]:
-    """(fixed, concurrent) ms of a CQIL run: latency = fixed + kappa * concurrent."""
-    P = plan.group_size
-    rank0 = ungrouped == "rank0"
-    fixed, conc = c.rest, 0.0
-    stages = plan.stages(n)
-    for j, stage in enumerate(stages):
-        if len(stage) == 1:
-            fixed, conc = (fixed + c.layer, conc) if rank0 else (fixed, conc + c.layer)
-            continue
-        conc += c.layer
-        fixed += c.allreduce(c.hidden_bytes) + (c.gather(c.hidden_bytes) if plan.bypass else 0.0)
-        if rank0 and j > 0 and len(stages[j - 1]) == 1:
-            fixed += c.broadcast(c.hidden_bytes)
-    if lm_head == "sharded":
-        conc += c.head_shard
-        fixed += c.allreduce(8 * c.batch * P)
-        if rank0 and len(stages[-1]) == 1:
-            fixed += c.broadcast(c.hidden_bytes)
-    elif rank0:
-        fixed += c.head + c.broadcast(8 * c.batch)
-    else:
-        conc += c.head
-    return fixed, conc
+def terms(schedule: Schedule, c: Costs) -> dict[str, float]:
+    """One step on the critical path, by term (ms): `rest`; `alone`, compute that one rank does while the
+    others wait; `concurrent`, compute that several ranks do at once; `collectives`; and `collective_rounds`."""
+    out = {"rest": c.rest, "alone": 0.0, "concurrent": 0.0, "collectives": 0.0, "collective_rounds": 0}
+    for s in schedule.stages:
+        k = {"full": 1, "tp": schedule.T, "world": schedule.world, "vocab": schedule.world}[s.split]
+        if s.kind == "layer":
+            work = c.layer(k)
+        elif s.kind == "group":  # members run at once; with P = 1 (one process) the group's layers in turn
+            work = c.layer(k) * (len(s.layers) if schedule.P == 1 else 1)
+        elif s.kind == "head":
+            work = c.head(k)
+        else:  # embed (in rest), state (its broadcast only)
+            work = 0.0
+        out["concurrent" if len(s.members) * schedule.T > 1 else "alone"] += work
+        for col in s.collectives:
+            nbytes = col.nbytes(c.batch, c.tokens, c.hidden, c.dtype_bytes, -(-c.vocab // schedule.world))
+            out["collectives"] += c.collective(col.op, schedule.axis_size(col.axis), nbytes)
+            out["collective_rounds"] += 1
+    return out
 
 
-def predict(plan: Plan, n: int, c: Costs, kappa: float, lm_head: str = "sharded", ungrouped: str = "replicated") -> float:
-    fixed, conc = split(plan, n, c, lm_head, ungrouped)
-    return fixed + kappa * conc
+def split(schedule: Schedule, c: Costs) -> tuple[float, float]:
+    """(fixed, concurrent) ms of one step: latency = fixed + kappa * concurrent."""
+    t = terms(schedule, c)
+    return t["rest"] + t["alone"] + t["collectives"], t["concurrent"]
+
+
+def total(t: dict[str, float], kappa: float) -> float:
+    """The latency of a step from its terms."""
+    return t["rest"] + t["alone"] + t["collectives"] + kappa * t["concurrent"]
+
+
+def predict(schedule: Schedule, c: Costs, kappa: float = 1.0) -> float:
+    return total(terms(schedule, c), kappa)
 
 
 def original(n: int, c: Costs) -> float:
-    return c.rest + n * c.layer + c.head
+    """The original model on one device: t_rest + n t_layer + t_head."""
+    return predict(schedule_of(Plan(), n), c)
 
 
 # ---- calibration and validation on measured CPU runs ---------------------------------------------
-COLUMNS = ["plan", "plan_json", "n_layers", "devices", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "comm",
+COLUMNS = ["plan", "plan_json", "n_layers", "devices", "tp", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "reduction", "comm",
            "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms", "allreduce_ms",
            "broadcast_ms", "comm_bytes"]
 
@@ -133,6 +148,8 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
         if missing:
             raise CqilError(f"{path} lacks the columns {', '.join(missing)} (made by an older cqil bench); "
                             f"rerun `{bench_command(path)}`")
+        if "mesh_p" not in df:  # older tables: every multi-process setup ran on the devices x tp mesh
+            df = df.assign(mesh_p=df.devices, mesh_t=df.tp)
         frames.append(df.assign(source=path))
     return pd.concat(frames, ignore_index=True)
 
@@ -151,10 +168,15 @@ def fit_kappa(measured: np.ndarray, fixed: np.ndarray, conc: np.ndarray) -> floa
 
 
 def cqil_rows(df: pd.DataFrame) -> pd.DataFrame:
-    rows = df[df.setup.str.startswith("cqil")].copy()
+    rows = df[df.setup.str.startswith("cqil")].assign(kind="cqil")
     if rows.empty:
         raise CqilError(f"no cqil rows in {', '.join(df.source.unique())}; rerun cqil bench")
     return rows
+
+
+def model_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The multi-process rows the model predicts: CQIL (x TP) and the tensor-parallel baseline (kind tp)."""
+    return pd.concat([cqil_rows(df), df[df.setup.str.startswith("tensor parallel")].assign(kind="tp")])
 
 
 def fit_comms(rows: pd.DataFrame) -> dict[tuple[str, str], Comm]:
@@ -167,61 +189,108 @@ def fit_comms(rows: pd.DataFrame) -> dict[tuple[str, str], Comm]:
     return fits
 
 
+def measured_costs(rest: float, layer: float, head: float, allreduce: Comm, broadcast: Comm, batch: int, tokens: int,
+                   hidden: int, dtype_bytes: int) -> Costs:
+    """Costs from measured parts of the original model (a cut into k shards takes 1/k of the time) and fitted
+    collectives (an all-gather is taken as costly as an all-reduce of the same bytes)."""
+    ops = {"all_reduce": allreduce, "all_gather": allreduce, "broadcast": broadcast}
+    return Costs(rest, lambda k: layer / k, lambda k: head / k, lambda op, size, nbytes: ops[op](nbytes), batch, tokens,
+                 hidden, dtype_bytes)
+
+
 def row_costs(r, fits: dict) -> Costs:
-    """Costs of one bench row (on CPU the bypass all-gather is taken as costly as an all-reduce)."""
+    """Costs of one bench row: the original's measured parts, the row's communicator's fits."""
     if (r.comm, "allreduce") not in fits:
         raise CqilError(f"communicator {r.comm!r} of {r.source} was not calibrated; add a calibration run with it")
-    ar, bc = fits[r.comm, "allreduce"], fits[r.comm, "broadcast"]
-    tokens = r.prompt_tokens if r.phase == "prefill" else 1
-    return Costs(r.rest_ms, r.layer_ms, r.head_ms, r.head_ms / r.devices, ar, bc, ar,
-                 r.batch_size * tokens * r.hidden_size * r.dtype_bytes, int(r.batch_size))
+    return measured_costs(float(r.rest_ms), float(r.layer_ms), float(r.head_ms), fits[r.comm, "allreduce"],
+                          fits[r.comm, "broadcast"], int(r.batch_size), int(r.prompt_tokens) if r.phase == "prefill" else 1,
+                          int(r.hidden_size), int(r.dtype_bytes))
+
+
+def row_schedule(r) -> Schedule:
+    """The schedule a bench row ran: its plan (none for tensor parallelism) on its P x T mesh, its variant."""
+    n = int(r.n_layers)
+    if r.kind == "tp":
+        return schedule_of(Plan(), n, 1, int(r.mesh_t), Variant(lm_head=r.lm_head))
+    return schedule_of(plan_of(r).validate(n), n, int(r.mesh_p), int(r.mesh_t),
+                       Variant(lm_head=r.lm_head, ungrouped=r.ungrouped))
 
 
 def with_terms(rows: pd.DataFrame, fits: dict) -> pd.DataFrame:
-    plans = [plan_of(r).validate(int(r.n_layers)) for r in rows.itertuples()]
-    terms = [split(p, int(r.n_layers), row_costs(r, fits), r.lm_head, r.ungrouped) for p, r in zip(plans, rows.itertuples())]
-    return rows.assign(fixed_ms=[t[0] for t in terms], concurrent_ms=[t[1] for t in terms],
-                       n_groups=[len(p.groups) for p in plans])
+    schedules = [row_schedule(r) for r in rows.itertuples()]
+    parts = [split(s, row_costs(r, fits)) for s, r in zip(schedules, rows.itertuples())]
+    return rows.assign(fixed_ms=[t[0] for t in parts], concurrent_ms=[t[1] for t in parts],
+                       n_groups=[len(s.plan.groups) for s in schedules])
+
+
+def paired(rows: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """rows + original_ms ((a)'s median of the same run and shape) and measured_ms, the paired estimate
+    of the row's latency: original_ms x (1 - the median over rounds of the paired reduction). Drift of
+    the machine between rounds cancels in it; the bench's interval of that reduction comes along."""
+    base = df[df.setup == ORIGINAL].set_index(["source", "phase", "prompt_tokens", "batch_size"]).median_ms
+    orig = base.reindex(list(zip(rows.source, rows.phase, rows.prompt_tokens, rows.batch_size))).to_numpy()
+    out = rows.assign(original_ms=orig, measured_ms=orig * (1 - rows.reduction.to_numpy()))
+    for col in ("reduction_ci_low", "reduction_ci_high", "rounds"):  # older bench tables have no intervals
+        out[col] = rows[col] if col in rows else np.nan
+    return out
 
 
 def calibrate(cal: pd.DataFrame) -> tuple[dict, dict[str, float]]:
-    """(communicator fits, kappa per phase) from the cqil rows of the calibration runs."""
+    """(communicator fits, kappa per phase) from the cqil rows of the calibration runs (paired latencies)."""
     rows = cqil_rows(cal)
     fits = fit_comms(rows)
-    rows = with_terms(rows, fits)
-    kappa = {ph: fit_kappa(*(g[c].to_numpy(float) for c in ("median_ms", "fixed_ms", "concurrent_ms")))
+    rows = paired(with_terms(rows, fits), cal)
+    kappa = {ph: fit_kappa(*(g[c].to_numpy(float) for c in ("measured_ms", "fixed_ms", "concurrent_ms")))
              for ph, g in rows.groupby("phase")}
     return fits, kappa
 
 
 def validate(frames: dict[str, pd.DataFrame], fits: dict, kappa: dict[str, float]) -> pd.DataFrame:
-    """Measured vs predicted for every cqil row ({role: bench rows}), with the parameters used as columns."""
+    """Measured (paired) vs predicted for every cqil row ({role: bench rows}), the measurement's own
+    interval beside the model's error, and the parameters used as columns."""
     out = []
     for role, df in frames.items():
-        rows = with_terms(cqil_rows(df), fits)
+        rows = paired(with_terms(model_rows(df), fits), df)
         missing = set(rows.phase) - set(kappa)
         if missing:
             raise CqilError(f"phase(s) {', '.join(missing)} were not calibrated; the calibration runs need them too")
         k = rows.phase.map(kappa)
-        base = df[df.setup == ORIGINAL].set_index(["source", "phase", "prompt_tokens", "batch_size"]).median_ms
-        orig = base.reindex(list(zip(rows.source, rows.phase, rows.prompt_tokens, rows.batch_size))).to_numpy()
         pred = rows.fixed_ms + k * rows.concurrent_ms
+        orig = rows.original_ms
+        predicted_reduction = 1 - pred / orig
         ar = [fits[c, "allreduce"] for c in rows.comm]
         bc = [fits[c, "broadcast"] for c in rows.comm]
         out.append(pd.DataFrame({
-            "role": role, "source": rows.source, "model": rows.model, "plan": rows.plan, "n_layers": rows.n_layers,
+            "role": role, "kind": rows.kind, "source": rows.source, "model": rows.model,
+            "plan": rows.plan.where(rows.kind == "cqil", "none (tensor parallel)"), "n_layers": rows.n_layers,
             "devices": rows.devices, "setup": rows.setup, "comm": rows.comm, "lm_head": rows.lm_head,
             "ungrouped": rows.ungrouped, "phase": rows.phase, "prompt_tokens": rows.prompt_tokens,
-            "batch_size": rows.batch_size, "measured_ms": rows.median_ms, "predicted_ms": pred,
-            "error_pct": 100 * (pred / rows.median_ms - 1), "original_ms": orig,
-            "measured_reduction": 1 - rows.median_ms / orig, "predicted_reduction": 1 - pred / orig,
-            "reduction_error_pp": 100 * (rows.median_ms - pred) / orig,
+            "batch_size": rows.batch_size, "rounds": rows.rounds, "measured_ms": rows.measured_ms, "predicted_ms": pred,
+            "error_pct": 100 * (pred / rows.measured_ms - 1), "original_ms": orig,
+            "measured_reduction": rows.reduction, "measured_reduction_ci_low": rows.reduction_ci_low,
+            "measured_reduction_ci_high": rows.reduction_ci_high, "predicted_reduction": predicted_reduction,
+            "reduction_error_pp": 100 * (rows.reduction - predicted_reduction),
+            # the measurement's own uncertainty in the same unit: half its interval, and whether the model is inside
+            "measured_ci_halfwidth_pp": 50 * (rows.reduction_ci_high - rows.reduction_ci_low),
+            "within_measured_ci": (rows.reduction_ci_low <= predicted_reduction) & (predicted_reduction <= rows.reduction_ci_high),
             "kappa": k,
             # the same slowdown measured directly (cqil bench's member-0 profile): a member layer's time / alone
             "measured_member_slowdown": rows.get("rank0_group_ms", np.nan) / (rows.n_groups * rows.layer_ms),
             "allreduce_alpha_ms": [c.alpha for c in ar], "allreduce_beta_bytes_per_ms": [c.beta for c in ar],
             "broadcast_alpha_ms": [c.alpha for c in bc], "broadcast_beta_bytes_per_ms": [c.beta for c in bc]}))
     return pd.concat(out, ignore_index=True)
+
+
+def error_summary(g: pd.DataFrame) -> str:
+    """The model's mean |error| per phase, beside the measurement's own interval (half-width, median over rows)."""
+    parts = []
+    for ph, e in g.groupby("phase", sort=False):
+        ci = e.measured_ci_halfwidth_pp.dropna()
+        inside = f", {int(e.within_measured_ci.sum())}/{len(ci)} inside it" if len(ci) else ""
+        measured = f" (the measurement's interval: +/-{ci.median():.1f} points{inside})" if len(ci) else ""
+        parts.append(f"{ph} {e.error_pct.abs().mean():.1f}% of latency, {e.reduction_error_pp.abs().mean():.1f} points "
+                     f"of reduction{measured}")
+    return "mean |error| " + "; ".join(parts)
 
 
 def params_table(fits: dict, kappa: dict[str, float], n_rows: int) -> pd.DataFrame:
@@ -235,7 +304,7 @@ def params_table(fits: dict, kappa: dict[str, float], n_rows: int) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-# ---- GPU projection: roofline ---------------------------------------------------------------------
+# ---- GPU: roofline costs of a LLaMA shape ---------------------------------------------------------
 @dataclass(frozen=True)
 class Shape:
     """The dimensions of a LLaMA-family model that its cost depends on."""
@@ -263,6 +332,11 @@ class Shape:
         return 2 * H * self.heads * self.hd + 2 * H * self.kv_heads * self.hd + 3 * H * self.intermediate
 
 
+def shape_of(spec: dict) -> Shape:
+    """A Shape from a config entry {layers, hidden, intermediate, heads, kv_heads, vocab[, head_dim]}."""
+    return Shape(**{f.name: int(spec[f.name]) for f in fields(Shape) if f.name in spec})
+
+
 @dataclass(frozen=True)
 class Hardware:
     name: str
@@ -275,6 +349,8 @@ class Hardware:
     layer_overhead_s: float
     rest_overhead_s: float
     kappa: float
+    memory_gb: float
+    memory_reserve_gb: float
 
 
 def hardware(spec: str | dict) -> Hardware:
@@ -303,86 +379,302 @@ def layer_work(s: Shape, phase: str, T: int, B: int, bpp: int, context: int) -> 
     return flops, s.layer_params * bpp + kv_read
 
 
-def gpu_costs(s: Shape, hw: Hardware, P: int, phase: str, T: int, B: int, bpp: int = 2,
-              context: int = 512) -> tuple[Costs, float]:
-    """(Costs on P GPUs, tensor-parallel layer ms) from the roofline; the head runs on the last position only."""
+def fullest_shard(s: Shape, k: int) -> float:
+    """The fullest of k tensor-parallel shards of a layer, as a multiple of 1/k of it: shards hold whole KV heads
+    (with their query heads) and whole MLP columns, so an uneven cut (LLaMA-33B's 52 heads on 8) has a larger one."""
+    attention = 2 * s.hidden * s.hd * (s.heads + s.kv_heads)
+    mlp = 3 * s.hidden * s.intermediate
+    return (attention * math.ceil(s.kv_heads / k) * k / s.kv_heads
+            + mlp * math.ceil(s.intermediate / k) * k / s.intermediate) / (attention + mlp)
+
+
+def gpu_costs(s: Shape, hw: Hardware, phase: str, T: int, B: int, bpp: int = 2, context: int = 512) -> Costs:
+    """Roofline Costs of one step (prefill of T tokens, or a decode step against `context` tokens); a layer cut
+    into k shards costs what its fullest shard does."""
     flops, nbytes = layer_work(s, phase, T, B, bpp, context)
-    head = (2 * s.hidden * s.vocab * B, s.hidden * s.vocab * bpp)
-    alpha = 1e3 * hw.comm_alpha_s
-    bw = hw.bus_bw / 1e3  # bytes per ms
-    costs = Costs(rest=1e3 * hw.rest_overhead_s, layer=roofline_ms(flops, nbytes, hw, hw.layer_overhead_s),
-                  head=roofline_ms(*head, hw, hw.layer_overhead_s),
-                  head_shard=roofline_ms(head[0] / P, head[1] / P, hw, hw.layer_overhead_s),
-                  allreduce=Comm(alpha, bw * P / (2 * (P - 1))), broadcast=Comm(alpha, bw),
-                  gather=Comm(alpha, bw / (P - 1)),
-                  hidden_bytes=B * (T if phase == "prefill" else 1) * s.hidden * bpp, batch=B)
-    return costs, roofline_ms(flops / P, nbytes / P, hw, hw.layer_overhead_s)
+    head_flops, head_bytes = 2 * s.hidden * s.vocab * B, s.hidden * s.vocab * bpp  # the last position only
+    bus = hw.bus_bw / 1e3  # bytes per ms
+    moved = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: n - 1, "broadcast": lambda n: 1}
+
+    def collective(op: str, n: int, nbytes: int) -> float:
+        return 1e3 * hw.comm_alpha_s + moved[op](n) * nbytes / bus
+
+    return Costs(rest=1e3 * hw.rest_overhead_s,
+                 layer=lambda k: roofline_ms(flops * fullest_shard(s, k) / k, nbytes * fullest_shard(s, k) / k, hw,
+                                             hw.layer_overhead_s),
+                 head=lambda k: roofline_ms(head_flops / k, head_bytes / k, hw, hw.layer_overhead_s),
+                 collective=collective, batch=B, tokens=T if phase == "prefill" else 1, hidden=s.hidden,
+                 dtype_bytes=bpp, vocab=s.vocab)
 
 
-def tensor_parallel(n: int, c: Costs, layer_tp: float, P: int) -> float:
-    return c.rest + n * (layer_tp + 2 * c.allreduce(c.hidden_bytes)) + c.head_shard + c.allreduce(8 * c.batch * P)
+@lru_cache(maxsize=None)
+def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) -> tuple[float, float]:
+    """(weights, KV cache) in GB of the fullest rank: the weights each rank materializes by the schedule's
+    own accounting (cqil.schedule.rank_bytes), the KV cache of its layers' shards at `context` tokens."""
+    shapes = llama_shapes(s.layers, s.hidden, s.intermediate, s.heads, s.kv_heads, s.vocab, s.head_dim or None)
+    fullest = (0.0, 0.0)
+    for r in range(schedule.world):
+        weights = rank_bytes(schedule, r, shapes, tied=False, dtype_bytes=bpp, heads=s.heads, kv_heads=s.kv_heads)
+        kv = sum(2 * batch * context * s.hd * bpp * math.ceil(s.kv_heads / p.count)
+                 for p in schedule.parts(r) if p.kind == "layer")
+        fullest = max(fullest, (weights / 1e9, kv / 1e9), key=sum)
+    return fullest
 
 
 def predicted_reduction(config, plan: Plan, lat: dict) -> float:
-    """plan=auto rank_by=latency: 1 - CQIL / original latency of the model's own shape on `lat['hardware']`."""
-    s = Shape.from_hf(config)
-    hw = hardware(lat["hardware"])
-    c, _ = gpu_costs(s, hw, plan.group_size, lat["phase"], int(lat["prompt_tokens"]), int(lat["batch_size"]),
-                     int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", lat["prompt_tokens"])))
-    t = predict(plan, s.layers, c, hw.kappa, lat.get("lm_head", "sharded"), lat.get("ungrouped", "replicated"))
-    return 1 - t / original(s.layers, c)
+    """plan=auto rank_by=latency: the predicted reduction of `plan` on the model's own shape on lat['hardware']
+    against the original on one device, or with lat['devices'] = N against tensor parallelism on N devices
+    (mesh_choice: NaN where the plan's P does not divide N or nothing fits)."""
+    if lat.get("devices"):
+        return mesh_choice(config, plan, lat)["reduction"]
+    s, hw = Shape.from_hf(config), hardware(lat["hardware"])
+    phase, T, B = lat["phase"], int(lat["prompt_tokens"]), int(lat["batch_size"])
+    c = gpu_costs(s, hw, phase, T, B, int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", T)))
+    variant = Variant(lm_head=lat.get("lm_head", "sharded"), ungrouped=lat.get("ungrouped", "replicated"))
+    schedule = schedule_of(plan, s.layers, plan.group_size, 1, variant)
+    return 1 - predict(schedule, c, hw.kappa) / original(s.layers, c)
 
 
-def projection(pcfg: dict) -> pd.DataFrame:
-    """Original / CQIL / tensor parallel latency of every model x hardware x plan x shape x runtime variant."""
+def mesh_choice(config, plan: Plan, lat: dict) -> dict:
+    """plan.devices=N: `plan` on its best P x (N/P) mesh (best_mesh) for the model's own shape:
+    {"reduction": against TP on N devices (NaN if none), "mesh": "P4xT2, ungrouped tp" or why there is none}."""
+    s, hw, N = Shape.from_hf(config), hardware(lat["hardware"]), int(lat["devices"])
+    T = int(lat["prompt_tokens"])
+    best = best_mesh(s, hw, plan, N, lat["phase"], T, int(lat["batch_size"]), int(lat.get("bytes_per_param", 2)),
+                     int(lat.get("decode_context", T)), lat.get("lm_head", "sharded"),
+                     tuple(lat.get("ungrouped_options", UNGROUPED_OPTIONS)))
+    if best is None:
+        why = (f"P={plan.group_size} does not divide {N}" if N % plan.group_size else
+               f"no P x T mesh of {N} devices fits it ({hw.name} memory, head cuts)")
+        return {"reduction": float("nan"), "mesh": why}
+    return {"reduction": 1 - best["latency_ms"] / best["tp_latency_ms"],
+            "mesh": f"P{best['P']}xT{best['T']}, ungrouped {best['ungrouped']}"}
+
+
+# ---- CQIL x TP on N devices ---------------------------------------------------------------------
+UNGROUPED_OPTIONS = ("replicated", "tp")  # where layers outside groups run on a P x T mesh of GPUs
+
+
+def mesh_row(s: Shape, hw: Hardware, schedule: Schedule, c: Costs, bpp: int, batch: int, context: int) -> dict:
+    """Latency, its terms and the memory of one schedule (weights and KV cache of the fullest GPU, and whether
+    they fit the GPU's memory less its reserve)."""
+    t = terms(schedule, c)
+    weights, kv = memory_gb(schedule, s, bpp, batch, context)
+    return {"latency_ms": total(t, hw.kappa),
+            "compute_ms": t["alone"] + hw.kappa * t["concurrent"], "collectives_ms": t["collectives"],
+            "collective_rounds": t["collective_rounds"], "weight_gb_per_gpu": weights, "kv_cache_gb_per_gpu": kv,
+            "fits": weights + kv <= hw.memory_gb - hw.memory_reserve_gb}
+
+
+def mesh_candidates(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+                    lm_head: str, ungrouped_options: tuple[str, ...]) -> list[dict]:
+    """`plan` (P = its group size) on a P x (N/P) mesh under each `ungrouped` option that the shape can be cut
+    for; [] where P does not divide N."""
+    P = plan.group_size
+    if N % P:
+        return []
+    c, out = gpu_costs(s, hw, phase, T, B, bpp, context), []
+    for ungrouped in ungrouped_options:
+        schedule = schedule_of(plan, s.layers, P, N // P, Variant(lm_head=lm_head, ungrouped=ungrouped))
+        try:
+            check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
+        except PlanError:
+            continue
+        out.append({"P": P, "T": N // P, "ungrouped": ungrouped, **mesh_row(s, hw, schedule, c, bpp, B, context)})
+    return out
+
+
+def tensor_parallel_row(s: Shape, hw: Hardware, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+                        lm_head: str) -> dict:
+    """Tensor parallelism over N devices (the schedule with no groups, P = 1, T = N), the same head treatment;
+    latency NaN (shardable False) where the runtime cannot cut the layers N ways (fewer KV heads than N)."""
+    schedule = schedule_of(Plan(), s.layers, 1, N, Variant(lm_head=lm_head))
+    row = mesh_row(s, hw, schedule, gpu_costs(s, hw, phase, T, B, bpp, context), bpp, B, context)
+    try:
+        check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
+    except PlanError:
+        return {**row, "latency_ms": float("nan"), "fits": False, "shardable": False}
+    return {**row, "shardable": True}
+
+
+def best_mesh(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+              lm_head: str = "sharded", ungrouped_options: tuple[str, ...] = UNGROUPED_OPTIONS) -> dict | None:
+    """The chooser's latency side: `plan` on N devices at its fastest (T = N / P, the ungrouped option) among
+    the setups that fit in memory, with tp_latency_ms, TP=N's latency; None where none fits or P does not divide N."""
+    fitting = [r for r in mesh_candidates(s, hw, plan, N, phase, T, B, bpp, context, lm_head, ungrouped_options)
+               if r["fits"]]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda r: r["latency_ms"])
+    return {**best, "tp_latency_ms": tensor_parallel_row(s, hw, N, phase, T, B, bpp, context, lm_head)["latency_ms"]}
+
+
+def layout_plan(n: int, P: int, start_fraction: float, end_margin: int, bypass: int = 0) -> Plan | None:
+    """The stated group layout: groups of P from ceil(start_fraction n) (raised until the span is a multiple
+    of P) up to n - end_margin (exclusive); None if no group fits."""
+    end, start = n - end_margin, math.ceil(start_fraction * n)
+    while (end - start) % P:
+        start += 1
+    return Plan.from_range(start, end, P, bypass, n) if end - start >= P else None
+
+
+def hybrid(hcfg: dict, models: dict, hardware_of: Callable[[str], Hardware]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(best CQIL x TP against TP=N per model x hardware x shape x N, every candidate evaluated)."""
+    bpp, B, ctx, lm_head = int(hcfg["bytes_per_param"]), int(hcfg["batch_size"]), int(hcfg["decode_context"]), hcfg["lm_head"]
+    shapes = [("prefill", T) for T in hcfg["prefill_tokens"]] + [("decode", ctx)]
+    best_rows, candidates = [], []
+    for hw_name in hcfg["hardware"]:
+        hw = hardware_of(hw_name)
+        for name in hcfg["models"]:
+            s = shape_of(models[name])
+            plans = {int(P): layout_plan(s.layers, int(P), float(f), int(hcfg["end_margin"]))
+                     for P, f in hcfg["layout"].items()}
+            for phase, T in shapes:
+                for N in hcfg["devices"]:
+                    tp = tensor_parallel_row(s, hw, N, phase, T, B, bpp, ctx, lm_head)
+                    key = {"model": name, "hardware": hw_name, "gpu": hw.name, "phase": phase, "prompt_tokens": T,
+                           "batch_size": B, "devices": N}
+                    rows = [{**key, "P": 1, "T": N, "ungrouped": "", "plan": "none (tensor parallel)", "plan_json": "",
+                             "ideal_reduction": 0.0, **tp}]
+                    for P, plan in plans.items():
+                        for r in mesh_candidates(s, hw, plan, N, phase, T, B, bpp, ctx, lm_head,
+                                                 tuple(hcfg["ungrouped"])) if plan else []:
+                            rows.append({**key, **r, **plan_columns(plan), "ideal_reduction": plan.ideal_latency_reduction(s.layers)})
+                    candidates += [{**r, "speedup_vs_tp": tp["latency_ms"] / r["latency_ms"]} for r in rows]
+                    hyb = [r for r in rows[1:] if r["fits"]]
+                    best = min(hyb, key=lambda r: r["latency_ms"]) if hyb else None
+                    best_rows.append({
+                        **key, "tp_latency_ms": tp["latency_ms"], "best_p": best and best["P"], "best_t": best and best["T"],
+                        "plan": best["plan"] if best else "none fits", "ungrouped": best and best["ungrouped"],
+                        "hybrid_latency_ms": best and best["latency_ms"],
+                        "speedup_vs_tp": best and tp["latency_ms"] / best["latency_ms"],
+                        "ideal_reduction": best and best["ideal_reduction"],
+                        "weight_gb_per_gpu": best and best["weight_gb_per_gpu"],
+                        "kv_cache_gb_per_gpu": best and best["kv_cache_gb_per_gpu"], "fits": bool(best),
+                        "tp_weight_gb_per_gpu": tp["weight_gb_per_gpu"], "tp_kv_cache_gb_per_gpu": tp["kv_cache_gb_per_gpu"],
+                        "tp_fits": tp["fits"], "tp_shardable": tp["shardable"], "tp_compute_ms": tp["compute_ms"], "tp_collectives_ms": tp["collectives_ms"],
+                        "tp_collective_rounds": tp["collective_rounds"], "hybrid_compute_ms": best and best["compute_ms"],
+                        "hybrid_collectives_ms": best and best["collectives_ms"],
+                        "hybrid_collective_rounds": best and best["collective_rounds"], "memory_gb": hw.memory_gb,
+                        "bytes_per_param": bpp, **{f.name: getattr(hw, f.name) for f in fields(Hardware) if f.name != "name"}})
+    return pd.DataFrame(best_rows), pd.DataFrame(candidates)
+
+
+# ---- external validation: published numbers no one here produced ----------------------------------
+def tokens_per_s(s: Shape, hw: Hardware, N: int, setup: dict) -> float:
+    """gpt-fast's figure: new_tokens / (prefill of the prompt + new_tokens - 1 decode steps) on TP over N
+    (the decode steps read a KV cache of the prompt plus half the new tokens on average)."""
+    prompt, new, B, bpp = (int(setup[k]) for k in ("prompt_tokens", "new_tokens", "batch_size", "bytes_per_param"))
+    schedule = schedule_of(Plan(), s.layers, 1, N, Variant(lm_head=setup["lm_head"]))
+    prefill = predict(schedule, gpu_costs(s, hw, "prefill", prompt, B, bpp, prompt), hw.kappa)
+    step = predict(schedule, gpu_costs(s, hw, "decode", prompt, B, bpp, prompt + new // 2), hw.kappa)
+    return 1e3 * new / (prefill + (new - 1) * step)
+
+
+def external_table(ext: dict, models: dict, hw: Hardware, role: str | None = None) -> pd.DataFrame:
+    """Published vs predicted for every row of ext['sources'] (of one role if given); `error` is the relative
+    error of the latency (tokens/s: published / predicted - 1; a reduction: (1 - pred) / (1 - published) - 1)."""
     rows = []
-    bpp, B, ctx = int(pcfg["bytes_per_param"]), int(pcfg["batch_size"]), int(pcfg["decode_context"])
-    shapes = [("prefill", T) for T in pcfg["prefill_tokens"]] + [("decode", ctx)]
-    for hw_name in pcfg["hardware"]:
-        hw = hardware(hw_name)
-        for name, m in pcfg["models"].items():
-            s = Shape(m["layers"], m["hidden"], m["intermediate"], m["heads"], m["kv_heads"], m["vocab"])
-            for pd_ in m["plans"]:
-                plan = Plan.from_dict(pd_, s.layers)
-                P = plan.group_size
-                for phase, T in shapes:
-                    c, layer_tp = gpu_costs(s, hw, P, phase, T, B, bpp, ctx)
-                    orig, tp = original(s.layers, c), tensor_parallel(s.layers, c, layer_tp, P)
-                    for v in pcfg["runtime"]:
-                        t = predict(plan, s.layers, c, hw.kappa, v["lm_head"], v["ungrouped"])
-                        rows.append({"model": name, "hardware": hw_name, "device": hw.name, "plan": plan.describe(),
-                                     "P": P, "lm_head": v["lm_head"], "ungrouped": v["ungrouped"], "phase": phase,
-                                     "prompt_tokens": T, "batch_size": B, "original_ms": orig, "cqil_ms": t,
-                                     "tensor_parallel_ms": tp, "cqil_reduction": 1 - t / orig,
-                                     "tp_reduction": 1 - tp / orig, "ideal_reduction": plan.ideal_latency_reduction(s.layers),
-                                     "layer_ms": c.layer, "head_ms": c.head, "allreduce_ms": c.allreduce(c.hidden_bytes),
-                                     "bytes_per_param": bpp,
-                                     **{f.name: getattr(hw, f.name) for f in fields(Hardware) if f.name != "name"}})
+    for source, spec in ext["sources"].items():
+        setup, quantity = spec["setup"], spec["quantity"]
+        for entry in spec["rows"]:
+            if role is not None and entry["role"] != role:
+                continue
+            s = shape_of(models[entry["model"]])
+            common = {"source": source, "model": entry["model"], "hardware": hw.name, "role": entry["role"],
+                      "quantity": quantity, "cite": spec["cite"]}
+            if quantity == "tokens_per_s":
+                for N, published in entry["published"].items():
+                    predicted = tokens_per_s(s, hw, int(N), setup)
+                    rows.append({**common, "devices": int(N), "plan": "", "setup": spec["describe"].format(N=N),
+                                 "published": float(published), "predicted": predicted,
+                                 "error": float(published) / predicted - 1, "error_pp": np.nan})
+            elif quantity == "latency_reduction":
+                plan = Plan.from_dict(entry["plan"], s.layers)
+                T, B, bpp = (int(setup[k]) for k in ("prompt_tokens", "batch_size", "bytes_per_param"))
+                c = gpu_costs(s, hw, "prefill", T, B, bpp, T)
+                schedule = schedule_of(plan, s.layers, plan.group_size, 1,
+                                       Variant(lm_head=setup["lm_head"], ungrouped=setup["ungrouped"]))
+                predicted, published = 1 - predict(schedule, c, hw.kappa) / original(s.layers, c), float(entry["published"])
+                rows.append({**common, "devices": plan.group_size, "plan": plan.describe(),
+                             "setup": spec["describe"].format(N=plan.group_size, plan=plan.describe()),
+                             "published": published, "predicted": predicted,
+                             "error": (1 - predicted) / (1 - published) - 1, "error_pp": 100 * (predicted - published)})
+            else:
+                raise CqilError(f"latency external source {source}: quantity {quantity!r} is not tokens_per_s or "
+                                "latency_reduction")
     return pd.DataFrame(rows)
 
 
-def summary(proj: pd.DataFrame) -> str:
-    """Projected reductions: one row per model x hardware x plan, one column per shape."""
-    cells = proj.assign(case=[f"{ph} {'T' if ph == 'prefill' else 'ctx'}={t}" for ph, t in zip(proj.phase, proj.prompt_tokens)],
-                        cell=[f"{r.cqil_reduction:.1%}" for r in proj.itertuples()])
-    heads = list(dict.fromkeys(proj.lm_head))
-    first = cells[cells.lm_head == heads[0]].set_index(["model", "hardware", "plan", "ideal_reduction", "case"])
-    text = first.cell
-    for h in heads[1:]:
-        text = text + " / " + cells[cells.lm_head == h].set_index(first.index.names).cell
-    text = text + " | TP " + first.tp_reduction.map("{:.1%}".format)
-    table = text.unstack("case").reindex(list(dict.fromkeys(text.index.droplevel("case"))))
-    table = table[list(dict.fromkeys(cells["case"]))].reset_index()
-    table["ideal_reduction"] = table.ideal_reduction.map("{:.1%}".format)
-    with pd.option_context("display.width", 250, "display.max_colwidth", 40):
-        return (f"projected latency reduction against 1 GPU, batch {proj.batch_size.iloc[0]}: CQIL head "
-                + " / ".join(heads) + " | tensor parallel on the same GPUs\n" + table.to_string(index=False))
+def least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """Levenberg-Marquardt with a numerical Jacobian (a few parameters, a few rows)."""
+    x, damping = np.asarray(x0, float), 1e-3
+    r = residuals(x)
+    for _ in range(iterations):
+        h = 1e-6
+        J = np.stack([(residuals(x + h * e) - r) / h for e in np.eye(len(x))], 1)
+        A = J.T @ J
+        step = np.linalg.solve(A + damping * np.diag(np.diag(A) + 1e-12), -J.T @ r)
+        r_new = residuals(x + step)
+        if r_new @ r_new < r @ r:
+            x, r, damping = x + step, r_new, damping / 3
+            if np.abs(step).max() < 1e-9:
+                break
+        else:
+            damping *= 3
+    return x
+
+
+def fit_hardware(ext: dict, models: dict, hw: Hardware) -> Hardware:
+    """`hw` with the figures named in ext['fit'] fitted (relative latency error, least squares) on the rows
+    whose role is "fit"; the others stay as stated."""
+    names = list(ext["fit"])
+    unknown = [n for n in names if n not in {f.name for f in fields(Hardware)} - {"name"}]
+    if unknown:
+        raise CqilError(f"latency external.fit names {', '.join(unknown)}, which are not hardware figures")
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return external_table(ext, models, replace(hw, **dict(zip(names, np.exp(x)))), "fit").error.to_numpy(float)
+
+    x = least_squares(residuals, np.log([getattr(hw, n) for n in names]))  # logs: the figures stay positive
+    return replace(hw, **{n: float(v) for n, v in zip(names, np.exp(x))})
+
+
+def external_summary(table: pd.DataFrame, fitted: Hardware, stated: Hardware, names: list[str]) -> str:
+    figures = ", ".join(f"{n} {getattr(stated, n):.3g} -> {getattr(fitted, n):.3g}" for n in names)
+    lines = [f"external validation on {fitted.name}: fitted on the rows marked fit ({figures})"]
+    for (role, source), g in table.groupby(["role", "source"], sort=False):
+        cells = ", ".join(f"{r.model} N={r.devices}{' ' + r.plan if r.plan else ''}: {r.published:.4g} vs {r.predicted:.4g} "
+                          f"({100 * r.error:+.1f}%)" for r in g.itertuples())
+        lines.append(f"  {role:8s} {source}: mean |error| of latency {100 * g.error.abs().mean():.1f}% ({cells})")
+    held = table[table.role != "fit"]
+    lines.append(f"  held out, all {len(held)} rows: mean |latency error| {100 * held.error.abs().mean():.1f}%")
+    return "\n".join(lines)
 
 
 # ---- the job --------------------------------------------------------------------------------------
+def hybrid_summary(best: pd.DataFrame) -> str:
+    """One line per model x hardware x shape: TP=N and the best CQIL x TP for each N."""
+    lines = ["CQIL x TP against tensor parallelism on the same N GPUs (batch 1; best fitting P x T within the layout):"]
+    for (model, hw, phase, T), g in best.groupby(["model", "hardware", "phase", "prompt_tokens"], sort=False):
+        cells = []
+        for r in g.itertuples():
+            if not r.fits:
+                cells.append(f"N={r.devices}: TP {r.tp_latency_ms:.2f} ms, no hybrid fits")
+                continue
+            tp = ("TP cannot cut the heads" if not r.tp_shardable else
+                  f"TP {r.tp_latency_ms:.2f}{'' if r.tp_fits else ' (does not fit)'}")
+            cells.append(f"N={r.devices}: {tp} vs P{r.best_p:.0f}xT{r.best_t:.0f} {r.hybrid_latency_ms:.2f} ms"
+                         + ("" if np.isnan(r.speedup_vs_tp) else f" ({r.speedup_vs_tp:.2f}x)"))
+        shape = f"{phase} {'T' if phase == 'prefill' else 'ctx'}={T}"
+        lines.append(f"  {model:12s} {hw:5s} {shape:16s} " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig) -> None:
-    """cqil latency: calibrate + validate on measured CPU runs (if there), then the GPU projection."""
-    if cfg.calibrate:  # every listed table must exist (cqil.checks); calibrate=[] runs the projection alone
+    """cqil latency: calibrate + validate on measured CPU runs (calibrate=[]: skipped), validate on published
+    numbers (fitting the figures named in external.fit), then the CQIL x TP projection with those figures."""
+    if cfg.calibrate:  # every listed table must exist (cqil.checks); calibrate=[] skips this step
         cal, val = load_bench(list(cfg.calibrate)), load_bench(list(cfg.validate))
         fits, kappa = calibrate(cal)
         table = validate({"calibration": cal, "validation": val}, fits, kappa)
@@ -397,13 +689,25 @@ def run(cfg: DictConfig) -> None:
         if slow.notna().all():
             print("  member slowdown measured directly (median over rows): "
                   + ", ".join(f"{ph} {v:.3f}" for ph, v in slow.items()))
-        for role, g in table.groupby("role", sort=False):
-            err = g.groupby("phase", sort=False)[["error_pct", "reduction_error_pp"]].apply(lambda e: e.abs().mean())
-            print(f"  {role} ({', '.join(g.plan.unique())}, {len(g)} rows): mean |error| of latency "
-                  + ", ".join(f"{ph} {r.error_pct:.1f}%" for ph, r in err.iterrows()) + "; of the reduction "
-                  + ", ".join(f"{ph} {r.reduction_error_pp:.1f} points" for ph, r in err.iterrows()))
+        for (role, kind), g in table.groupby(["role", "kind"], sort=False):  # tp rows: never fitted
+            print(f"  {role}, {kind} ({', '.join(g.plan.unique())}, {len(g)} rows): " + error_summary(g))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
-    proj = projection(OmegaConf.to_container(cfg.projection, resolve=True))
-    write_csv(proj.assign(**provenance("roofline projection")), cfg.projection_out)
-    print(summary(proj))
-    print(f"-> {cfg.projection_out}\n-> {latency_projection(proj, cfg.projection_png)}")
+    models = OmegaConf.to_container(cfg.models, resolve=True)
+    ext = OmegaConf.to_container(cfg.external, resolve=True)
+    stated = hardware(ext["hardware"])
+    fitted = fit_hardware(ext, models, stated)
+    table = external_table(ext, models, fitted)
+    figures = {n: getattr(fitted, n) for n in ext["fit"]}
+    write_csv(table.assign(fitted=", ".join(ext["fit"]), **figures, **provenance("published numbers")), cfg.external_out)
+    print(external_summary(table, fitted, stated, list(ext["fit"])))
+    print(f"-> {cfg.external_out}")
+
+    def hardware_of(name: str) -> Hardware:  # the fitted figures serve every GPU named in external.apply_to
+        return replace(hardware(name), **figures) if name in ext["apply_to"] else hardware(name)
+
+    best, candidates = hybrid(OmegaConf.to_container(cfg.hybrid, resolve=True), models, hardware_of)
+    prov = provenance("roofline projection")
+    write_csv(best.assign(**prov), cfg.hybrid_out)
+    write_csv(candidates.assign(**prov), cfg.hybrid_candidates_out)
+    print(hybrid_summary(best))
+    print(f"-> {cfg.hybrid_out}\n-> {cfg.hybrid_candidates_out}\n-> {latency_hybrid(best, cfg.hybrid_png)}")

@@ -49,11 +49,17 @@ def member_attention(layer: nn.Module, x: torch.Tensor, **attn_kwargs) -> torch.
     return out
 
 
+def member_mlp(layer: nn.Module, x: torch.Tensor, attn: torch.Tensor,
+               bypass_in: torch.Tensor | None = None) -> torch.Tensor:
+    """MLP_k(RMSNorm'_k(x + a_k [+ bypass])) (under tensor parallelism: this shard's partial sums)."""
+    mlp_in = x + attn if bypass_in is None else x + attn + bypass_in
+    return layer.mlp(layer.post_attention_layernorm(mlp_in))
+
+
 def member_delta(layer: nn.Module, x: torch.Tensor, attn: torch.Tensor,
                  bypass_in: torch.Tensor | None = None) -> torch.Tensor:
     """delta_k = a_k + MLP_k(RMSNorm'_k(x + a_k [+ bypass])): the member's residual update."""
-    mlp_in = x + attn if bypass_in is None else x + attn + bypass_in
-    return attn + layer.mlp(layer.post_attention_layernorm(mlp_in))
+    return attn + member_mlp(layer, x, attn, bypass_in)
 
 
 def bypass_input(attns: list[torch.Tensor], k: int, bypass: int) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CqilError, data
-from .latency import predicted_reduction
+from .latency import mesh_choice, predicted_reduction
 from .metrics import nll
 from .modeling import CqilLayers, decoder, plan_disabled
 from .plan import Plan, PlanError, plan_from_config
@@ -159,6 +159,14 @@ def rank_key(cfg: dict, model: nn.Module, candidates: list[Plan], table: pd.Data
     if rank_by != "latency":
         raise PlanError(f"plan.rank_by={rank_by!r} is not one of ideal, latency")
     lat = cfg["latency"]
+    if cfg.get("devices"):  # N devices: each plan on its best P x (N/P) mesh, against tensor parallelism on N
+        lat = {**lat, "devices": int(cfg["devices"])}
+        meshes = [mesh_choice(model.config, p, lat) for p in candidates]
+        table["predicted_reduction"] = [round(m["reduction"], 4) for m in meshes]  # NaN: no mesh of N devices
+        table["mesh"] = [m["mesh"] for m in meshes]
+        return "predicted_reduction", (f"predicted latency reduction against tensor parallelism on {lat['devices']} "
+                                       f"devices ({lat['hardware']}, {lat['phase']} T={lat['prompt_tokens']} "
+                                       f"B={lat['batch_size']})")
     table["predicted_reduction"] = [round(predicted_reduction(model.config, p, lat), 4) for p in candidates]
     return "predicted_reduction", (f"predicted latency reduction ({lat['hardware']}, {lat['phase']} "
                                    f"T={lat['prompt_tokens']} B={lat['batch_size']})")
@@ -202,7 +210,7 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
                      "seconds": round(seconds, 1)})
     table = pd.DataFrame(rows)
     key, what = rank_key(cfg, model, candidates, table)
-    ok = table[table.within_budget]
+    ok = table[table.within_budget & table[key].notna()]  # NaN: the plan has no mesh on plan.devices
     if ok.empty:
         best = table.loc[table.ppl_ratio.idxmin()]
         reason = (f"none of the {len(table)} candidates keeps calibration perplexity within {budget} x the original "

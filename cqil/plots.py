@@ -144,10 +144,13 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
-    """Median latency per setup (p90 as whisker) for every (T, B), prefill and decode; CQIL's ideal marked."""
+    """Top: median latency per setup and (T, B), with its bootstrap interval (whisker) and CQIL's ideal marked.
+    Bottom: the paired reduction against (a) (median over rounds) with its interval, the ideal as a line."""
     setups = list(dict.fromkeys(df.setup))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for ax, (phase, label) in zip(axes, (("prefill", "time to first token (ms)"), ("decode", "time per output token (ms)"))):
+    colors = dict(zip(setups, plt.get_cmap("tab10")(np.arange(len(setups)) % 10)))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), layout="constrained")
+    for col, (phase, label) in enumerate((("prefill", "time to first token (ms)"), ("decode", "time per output token (ms)"))):
+        ax, ax_r = axes[0, col], axes[1, col]
         d = df[df.phase == phase].set_index(["prompt_tokens", "batch_size"])
         shapes = list(dict.fromkeys(d.index))
         ideal = d[d.setup == BENCH_BASELINE].reindex(shapes).median_ms * (1 - d.ideal_reduction.iloc[0])
@@ -155,30 +158,61 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
         for i, setup in enumerate(setups):
             s = d[d.setup == setup].reindex(shapes)
             x = np.arange(len(shapes)) + (i - (len(setups) - 1) / 2) * width
-            ax.bar(x, s.median_ms, width, yerr=[np.zeros(len(s)), s.p90_ms - s.median_ms], capsize=2, label=setup)
+            lo, hi = _interval(s, "median_ci_low_ms", "median_ci_high_ms", s.median_ms)
+            ax.bar(x, s.median_ms, width, yerr=[s.median_ms - lo, hi - s.median_ms], capsize=2, color=colors[setup],
+                   label=setup)
             if setup.startswith("cqil"):  # the plan's ideal: original latency x (1 - g(P-1)/n)
                 ax.hlines(ideal, x - width / 2, x + width / 2, colors="k", lw=2)
+            if setup != BENCH_BASELINE:
+                lo, hi = _interval(s, "reduction_ci_low", "reduction_ci_high", s.reduction)
+                ax_r.errorbar(x, 100 * s.reduction, yerr=[100 * (s.reduction - lo), 100 * (hi - s.reduction)],
+                              fmt="o", ms=4, capsize=3, color=colors[setup])
         ax.plot([], [], "k-", lw=2, label="cqil ideal: (a) x (1 - g(P-1)/n)")
-        ax.set_xticks(np.arange(len(shapes)), [f"T={t} B={b}" for t, b in shapes])
+        ax_r.axhline(100 * d.ideal_reduction.iloc[0], color="k", lw=1.5, label="cqil ideal g(P-1)/n")
+        ax_r.axhline(0, color="grey", lw=0.8, ls="--")
+        base = d[d.setup == BENCH_BASELINE].reindex(shapes)
+        ticks = [f"T={t} B={b}" + (f"\n{n} rounds" if "rounds" in base else "")
+                 for (t, b), n in zip(shapes, base.get("rounds", base.median_ms))]
+        for a in (ax, ax_r):
+            a.set_xticks(np.arange(len(shapes)), ticks, fontsize=8)
+            a.grid(axis="y", alpha=0.3)
         ax.set_ylabel(label)
         ax.set_title(phase)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+        ax_r.set_ylabel(f"reduction vs {BENCH_BASELINE} (%)")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[1, 0].legend(fontsize=7, loc="upper left")
     r = df.iloc[0]
-    fig.suptitle(f"{r.model}, plan {r.plan} (ideal reduction {r.ideal_reduction:.1%}), {r.device}: median, p90 whisker")
+    level = f"{r.confidence:.0%}" if "confidence" in df else "95%"
+    fig.suptitle(f"{r.model}, plan {r.plan} (ideal reduction {r.ideal_reduction:.1%}), {r.device}: median over rounds "
+                 f"with {level} bootstrap intervals; reductions paired per round", fontsize=10)
     return _save(fig, out)
 
 
+def _interval(s: pd.DataFrame, low: str, high: str, center: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """An interval's ends, the center where the CSV has none (older tables, a single round)."""
+    if low not in s:
+        return center, center
+    return s[low].fillna(center), s[high].fillna(center)
+
+
 def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
-    """Latency model per CQIL row: predicted against measured latency (log, error of each validation row
-    annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
+    """Latency model per CQIL (and tensor-parallel) row: predicted against measured latency (log, error of each
+    validation row annotated) and predicted against measured reduction (what a plan is chosen by); y = x on both."""
     fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5.4), layout="constrained")
     colors = {"prefill": "tab:blue", "decode": "tab:orange"}
-    for (role, phase), g in df.groupby(["role", "phase"], sort=False):
-        style = dict(s=26, color=colors.get(phase, "k"), marker="o" if role == "validation" else "x",
+    df = df if "kind" in df else df.assign(kind="cqil")
+    for (role, kind, phase), g in df.groupby(["role", "kind", "phase"], sort=False):
+        color = colors.get(phase, "k")
+        style = dict(s=26, marker="o" if role == "validation" else "x", color=color,
                      label=f"{role}: {phase} ({g.plan.iloc[0]})")
+        if kind == "tp":  # hollow squares: never fitted
+            style = {**style, "marker": "s", "color": None, "edgecolors": color, "facecolors": "none"}
         ax.scatter(g.measured_ms, g.predicted_ms, **style)
         ax_r.scatter(100 * g.measured_reduction, 100 * g.predicted_reduction, **style)
+        if "measured_reduction_ci_low" in g and g.measured_reduction_ci_low.notna().any():  # the bench's interval
+            lo, hi = _interval(g, "measured_reduction_ci_low", "measured_reduction_ci_high", g.measured_reduction)
+            ax_r.errorbar(100 * g.measured_reduction, 100 * g.predicted_reduction, fmt="none", lw=0.8, alpha=0.6,
+                          xerr=[100 * (g.measured_reduction - lo), 100 * (hi - g.measured_reduction)], color=color)
         if role == "validation":
             for r in g.itertuples():
                 ax.annotate(f"{r.error_pct:+.0f}%", (r.measured_ms, r.predicted_ms), fontsize=6,
@@ -194,47 +228,48 @@ def latency_validation(df: pd.DataFrame, out: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("measured median latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
-    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%)")
+    ax_r.set_xlabel("measured latency reduction vs original, 1 device (%; paired median, bench interval)")
     ax_r.set_ylabel("predicted latency reduction (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     val = df[df.role == "validation"]
-    mape = ", ".join(f"{ph} {e.abs().mean():.1f}%" for ph, e in val.groupby("phase", sort=False).error_pct)
-    fig.suptitle(f"{df.model.iloc[0]}: CQIL latency model against cqil bench, mean |error| on validation rows: {mape}",
+    mape = "; ".join(f"{kind} {ph} {e.abs().mean():.1f}%" for (kind, ph), e in val.groupby(["kind", "phase"], sort=False).error_pct)
+    fig.suptitle(f"{df.model.iloc[0]}: latency model against cqil bench, mean |error| on validation rows: {mape}",
                  fontsize=10)
     return _save(fig, out)
 
 
-def latency_projection(df: pd.DataFrame, out: str | Path) -> Path:
-    """Projected latency relative to the original model: CQIL variants and tensor parallelism, ideal marked."""
+def latency_hybrid(df: pd.DataFrame, out: str | Path) -> Path:
+    """Speed-up of the best CQIL x TP over TP=N on the same N GPUs (bars, labelled with the best P x T),
+    one panel per hardware and shape, one bar group per model; setups that do not fit are marked."""
     hws, shapes = list(dict.fromkeys(df.hardware)), list(dict.fromkeys(zip(df.phase, df.prompt_tokens)))
-    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.6 * len(shapes), 3.6 * len(hws)), squeeze=False,
+    models, devices = list(dict.fromkeys(df.model)), sorted(df.devices.unique())
+    fig, axes = plt.subplots(len(hws), len(shapes), figsize=(4.8 * len(shapes), 3.8 * len(hws)), squeeze=False,
                              sharey=True, layout="constrained")
-    heads = list(dict.fromkeys(df.lm_head))
-    bars = [f"CQIL, head {h}" for h in heads] + ["tensor parallel"]
+    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(devices)))
+    width = 0.8 / len(devices)
     for axrow, hw in zip(axes, hws):
         for ax, (phase, t) in zip(axrow, shapes):
-            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)]
-            cases = list(dict.fromkeys(zip(d.model, d.plan)))
-            width = 0.8 / len(bars)
-            for i, name in enumerate(bars):
-                rel = [(d[(d.model == m) & (d.plan == p) & (d.lm_head == heads[min(i, len(heads) - 1)])].iloc[0])
-                       for m, p in cases]
-                y = [r.tensor_parallel_ms / r.original_ms if name == "tensor parallel" else r.cqil_ms / r.original_ms
-                     for r in rel]
-                x = np.arange(len(cases)) + (i - (len(bars) - 1) / 2) * width
-                ax.bar(x, y, width, label=name)
-                if i == 0:
-                    ax.hlines([1 - r.ideal_reduction for r in rel], x - width / 2, x + width / 2 + width * (len(bars) - 2),
-                              colors="k", lw=2)
-            ax.axhline(1.0, color="grey", lw=1, ls="--")
-            ax.set_xticks(np.arange(len(cases)), [f"{m}\n{p}" for m, p in cases], fontsize=6)
+            d = df[(df.hardware == hw) & (df.phase == phase) & (df.prompt_tokens == t)].set_index(["model", "devices"])
+            for i, n in enumerate(devices):
+                x = np.arange(len(models)) + (i - (len(devices) - 1) / 2) * width
+                rows = [d.loc[(m, n)] for m in models]
+                y = [r.speedup_vs_tp if r.fits and r.tp_shardable else 0.0 for r in rows]
+                ax.bar(x, y, width, color=colors[i], label=f"N={n}" if ax is axes[0][0] else None)
+                for xi, yi, r in zip(x, y, rows):
+                    label = (f"TP={n} cannot cut the heads" if not r.tp_shardable else
+                             f"P{int(r.best_p)}xT{int(r.best_t)}" if r.fits else "none fits")
+                    ax.annotate(label + ("" if r.tp_fits or not r.tp_shardable else " (TP OOM)"), (xi, yi),
+                                ha="center", va="bottom", fontsize=5, rotation=90, xytext=(0, 2), textcoords="offset points")
+            ax.axhline(1.0, color="k", lw=1, ls="--")
+            ax.set_xticks(np.arange(len(models)), models, fontsize=7)
             ax.set_title(f"{hw}: {phase} " + (f"T={t}" if phase == "prefill" else f"(context {t})"), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-        axrow[0].set_ylabel("latency / original (1 GPU)")
-    axes[0][0].plot([], [], "k-", lw=2, label="CQIL ideal 1 - g(P-1)/n")
-    axes[0][0].plot([], [], color="grey", ls="--", label="original")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(bars) + 2, fontsize=8)
-    fig.suptitle(f"Projected latency (roofline, batch {df.batch_size.iloc[0]}, assumptions in the CSV)", fontsize=10)
+            ax.margins(y=0.25)
+        axrow[0].set_ylabel("TP=N latency / best CQIL x TP")
+    fig.legend(loc="outside lower center", ncol=len(devices), fontsize=8)
+    fig.suptitle(f"Projected speed-up of CQIL x TP over tensor parallelism on the same N GPUs (batch "
+                 f"{df.batch_size.iloc[0]}; figures fitted on gpt-fast's Llama-2-7B TP table; assumptions in the CSV)",
+                 fontsize=10)
     return _save(fig, out)
 
 
@@ -248,7 +283,7 @@ FIGURES = {
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
-    "latency_projection": (latency_projection, "latency_projection_csv", "latency_projection_png"),
+    "latency_hybrid": (latency_hybrid, "latency_hybrid_csv", "latency_hybrid_png"),
 }
 
 

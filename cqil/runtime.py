@@ -1,58 +1,63 @@
-"""Multi-device CQIL: one process per device, member k of every group on rank k (torch.distributed).
+"""Multi-device CQIL on a P x T mesh: one process per device (torch.distributed, torchrun).
 
-Started by torchrun (`cqil bench devices=P` launches it; `torchrun --nproc_per_node P -m cqil bench
-devices=P` works too). Backend gloo on CPU, nccl on CUDA. The ranks form a 2-D device mesh
-(torch.distributed.device_mesh) with axes
+What runs where is cqil.schedule's (read its docstring first): `make_schedule(plan, n_layers, P, T,
+variant)` lists the stages; this module turns them into computations on this rank. Started by torchrun
+(`cqil bench devices=P tp=T` launches it). Backend gloo on CPU, nccl on CUDA (device cuda:LOCAL_RANK):
+one code path, only the backend and the device differ.
 
-    member  size P: member k of every group runs on the ranks with member coordinate k;
-    tp      size T: tensor parallelism inside every layer a rank runs (T=1: off).
+    init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
+    make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
+    Runtime(checkpoint or model, plan, mesh, variant)           this rank's weights and stages
+    rt.prefill / rt.decode / rt.generate / rt.forward           (every rank calls the same, in the same order)
+    shutdown()                                                  destroy the process groups (call in a finally)
 
-A group (cqil.modeling's definition, reused here: member_attention, bypass_input, member_delta):
+Rank-local weights. `Runtime(path, ...)` builds the model on the `meta` device (no memory) and reads
+from the safetensors checkpoint only the tensor slices this rank's stages use (cqil.schedule.shares,
+partial reads through cqil.models.SafetensorsReader): its members' layers (1/T of each matrix under
+tensor parallelism), the ungrouped layers where the variant runs them, its vocabulary rows of the head,
+the embedding and final norm where used. Everything else stays on `meta` and never leaves disk.
+`Runtime(model, ...)` copies the same slices out of an in-memory model (tests, one-process jobs).
+Timeouts: joining the job and the barrier after loading wait up to `startup_timeout_s` (ranks start
+and finish loading minutes apart on big models); the mesh's own process groups, which carry every
+collective of the forward, time out after `timeout_s` (a dead or stuck peer ends the run quickly).
 
-    a_k   = Attn_k(RMSNorm_k(x))                   on member k; updates only its own KV cache entry
-    (D>0) all-gather of the a_j over `member`       the bypass: the MLP of member k reads a_{k-D..k-1}
-    d_k   = member_delta(layer_k, x, a_k, bypass)   on member k
-    y     = x + all-reduce_member(d_k)              one all-reduce per group
+The computation on rank (k, t), with the layers cut as gpt-fast's tp.py cuts them (q,k,v,gate,up by
+output features, o,down by input features; whole KV heads with their query heads per shard, see
+cqil.schedule.tp_cuts; the HF attention reshapes with -1, so its shard of heads just works) and plain
+collectives on explicit process groups (no DTensor on the hot path):
+    ungrouped layer, cut over an axis:  a = Attn(x) partial; all-reduce; r = x + a;
+                                        m = MLP(r) partial; all-reduce; r + m
+    group, member k on its T ranks:     a_k = Attn_k(x) partial; all-reduce over tp (MLP_k's norm needs it whole)
+                                        (D > 0) all-gather of the a_j over member: bypass
+                                        y = x + all-reduce over world of (MLP_k partial + [t = 0] a_k)
+                                        (a_k added by one of its T ranks rather than a_k / T by each:
+                                        counted once either way, and no rounding)
+    state (ungrouped="rank0"):          member 0's hidden state broadcast over member
+    head:                               final norm + head rows of this rank; greedy: all-gather of
+                                        (max logit, token id) pairs over world; logits: all-gather of the shards
+With P = 1 in one process (mesh=None) a group runs cqil.modeling's single-process definition itself.
+Every rank ends a step with the same token ids (the collectives return identical results everywhere),
+so no token broadcast is needed except where one member alone runs a replicated head. Sampling: take
+`with_logits=True` (identical logits on every rank), sample with the same seed on every rank and pass the
+token ids to `decode`.
 
-Where everything else runs, and why (`ungrouped`, measured in `cqil bench`): layers outside
-groups, the embedding and the final norm either run
-  - "replicated" on every rank: after a group's all-reduce every rank holds the full hidden state,
-    so the next ungrouped layers cost no communication at all. Best where each device has its own
-    memory (GPUs): nothing is shared, nothing waits. Price: every rank holds every weight.
-  - "rank0" on member 0 only, which broadcasts its hidden state to the other members before the
-    next group (one broadcast per run of ungrouped layers). Best where the devices share one
-    memory bus (CPU cores): replicated ranks stream the same weights twice and slow each other
-    (~10% per decode step measured on this 2-core machine), while here the other ranks only wait.
-Never "rank 0 and a broadcast of every layer": that only adds communication.
-The LM head is the largest single matrix of a small model (SmolLM2-135M: 28M of 135M parameters,
-~1/6 of a decode step on one CPU core) and decoding reads all of it per token, so by default
-(`lm_head="sharded"`) it is split by vocabulary rows over the member axis and greedy decoding
-exchanges only one (max logit, token id) pair per sequence and rank. `lm_head="replicated"` runs
-it whole on every rank (with ungrouped="rank0": on member 0, which broadcasts the token ids).
-Note that the plan's ideal reduction g*(P-1)/n counts layers only: a sharded head can push the
-measured reduction past it, so `cqil bench` reports both placements.
+Communicators (`comm`): "torch" (torch.distributed: gloo/nccl), or "shm" for CPU ranks of one x86-64
+host: gloo's TCP all-reduce of one decode token's hidden state costs ~1-2 ms here, about what a decoder
+layer computes; a shared-memory segment with spin-waiting does it in microseconds. The shm communicator
+works on any process group (it sets itself up with that group's own collectives), so each axis group
+(member, tp, world) gets its own segment and no collective falls back to TCP. "auto" picks shm on one
+x86-64 host with gloo, else torch; "shm" is refused elsewhere (nccl tensors live on GPUs; weaker memory
+orders than x86's would need fences).
 
-Every rank holds a DynamicCache keyed by layer_idx and updates only the layers it runs. Ranks that
-compute the head compute the same argmax from bitwise-identical inputs (the collectives return
-identical results on every rank), so generated tokens need no broadcast there.
-
-Communication backends for the member axis (`comm`): "torch" (torch.distributed collectives: gloo
-or nccl), or "shm" for ranks of one CPU host: gloo's TCP all-reduce of one decode token's hidden
-state costs ~1-2 ms here, about what a decoder layer computes, which would eat what a group saves;
-a shared-memory segment with spin-waiting does it in microseconds. "auto" picks shm on one x86 host.
-
-Failure: init_process_group and every collective time out after `timeout_s` (shm: the spin-wait
-has the same deadline) with a CqilError naming the rank; a dead peer breaks gloo/nccl sockets at
-once; torchrun's agent ends the other ranks as soon as one exits non-zero. No path waits forever.
-
-Tensor parallelism (T > 1): every layer a rank runs is sharded over `tp` with torch's
-tensor-parallel API (q/k/v/gate/up column-wise, o/down row-wise), the same function that gives the
-tensor-parallel baseline (plan without groups, mesh (1, T)). Left for later: fusing the row-wise
-all-reduce over `tp` with the member all-reduce (one all-reduce over the whole mesh on partial
-sums), a vocabulary-parallel LM head over `tp`, and sequence parallelism.
+Masks: causal, or sliding-window for models whose layers all use a window (Mistral, Qwen2 with
+use_sliding_window): the same mask functions and KV-cache layers transformers uses. Failure: every
+collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a CqilError
+naming the rank; a dead peer breaks gloo/nccl sockets at once; torchrun ends the other ranks when one
+exits non-zero. No path waits forever.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -65,19 +70,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from . import CqilError
-from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_delta
-from .plan import Plan, PlanError
+from . import CqilError, models
+from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_mlp
+from .plan import Plan
+from .schedule import HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-MESH_AXES = ("member", "tp")
 
 
-# ---- process group and mesh --------------------------------------------------------------
+# ---- process groups ------------------------------------------------------------------------
 def under_torchrun() -> bool:
     """True inside a process started by torchrun (or any launcher that sets the env:// variables)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
@@ -95,24 +99,72 @@ def check_world_size(devices: int, tp: int = 1) -> int:
     return world
 
 
-def init_distributed(devices: int, tp: int = 1, timeout_s: float = 60.0, device_type: str = "cpu") -> DeviceMesh:
-    """Join the torchrun job (gloo on CPU, nccl on CUDA) and return the (member, tp) mesh."""
+def init_distributed(devices: int, tp: int = 1, device_type: str = "cpu", startup_timeout_s: float = 1800.0) -> torch.device:
+    """Join the torchrun job (gloo on CPU, nccl on CUDA) and return this rank's device (cuda:LOCAL_RANK).
+
+    The default process group waits up to startup_timeout_s (ranks start at different times); the
+    collectives of the forward run on make_mesh's groups, with their own short timeout."""
     check_world_size(devices, tp)
     if device_type not in BACKENDS:
         raise CqilError(f"device {device_type!r} is not supported by the runtime; use cpu or cuda")
+    device = torch.device("cpu")
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if not torch.cuda.is_available():
+            raise CqilError("model.device=cuda but CUDA is not available here; use model.device=cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # before anything allocates: every rank on its own GPU
     if not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=timeout_s))
-    return make_mesh(devices, tp, device_type)
+        dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=startup_timeout_s))
+    return device
 
 
-def make_mesh(member: int, tp: int = 1, device_type: str = "cpu") -> DeviceMesh:
-    """A (member, tp) mesh over all ranks; tp varies fastest, so a member's tp ranks are neighbours."""
-    return init_device_mesh(device_type, (member, tp), mesh_dim_names=MESH_AXES)
+def shutdown() -> None:
+    """Destroy the process groups (call in a finally: no leaked sockets, no NCCL warnings at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
-# ---- collectives of the member axis --------------------------------------------------------
+@dataclass
+class Mesh:
+    """This rank's place in a P x T mesh (rank = k * T + t) and its process group on each axis."""
+    P: int
+    T: int
+    rank: int
+    device: torch.device
+    groups: dict[str, dist.ProcessGroup]  # "member" / "tp" / "world" -> this rank's group (axes of size > 1)
+    startup: dist.ProcessGroup | None     # gloo, long timeout: the barrier after loading
+
+    @property
+    def k(self) -> int:
+        return self.rank // self.T
+
+    @property
+    def t(self) -> int:
+        return self.rank % self.T
+
+
+def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s: float = 60.0,
+              startup_timeout_s: float = 1800.0) -> Mesh:
+    """The (member, tp) mesh over all ranks, its groups with collective timeout `timeout_s`; every rank
+    calls this together (it creates process groups)."""
+    world = dist.get_world_size()
+    if P * T != world:
+        raise CqilError(f"a {P} x {T} mesh needs {P * T} processes but the job has {world}")
+    timeout = timedelta(seconds=timeout_s)
+    whole = dist.new_group(timeout=timeout) if world > 1 else None
+    layouts = {"member": [[k * T + t for k in range(P)] for t in range(T)],
+               "tp": [[k * T + t for t in range(T)] for k in range(P)]}
+    groups: dict[str, dist.ProcessGroup] = {}
+    for axis, ranks in layouts.items():
+        if len(ranks[0]) > 1:
+            groups[axis] = whole if len(ranks[0]) == world else dist.new_subgroups_by_enumeration(ranks, timeout)[0]
+    if world > 1:
+        groups["world"] = whole
+    startup = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s)) if world > 1 else None
+    return Mesh(P, T, dist.get_rank(), torch.device(device), groups, startup)
+
+
+# ---- communicators ---------------------------------------------------------------------------
 class TorchComm:
     """all_reduce_ / broadcast_ / all_gather over one process group with torch.distributed (gloo or nccl)."""
 
@@ -196,7 +248,7 @@ class ShmComm:
                     start = time.monotonic()
                 elif time.monotonic() - start > self.timeout_s:
                     raise CqilError(f"rank {dist.get_rank()}: timed out after {self.timeout_s:g} s waiting for "
-                                    f"member rank {i // self.FLAG_STRIDE} in {op} (a rank died or is stuck)")
+                                    f"rank {i // self.FLAG_STRIDE} of its group in {op} (a rank died or is stuck)")
                 # more ranks than free cores (tests): give the core away instead of burning it
                 os.sched_yield() if spins < 20000 else time.sleep(50e-6)
 
@@ -239,68 +291,95 @@ class ShmComm:
 
 
 Comm = TorchComm | ShmComm
-COMMS = ("auto", "torch", "shm")
-LM_HEADS = ("sharded", "replicated")
-UNGROUPED = ("replicated", "rank0")
 
 
 def make_comm(group: dist.ProcessGroup, kind: str = "auto", timeout_s: float = 60.0) -> Comm:
-    """The member-axis communicator: shm for CPU ranks on one x86-64 host under `auto`, else torch."""
-    if kind not in COMMS:
-        raise CqilError(f"runtime comm {kind!r} is not one of {', '.join(COMMS)}")
-    if kind == "auto":
-        hosts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        one_host = len(set(hosts)) == 1
-        kind = "shm" if dist.get_backend(group) == "gloo" and one_host and platform.machine() in ("x86_64", "AMD64") else "torch"
-    return ShmComm(group, timeout_s) if kind == "shm" else TorchComm(group)
+    """A communicator on `group`: shm for CPU ranks on one x86-64 host under `auto`, else torch."""
+    if kind == "torch":
+        return TorchComm(group)
+    hosts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    fits = dist.get_backend(group) == "gloo" and len(set(hosts)) == 1 and platform.machine() in ("x86_64", "AMD64")
+    if kind == "shm" and not fits:
+        raise CqilError(f"comm=shm needs the gloo backend (CPU) on one x86-64 host, but this run uses "
+                        f"{dist.get_backend(group)} on {platform.machine()} across {len(set(hosts))} host(s); "
+                        "use comm=torch or comm=auto")
+    return ShmComm(group, timeout_s) if fits else TorchComm(group)
 
 
-# ---- tensor parallelism inside layers (the mesh's tp axis) ----------------------------------
-def tensor_parallel(layers: list[nn.Module], tp_mesh: DeviceMesh, config) -> None:
-    """Shard attention heads and MLP columns of `layers` over `tp_mesh` in place (torch TP API)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+# ---- the stages on this rank ------------------------------------------------------------------
+class _LayerStage:
+    """An ungrouped layer: whole (comm None) or tensor parallel, its two partial sums all-reduced over `comm`."""
+    kind = "ungrouped"
 
-    t = tp_mesh.size()
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if getattr(config, name) % t:
-            raise CqilError(f"tensor parallelism over {t} devices needs {name} divisible by {t}, "
-                            f"but the model has {getattr(config, name)}; choose tp among its divisors")
-    plan = {f"self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan |= {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-             "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
-    for layer in layers:
-        parallelize_module(layer, tp_mesh, plan)
-
-
-# ---- the runtime -----------------------------------------------------------------------
-class _MemberStage:
-    """One group on one rank: member k's layer (None if the group is smaller than P), collectives."""
-
-    def __init__(self, layer: nn.Module | None, k: int, bypass: int, comm: Comm):
-        self.layer, self.k, self.bypass, self.comm = layer, k, bypass, comm
+    def __init__(self, layer: nn.Module, comm: Comm | None):
+        self.layer, self.comm = layer, comm
 
     def __call__(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        if self.layer is None:  # no member here: contribute zeros to the exchanges
-            if self.bypass:
-                self.comm.all_gather(torch.zeros_like(x))
-            return x + self.comm.all_reduce_(torch.zeros_like(x))
         attn = member_attention(self.layer, x, **attn_kwargs)
+        if self.comm is not None:
+            self.comm.all_reduce_(attn)
+        mlp = member_mlp(self.layer, x, attn)  # MLP(norm(x + a)): the decoder layer's second half
+        if self.comm is not None:
+            self.comm.all_reduce_(mlp)
+        return x + attn + mlp
+
+
+class _GroupStage:
+    """Member k's layer of a group on rank (k, t) (None if the group is shorter than P) and its collectives."""
+    kind = "group"
+
+    def __init__(self, layer: nn.Module | None, k: int, t: int, bypass: int, attn: Comm | None,
+                 gather: Comm | None, total: Comm):
+        self.layer, self.k, self.t, self.bypass = layer, k, t, bypass
+        self.attn, self.gather, self.total = attn, gather, total
+
+    def __call__(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        if self.layer is None:  # no member here: zeros into the member-axis and world exchanges
+            if self.gather is not None:
+                self.gather.all_gather(torch.zeros_like(x))
+            return x + self.total.all_reduce_(torch.zeros_like(x))
+        attn = member_attention(self.layer, x, **attn_kwargs)
+        if self.attn is not None:  # o_proj partial sums of the member's T ranks: a_k whole on each
+            self.attn.all_reduce_(attn)
         bypass_in = None
-        if self.bypass:  # only with bypass: the MLP of member k reads the attention of k-D..k-1
-            bypass_in = bypass_input(list(self.comm.all_gather(attn).unbind(0)), self.k, self.bypass)
-        delta = member_delta(self.layer, x, attn, bypass_in)
-        return x + self.comm.all_reduce_(delta)
+        if self.gather is not None:  # bypass: the MLP of member k reads the attention of k-D..k-1
+            bypass_in = bypass_input(list(self.gather.all_gather(attn).unbind(0)), self.k, self.bypass)
+        part = member_mlp(self.layer, x, attn, bypass_in)  # down_proj partial sums
+        if self.t == 0:
+            part = part + attn  # a_k once per member, inside the one all-reduce of the group
+        return x + self.total.all_reduce_(part)
 
 
-class _FromMember0:
-    """ungrouped="rank0": the hidden state that member 0 computed alone reaches the other members."""
+class _StateStage:
+    """ungrouped="rank0": the hidden state member 0 computed alone reaches the other members."""
+    kind = "state"
 
     def __init__(self, comm: Comm):
         self.comm = comm
 
     def __call__(self, x: torch.Tensor, **_) -> torch.Tensor:
-        return self.comm.broadcast_(x)
+        return self.comm.broadcast_(x.contiguous())
+
+
+def uses_sliding_window(config) -> bool:
+    """Whether every layer attends within a sliding window (Mistral; Qwen2 with use_sliding_window)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[0] == "sliding_attention"  # mixed layer types are refused by check_supported
+    return getattr(config, "sliding_window", None) is not None
+
+
+class _ModuleReader:
+    """SafetensorsReader's interface over an in-memory model's tensors (slices are copied)."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = model.state_dict()
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        t = self.tensors[name].detach()
+        part = t if dim is None else t[start:stop] if dim == 0 else t[:, start:stop]
+        return part.clone(memory_format=torch.contiguous_format)
 
 
 @dataclass
@@ -312,124 +391,176 @@ class Sequences:
 
 
 class Runtime:
-    """CQIL inference on this rank's share of a (member, tp) mesh; mesh=None runs in one process.
+    """CQIL (or tensor-parallel, or original) inference on this rank's share of a P x T mesh.
 
-    Every rank builds a Runtime over the same model and plan and then calls the same methods in
-    the same order (they contain collectives). `prefill`/`decode` are the timed steps of greedy
-    generation; `generate` chains them; `forward` returns full logits (for checks).
+    `source`: a checkpoint (bundled name or safetensors directory: rank-local partial reads) or an
+    in-memory model (its slices are copied). mesh=None: one process. Every rank builds a Runtime with
+    the same arguments and then calls the same methods in the same order (they contain collectives).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None,
-                 comm: str | Comm = "auto", lm_head: str = "sharded", ungrouped: str = "replicated",
+    def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
+                 dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                  timeout_s: float = 60.0):
-        check_supported(model)
-        if lm_head not in LM_HEADS:
-            raise CqilError(f"runtime lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
-        if ungrouped not in UNGROUPED:
-            raise CqilError(f"runtime ungrouped {ungrouped!r} is not one of {', '.join(UNGROUPED)}")
-        self.config = model.config
-        dec = decoder(model)
-        layers = list(dec.layers)  # the raw layers, also when a plan is already applied to the model
-        self.embed, self.norm, self.rotary = dec.embed_tokens, dec.norm, dec.rotary_emb
-        n = len(layers)
-        plan.validate(n)
-        self.plan = plan
-        self.size = mesh["member"].size() if mesh is not None else 1
-        self.tp = mesh["tp"].size() if mesh is not None else 1
-        if plan.groups and self.size > 1 and plan.group_size != self.size:
-            raise PlanError(f"the plan's groups have up to {plan.group_size} layers but the runtime has "
-                            f"{self.size} devices on the member axis; run with devices={plan.group_size}")
-        self.k = mesh["member"].get_local_rank() if mesh is not None else 0
-        self.comm = None
-        if self.size > 1:
-            self.comm = comm if not isinstance(comm, str) else make_comm(mesh["member"].get_group(), comm, timeout_s)
-
-        # ungrouped="rank0": layers outside groups (and a replicated LM head) run on member 0 only
-        self.first_only = ungrouped == "rank0" and self.size > 1
-        self.stages: list = []
-        local: list[int] = []  # layers this rank runs
-        stages = plan.stages(n)
-        for j, g in enumerate(stages):
-            if len(g) == 1:
-                if self.k == 0 or not self.first_only:
-                    self.stages.append(layers[g[0]])
-                    local.append(g[0])
-            elif self.size == 1:
-                self.stages.append(_Group([layers[i] for i in g], plan.bypass))  # the definition itself
-                local.extend(g)
-            else:
-                if self.first_only and j > 0 and len(stages[j - 1]) == 1:
-                    self.stages.append(_FromMember0(self.comm))
-                mine = g[self.k] if self.k < len(g) else None
-                self.stages.append(_MemberStage(layers[mine] if mine is not None else None, self.k, plan.bypass, self.comm))
-                local.extend([mine] if mine is not None else [])
-        self.mask_layer = local[0]  # a layer whose cache this rank updates: sizes the attention mask
-        if self.tp > 1:
-            tensor_parallel([layers[i] for i in local], mesh["tp"], self.config)
-
-        head = model.get_output_embeddings().weight
-        self.vocab = head.shape[0]
-        self.head_on_first = self.first_only and lm_head == "replicated"  # member 0 computes, tokens broadcast
-        if self.first_only and not self.head_on_first and len(stages[-1]) == 1:
-            self.stages.append(_FromMember0(self.comm))  # the sharded head needs the final state everywhere
-        if lm_head == "sharded" and self.size > 1:
-            rows = -(-self.vocab // self.size)
-            self.vocab_offset = rows * self.k
-            self.head = head[self.vocab_offset:self.vocab_offset + rows]  # a view: tied weights stay tied
-            self.head_rows = rows
+        dtype = models.dtype_of(dtype) if isinstance(dtype, str) else dtype
+        if isinstance(source, nn.Module):
+            check_supported(source)
+            config, reader = source.config, _ModuleReader(source)
+            skel = models.skeleton(config, type(source))
+            self.dtype = dtype or next(source.parameters()).dtype
         else:
-            self.vocab_offset, self.head, self.head_rows = 0, head, self.vocab
+            config = models.load_config(source)
+            reader = models.SafetensorsReader(source)
+            skel = models.skeleton(config)
+            check_supported(skel)
+            self.dtype = dtype or torch.float32
+        self.device = mesh.device if mesh is not None else torch.device(device or "cpu")
+        self.config, self.mesh = config, mesh
+        P, T = (mesh.P, mesh.T) if mesh is not None else (1, 1)
+        self.rank = mesh.rank if mesh is not None else 0
+        self.k, self.t = self.rank // T, self.rank % T
+        self.schedule: Schedule = make_schedule(plan, config.num_hidden_layers, P, T, variant)
+        check_shardable(self.schedule, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+        self.plan, self.variant = plan, variant
+        self._mask = create_sliding_window_causal_mask if uses_sliding_window(config) else create_causal_mask
+
+        dec = decoder(skel)
+        self._load(skel, dec, reader)
+        with torch.device(self.device):  # rotary buffers: computed, not read
+            self.rotary = type(dec.rotary_emb)(config=config)
+        if mesh is not None and mesh.startup is not None:
+            dist.barrier(group=mesh.startup)  # every rank has loaded: collectives (short timeout) may start
+        self.comms: dict[str, Comm] = {}  # axis -> communicator, for every axis of size > 1
+        by_group: dict[int, Comm] = {}
+        for axis, group in (mesh.groups if mesh is not None else {}).items():
+            if id(group) not in by_group:  # T = 1: member and world are one group, one communicator
+                by_group[id(group)] = make_comm(group, variant.comm, timeout_s)
+            self.comms[axis] = by_group[id(group)]
+        self.stages = [s for st in self.schedule.stages if (s := self._stage(st, list(dec.layers))) is not None]
+        head = next(st for st in self.schedule.stages if st.kind == "head")
+        self.head_split = head.split
+        self.head_comm = self.comms[head.collectives[0].axis] if head.collectives else None
+
+    # ---- building ------------------------------------------------------------------------
+    def _load(self, skel: nn.Module, dec: nn.Module, reader) -> None:
+        """Materialize exactly this rank's shares on its device; everything else stays on `meta`."""
+        shapes = {n: tuple(p.shape) for n, p in skel.named_parameters()}
+        self.model_bytes = sum(math.prod(s) for s in shapes.values()) * self.dtype.itemsize  # all parameters
+        tied = HEAD not in shapes  # the head is the embedding matrix (named_parameters lists it once)
+        mine = shares(self.schedule, self.rank, shapes, tied, self.config.num_attention_heads,
+                      self.config.num_key_value_heads)
+        head = None
+        for s in mine:
+            if s.name == HEAD:
+                head = s
+                continue
+            module_name, _, attr = s.name.rpartition(".")
+            tensor = reader.read(s.source, s.dim, s.start, s.stop).to(self.device, self.dtype)
+            setattr(skel.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+        runs = {p.layer for p in self.schedule.parts(self.rank) if p.kind == "layer"}
+        self.layer_ids = sorted(runs)
+        for i in runs:  # row-parallel biases live on tp shard 0 only; elsewhere the module has none
+            for name in ROW_PARALLEL:
+                module = dec.layers[i].get_submodule(name)
+                if module.bias is not None and module.bias.is_meta:
+                    module.bias = None
+        kinds = {p.kind for p in self.schedule.parts(self.rank)}
+        self.embed = dec.embed_tokens if "embed" in kinds else None
+        self.norm = dec.norm if "norm" in kinds else None
+        used = [dec.layers[i] for i in runs] + [m for m in (self.embed, self.norm) if m is not None]
+        missing = [n for m in used for n, p in m.named_parameters() if p.is_meta]
+        if missing:
+            raise CqilError(f"the checkpoint does not provide {missing[0]} (and {len(missing) - 1} more) in the "
+                            "layout cqil expects (LLaMA-family parameter names); is it a complete checkpoint?")
+        self.vocab = self.config.vocab_size
+        self.head, self.vocab_offset, self.head_rows = None, 0, self.vocab
+        if head is not None:
+            if head.view:  # tied, and the whole embedding is here: the head is a view of it
+                weight = dec.embed_tokens.weight
+                self.head = weight if head.dim is None else weight[head.start:head.stop]
+            else:
+                self.head = reader.read(head.source, head.dim, head.start, head.stop).to(self.device, self.dtype)
+            if head.dim is not None:
+                self.vocab_offset, self.head_rows = head.start, -(-self.vocab // self.schedule.world)
+        self._held = used
+
+    def _stage(self, st: Stage, layers: list[nn.Module]):
+        """This rank's computation of one schedule stage (None: it takes no part)."""
+        if self.k not in st.members or st.kind in ("embed", "head"):
+            return None  # embed and head run in hidden() / greedy() / logits()
+        comms = {c.role: self.comms[c.axis] for c in st.collectives}
+        if st.kind == "layer":
+            return _LayerStage(layers[st.layers[0]], comms.get("attention"))
+        if st.kind == "state":
+            return _StateStage(comms["state"])
+        if self.schedule.P == 1:  # one process: the single-process definition itself
+            return _Group([layers[i] for i in st.layers], self.plan.bypass)
+        mine = st.layers[self.k] if self.k < len(st.layers) else None
+        return _GroupStage(layers[mine] if mine is not None else None, self.k, self.t, self.plan.bypass,
+                           comms.get("attention"), comms.get("bypass"), comms["group"])
+
+    @property
+    def comm(self) -> Comm | None:
+        """The communicator of all ranks (world axis; None in one process)."""
+        return self.comms.get("world")
+
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters and buffers this rank materialized (each storage once; `meta` holds none)."""
+        tensors = [t for m in self._held for t in (*m.parameters(), *m.buffers())]
+        tensors += [t for t in (self.head, *self.rotary.buffers()) if t is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
+        return sum(storages.values())
 
     # ---- the forward ------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                cache: DynamicCache | None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H] (all ranks end with the same, replicated)."""
-        x = self.embed(input_ids)
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids, layer_idx=self.mask_layer)
+        """Hidden states [B, T, H] after the last layer (before the final norm) on the ranks that run the head."""
+        if self.embed is not None:
+            x = self.embed(input_ids)
+        else:  # filled by member 0's broadcast before this rank's first stage
+            x = torch.empty(*input_ids.shape, self.config.hidden_size, dtype=self.dtype, device=input_ids.device)
+        mask = self._mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=cache,
+                          position_ids=position_ids, layer_idx=self.layer_ids[0])
         kwargs = dict(attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                       use_cache=cache is not None, position_embeddings=self.rotary(x, position_ids))
         for stage in self.stages:
             x = stage(x, **kwargs)
-        return self.norm(x)
+        return x
 
-    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's logits [..., head_rows] (its vocabulary shard, or all of them)."""
-        return nn.functional.linear(h, self.head)
+    def local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [..., head_rows] (its vocabulary shard, or all of them) of pre-norm states."""
+        return nn.functional.linear(self.norm(x), self.head)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Full logits [..., V] on every rank (gathers the shards if the head is sharded)."""
-        if self.head_on_first:
-            out = self.local_logits(h) if self.k == 0 else h.new_empty((*h.shape[:-1], self.vocab))
-            return self.comm.broadcast_(out)
-        out = self.local_logits(h)
-        if self.head_rows == self.vocab:
-            return out
-        pad = self.head_rows - out.shape[-1]  # the last shard may be short
-        out = nn.functional.pad(out, (0, pad), value=float("-inf"))
-        parts = self.comm.all_gather(out)  # [P, ..., rows]
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Full logits [..., V] on every rank, from pre-norm hidden states."""
+        if self.head is None:  # member 0 runs the whole head and sends the logits
+            return self.head_comm.broadcast_(x.new_empty((*x.shape[:-1], self.vocab)))
+        out = self.local_logits(x)
+        if self.head_split != "vocab":
+            return self.head_comm.broadcast_(out.contiguous()) if self.head_comm is not None else out
+        out = nn.functional.pad(out, (0, self.head_rows - out.shape[-1]), value=float("-inf"))  # short last shard
+        parts = self.head_comm.all_gather(out)  # [P*T, ..., rows]
         return torch.cat(parts.unbind(0), dim=-1)[..., :self.vocab]
 
-    def greedy(self, h: torch.Tensor) -> torch.Tensor:
-        """argmax token ids [B] of hidden states [B, H]; sharded head: exchange (max, id) pairs only."""
-        if self.head_on_first:
-            ids = self.local_logits(h).argmax(-1) if self.k == 0 else h.new_empty(h.shape[0], dtype=torch.long)
-            return self.comm.broadcast_(ids)
-        local = self.local_logits(h)
-        if self.head_rows == self.vocab:
-            return local.argmax(-1)
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        """argmax token ids [B] of pre-norm hidden states [B, H]; sharded head: (max, id) pairs only."""
+        if self.head is None:
+            return self.head_comm.broadcast_(torch.empty(x.shape[0], dtype=torch.long, device=x.device))
+        local = self.local_logits(x)
+        if self.head_split != "vocab":
+            ids = local.argmax(-1)
+            return self.head_comm.broadcast_(ids) if self.head_comm is not None else ids
         best, idx = local.max(-1)
         pairs = torch.stack([best.float(), (idx + self.vocab_offset).float()], -1)  # ids < 2^24: exact
-        everyone = self.comm.all_gather(pairs)  # [P, B, 2]
+        everyone = self.head_comm.all_gather(pairs)  # [P*T, B, 2]
         winner = everyone[..., 0].argmax(0)  # ties: the lowest rank, i.e. the lowest id, as argmax does
-        return everyone[winner, torch.arange(h.shape[0]), 1].long()
+        return everyone[winner, torch.arange(x.shape[0], device=x.device), 1].long()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full logits [B, T, V] of a (left-padded) batch, no cache."""
         return self.logits(self.hidden(input_ids, attention_mask, _positions(input_ids, attention_mask), None))
 
-    # ---- greedy generation ------------------------------------------------------------
+    # ---- generation ----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 with_logits: bool = False):
@@ -438,24 +569,24 @@ class Runtime:
             attention_mask = None  # no padding: plain causal attention, no mask to build or grow
         positions = _positions(input_ids, attention_mask)
         cache = DynamicCache(config=self.config)
-        h = self.hidden(input_ids, attention_mask, positions, cache)[:, -1]
+        x = self.hidden(input_ids, attention_mask, positions, cache)[:, -1]
         state = Sequences(cache, attention_mask, positions[:, -1:] + 1)
-        return self._next(h, state, with_logits)
+        return self._next(x, state, with_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, state: Sequences, with_logits: bool = False):
         """One decoding step for tokens [B]: (next token [B], state[, logits [B, V]])."""
         if state.attention_mask is not None:
             state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
-        h = self.hidden(tokens[:, None], state.attention_mask, state.next_position, state.cache)[:, -1]
+        x = self.hidden(tokens[:, None], state.attention_mask, state.next_position, state.cache)[:, -1]
         state.next_position = state.next_position + 1
-        return self._next(h, state, with_logits)
+        return self._next(x, state, with_logits)
 
-    def _next(self, h: torch.Tensor, state: Sequences, with_logits: bool):
+    def _next(self, x: torch.Tensor, state: Sequences, with_logits: bool):
         if with_logits:
-            logits = self.logits(h)
+            logits = self.logits(x)
             return logits.argmax(-1), state, logits
-        return self.greedy(h), state
+        return self.greedy(x), state
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 16, with_logits: bool = False):

@@ -13,15 +13,34 @@ from cqil import cli, models, similarity
 VOCAB = 97
 
 
-def make_tiny_llama(layers: int = 6, seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
+def make_tiny_llama(layers: int = 6, seed: int = 0, vocab: int = VOCAB, tied: bool = False,
+                    heads: int = 4, kv_heads: int = 2) -> LlamaForCausalLM:
     """A random LLaMA small enough for CPU tests (sdpa set explicitly: a bare config drops masks)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # Random init gives near-uniform logits (ties make greedy decoding fragile): sharpen the head
+    # (tied: a wider init of the shared matrix instead, so the layers still matter against the embedding).
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
+                      initializer_range=0.4 if tied else 0.02)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).eval()
-    # Random init gives near-uniform logits (ties make greedy decoding fragile); sharpen the head.
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def make_tiny_mistral(window: int = 4, layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    """A random Mistral (sliding-window attention over `window` tokens) shaped like make_tiny_llama's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model

@@ -3,6 +3,7 @@ real LLaMA layer's parameters, the chooser's latency ranking, and `cqil latency`
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,33 +16,51 @@ from cqil import cli, latency, planning
 from cqil.latency import Comm, Costs, Shape
 from cqil.plan import Plan
 from cqil.results import plan_columns
+from cqil.schedule import Variant, make_schedule, tp_schedule
 
 VARIANTS = [("sharded", "rank0"), ("replicated", "rank0"), ("replicated", "replicated"), ("sharded", "replicated")]
 NO_COMM = Comm(0.0, float("inf"))
 
 
+def costs(layer: float = 1.3, head: float = 0.0, rest: float = 0.0, ar: Comm = NO_COMM, bc: Comm = NO_COMM,
+          nbytes: int = 1000) -> Costs:
+    return latency.measured_costs(rest, layer, head, ar, bc, batch=1, tokens=1, hidden=nbytes, dtype_bytes=1)
+
+
+def schedule(plan: Plan, n: int, lm_head: str = "sharded", ungrouped: str = "replicated", T: int = 1):
+    return make_schedule(plan, n, plan.group_size, T, Variant(lm_head=lm_head, ungrouped=ungrouped))
+
+
 @pytest.mark.parametrize("plan", [Plan.from_range(12, 24, 2, 0, 30), Plan.from_range(1, 10, 3, 1, 30),
                                   Plan(((0, 1), (5, 6, 7, 8)), 0), Plan(((26, 27, 28, 29),), 0)])
 def test_without_communication_the_limit_is_the_ideal_reduction(plan):
-    n = 30
-    c = Costs(rest=0.0, layer=1.3, head=0.0, head_shard=0.0, allreduce=NO_COMM, broadcast=NO_COMM, gather=NO_COMM,
-              hidden_bytes=1e6, batch=1)
+    n, c = 30, costs()
     for lm_head, ungrouped in VARIANTS:
-        got = 1 - latency.predict(plan, n, c, 1.0, lm_head, ungrouped) / latency.original(n, c)
+        got = 1 - latency.predict(schedule(plan, n, lm_head, ungrouped), c) / latency.original(n, c)
         assert got == pytest.approx(plan.ideal_latency_reduction(n), abs=1e-12)
     # communication and a slower shared memory bus only take away from it
-    slow = Costs(0.0, 1.3, 0.0, 0.0, Comm(0.1, 1e6), Comm(0.1, 1e6), Comm(0.1, 1e6), 1e6, 1)
-    assert latency.predict(plan, n, slow, 1.1) > latency.predict(plan, n, c, 1.0)
+    slow = costs(ar=Comm(0.1, 1e6), bc=Comm(0.1, 1e6))
+    assert latency.predict(schedule(plan, n), slow, 1.1) > latency.predict(schedule(plan, n), c, 1.0)
 
 
-def test_broadcasts_follow_the_runtime():
-    """rank0: one broadcast before each group after an ungrouped layer, one before a sharded head after one."""
-    n, plan = 10, Plan(((0, 1), (4, 5), (6, 7)), 0)  # stages: G 2 3 G G 8 9
-    bc = Comm(1.0, float("inf"))
-    c = Costs(0.0, 0.0, 0.0, 0.0, NO_COMM, bc, NO_COMM, 1.0, 1)
-    assert latency.split(plan, n, c, "sharded", "rank0") == (2.0, 0.0)  # before (4,5) and before the head
-    assert latency.split(plan, n, c, "replicated", "rank0") == (2.0, 0.0)  # before (4,5) and the token ids
-    assert latency.split(plan, n, c, "sharded", "replicated") == (0.0, 0.0)
+def test_costs_are_summed_over_the_schedule():
+    """rank0: member 0's state is broadcast before each group that follows its work (the embedding, ungrouped
+    layers) and before a sharded head after one; every collective of the schedule is charged once, so the
+    collective term is its count x alpha."""
+    n, plan = 10, Plan(((0, 1), (4, 5), (6, 7)), 0)  # stages: embed G 2 3 G G 8 9 head
+    c = costs(layer=0.0, bc=Comm(1.0, float("inf")))
+    assert latency.split(schedule(plan, n, "sharded", "rank0"), c) == (3.0, 0.0)  # before (0,1), (4,5) and the head
+    assert latency.split(schedule(plan, n, "replicated", "rank0"), c) == (3.0, 0.0)  # (0,1), (4,5), the token ids
+    assert latency.split(schedule(plan, n, "sharded", "replicated"), c) == (0.0, 0.0)
+    every = costs(layer=0.0, ar=Comm(1.0, float("inf")), bc=Comm(1.0, float("inf")))
+    for s in (tp_schedule(n, 4), make_schedule(plan, n, 2, 2, Variant(ungrouped="tp")),
+              make_schedule(Plan(plan.groups, 1), n, 2, 2, Variant(ungrouped="rank0"))):
+        t = latency.terms(s, every)
+        assert t["collectives"] == t["collective_rounds"] == s.count()
+    # compute: a layer cut over k ranks costs layer / k on CPU; several ranks at once are `concurrent` (kappa)
+    c = costs(layer=1.0, head=1.0)
+    assert latency.split(tp_schedule(n, 2, lm_head="replicated"), c) == (0.0, n / 2 + 1.0)
+    assert latency.split(schedule(plan, n, "replicated", "rank0"), c) == (4.0 + 1.0, 3.0)
 
 
 def synthetic_bench(plan: Plan, kappa: dict, comms: dict, n: int = 30, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
@@ -56,20 +75,32 @@ def synthetic_bench(plan: Plan, kappa: dict, comms: dict, n: int = 30, noise: fl
         tokens = T if phase == "prefill" else 1
         parts = {"layer_ms": 0.05 + 0.01 * B * tokens, "head_ms": 0.3 + 0.002 * B, "rest_ms": 0.2 + 0.001 * B * tokens}
         nbytes = B * tokens * H * 4
-        common = {"model": "synthetic", **plan_columns(plan), "n_layers": n, "devices": P, "phase": phase,
-                  "prompt_tokens": T, "batch_size": B, "hidden_size": H, "dtype_bytes": 4, "comm_bytes": nbytes, **parts}
-        c0 = Costs(parts["rest_ms"], parts["layer_ms"], parts["head_ms"], parts["head_ms"] / P, NO_COMM, NO_COMM,
-                   NO_COMM, nbytes, B)
-        rows.append({**common, "setup": "original, 1 device", "median_ms": latency.original(n, c0), "comm": np.nan,
+        common = {"model": "synthetic", **plan_columns(plan), "n_layers": n, "devices": P, "tp": 1, "mesh_p": P,
+                  "mesh_t": 1, "phase": phase, "prompt_tokens": T, "batch_size": B, "hidden_size": H, "dtype_bytes": 4,
+                  "comm_bytes": nbytes, **parts}
+
+        def c(ar: Comm = NO_COMM, bc: Comm = NO_COMM) -> Costs:
+            return latency.measured_costs(parts["rest_ms"], parts["layer_ms"], parts["head_ms"], ar, bc, B, tokens, H, 4)
+
+        rows.append({**common, "setup": "original, 1 device", "median_ms": latency.original(n, c()), "comm": np.nan,
                      "lm_head": np.nan, "ungrouped": np.nan, "allreduce_ms": np.nan, "broadcast_ms": np.nan})
         for comm, (ar, bc) in comms.items():
-            c = Costs(c0.rest, c0.layer, c0.head, c0.head_shard, ar, bc, ar, nbytes, B)
             for lm_head, ungrouped in VARIANTS[:3]:
-                t = latency.predict(plan, n, c, kappa[phase], lm_head, ungrouped)
+                t = latency.predict(schedule(plan, n, lm_head, ungrouped), c(ar, bc), kappa[phase])
                 rows.append({**common, "setup": f"cqil ({comm}, head {lm_head}, ungrouped {ungrouped})",
                              "median_ms": t * jitter(), "comm": comm, "lm_head": lm_head, "ungrouped": ungrouped,
                              "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
-    return pd.DataFrame(rows).assign(source=f"{plan.tag()}.csv")
+            # the tensor-parallel baseline on the same 2 ranks: never fitted, predicted with the CQIL fit
+            t = latency.predict(tp_schedule(n, P, lm_head="replicated"), c(ar, bc), kappa[phase])
+            rows.append({**common, "mesh_p": 1, "mesh_t": P, "setup": f"tensor parallel TP={P} ({comm}, head replicated)",
+                         "median_ms": t * jitter(), "comm": comm, "lm_head": "replicated", "ungrouped": np.nan,
+                         "allreduce_ms": ar(nbytes) * jitter(), "broadcast_ms": bc(nbytes) * jitter()})
+    df = pd.DataFrame(rows)
+    base = df[df.setup == "original, 1 device"].set_index(["phase", "prompt_tokens", "batch_size"]).median_ms
+    orig = base.reindex(list(zip(df.phase, df.prompt_tokens, df.batch_size))).to_numpy()
+    df["reduction"] = 1 - df.median_ms / orig  # as cqil bench's paired median would give it
+    df["reduction_ci_low"], df["reduction_ci_high"], df["rounds"] = df.reduction - 0.01, df.reduction + 0.02, 20
+    return df.assign(source=f"{plan.tag()}.csv")
 
 
 KAPPA = {"prefill": 1.07, "decode": 1.21}
@@ -86,7 +117,11 @@ def test_fit_recovers_known_parameters():
             assert fits[comm, op].beta == pytest.approx(true.beta, rel=1e-6)
     # another plan is predicted exactly from those fits
     val = latency.validate({"validation": synthetic_bench(S24E28, KAPPA, COMMS)}, fits, kappa)
-    assert len(val) == 8 * 2 * 3 and val.error_pct.abs().max() < 1e-6
+    assert len(val) == 8 * 2 * 4 and val.error_pct.abs().max() < 1e-6  # 3 CQIL variants and TP per communicator
+    assert (val.kind == "tp").sum() == 16 and (val[val.kind == "tp"].plan == "none (tensor parallel)").all()
+    # the measurement's interval beside the model's error: the exact prediction lies inside it
+    assert val.measured_ci_halfwidth_pp.to_numpy() == pytest.approx(1.5) and val.within_measured_ci.all()
+    assert "(the measurement's interval: +/-1.5 points, 32/32 inside it)" in latency.error_summary(val)
     # with 3% measurement noise the fit stays close and so do the predictions
     fits, kappa = latency.calibrate(synthetic_bench(S12E24, KAPPA, COMMS, noise=0.03, seed=1))
     assert kappa == pytest.approx(KAPPA, rel=0.03)
@@ -113,15 +148,118 @@ def test_roofline_counts_the_parameters_of_a_real_llama_layer(head_dim):
     assert shape.hidden * shape.vocab == model.lm_head.weight.numel()
 
 
-def test_projection_has_the_papers_7b_plans():
+SEVEN = Shape(32, 4096, 11008, 32, 32, 32000)
+SEVENTY = Shape(80, 8192, 28672, 64, 8, 32000)
+
+
+def flat_hardware(**figures) -> latency.Hardware:
+    """A GPU whose layers cost only their overhead and whose collectives only their alpha (infinite speeds)."""
+    base = dict(name="flat", peak_flops=1e30, mem_bw=1e30, bus_bw=1e30, comm_alpha_s=0.0, flops_eff=1, bw_eff=1,
+                layer_overhead_s=0.0, rest_overhead_s=0.0, kappa=1.0, memory_gb=80, memory_reserve_gb=4)
+    return latency.hardware({**base, **figures})
+
+
+def test_a_group_costs_one_layer_step_and_two_collectives_where_tp_pays_2p():
+    """With fixed costs only (overhead o per layer step, alpha per collective): TP=N pays n (o + 2 alpha);
+    CQIL x TP with ungrouped layers tensor parallel over all N pays, for each group of P, o + 2 alpha instead
+    of P (o + 2 alpha) (T > 1: the member's tp all-reduce and the one world all-reduce)."""
+    o, alpha = 50e-6, 10e-6
+    hw = flat_hardware(layer_overhead_s=o, comm_alpha_s=alpha)
+    plan = Plan.from_range(14, 30, 4, 0, 32)  # 4 groups of 4
+    tp = latency.tensor_parallel_row(SEVEN, hw, 8, "decode", 1, 1, 2, 512, "sharded")
+    ms = 1e3 * (o + 2 * alpha)
+    assert tp["latency_ms"] == pytest.approx(32 * ms + 1e3 * (o + alpha))  # + the head and its pairs
+    assert tp["collective_rounds"] == 2 * 32 + 1
+    rows = {r["ungrouped"]: r for r in latency.mesh_candidates(SEVEN, hw, plan, 8, "decode", 1, 1, 2, 512, "sharded",
+                                                               ("replicated", "tp"))}
+    assert set(rows) == {"replicated", "tp"} and rows["tp"]["P"] == 4 and rows["tp"]["T"] == 2
+    assert tp["latency_ms"] - rows["tp"]["latency_ms"] == pytest.approx(4 * 3 * ms)
+    assert latency.mesh_candidates(SEVEN, hw, Plan.from_range(14, 29, 3, 0, 32), 8, "decode", 1, 1, 2, 512,
+                                   "sharded", ("tp",)) == []  # P = 3 does not divide N = 8
+
+
+def test_memory_per_gpu_comes_from_the_schedule():
+    """70B in bf16 on 2 GPUs: TP holds half of every layer (~69 GB, fits 80 GB); CQIL P=2 with the layers
+    outside groups replicated holds those whole on both GPUs (does not fit); tensor-parallel ones fit."""
+    hw = latency.hardware("a100")
+    tp = latency.tensor_parallel_row(SEVENTY, hw, 2, "decode", 1, 1, 2, 512, "sharded")
+    layer_gb = SEVENTY.layer_params * 2 / 1e9
+    embed_gb = SEVENTY.vocab * SEVENTY.hidden * 2 / 1e9
+    assert tp["weight_gb_per_gpu"] == pytest.approx(80 * layer_gb / 2 + embed_gb + embed_gb / 2, rel=1e-3)
+    kv = 80 * 2 * 512 * 1024 * 2 / 2 / 1e9  # K and V of 8 KV heads x 128 over 2 GPUs, 512 tokens, 80 layers
+    assert tp["kv_cache_gb_per_gpu"] == pytest.approx(kv) and tp["fits"] and tp["shardable"]
+    plan = latency.layout_plan(80, 2, 0.375, 2)
+    assert plan.describe() == "S30 E78 P2 D0"
+    rows = {r["ungrouped"]: r for r in latency.mesh_candidates(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512, "sharded",
+                                                               ("replicated", "tp"))}
+    assert not rows["replicated"]["fits"] and rows["tp"]["fits"]
+    best = latency.best_mesh(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512)
+    assert best["ungrouped"] == "tp" and best["tp_latency_ms"] == pytest.approx(tp["latency_ms"])
+    # LLaMA-33B's 52 heads on 8 GPUs: an uneven cut (whole KV heads per GPU), priced by its fullest shard (7 of 52
+    # heads); fewer KV heads than GPUs cannot be cut at all: TP refused, and so are such cuts inside CQIL x TP
+    thirty = Shape(60, 6656, 17920, 52, 52, 32000)
+    attention, mlp = 4 * 6656 * 6656, 3 * 6656 * 17920
+    assert latency.fullest_shard(thirty, 8) == pytest.approx((attention * 7 * 8 / 52 + mlp) / (attention + mlp))
+    assert latency.fullest_shard(SEVEN, 8) == 1.0
+    assert latency.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    few = Shape(8, 512, 1024, 8, 4, 1000)
+    assert not latency.tensor_parallel_row(few, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    rows = latency.mesh_candidates(few, hw, Plan.from_range(2, 8, 2, 0, 8), 8, "decode", 1, 1, 2, 512, "sharded",
+                                   ("tp", "replicated"))
+    assert [(r["ungrouped"], r["T"]) for r in rows] == [("replicated", 4)]  # layers 0, 1 cut 8 ways: refused
+
+
+def test_external_fit_recovers_known_figures():
+    """Published numbers made by the model itself with known figures: the fit on the 'fit' rows finds them
+    again and the held-out rows are then predicted exactly."""
     cfg = cli.compose("latency")
-    proj = latency.projection(OmegaConf.to_container(cfg.projection, resolve=True))
-    seven = proj[proj.model == "llama-7b"]
-    assert {"S12 E30 P2 D0", "S14 E30 P4 D1"} <= set(seven.plan) and set(seven.P) == {2, 4}
-    assert set(seven.phase) == {"prefill", "decode"} and {128, 512} <= set(seven.prompt_tokens)
-    assert (proj.cqil_reduction < proj.ideal_reduction).all()  # kappa = 1 on GPUs: only communication is lost
-    assert seven[seven.plan == "S12 E30 P2 D0"].ideal_reduction.iloc[0] == pytest.approx(9 / 32)
-    assert {"peak_flops", "bus_bw", "flops_eff", "layer_overhead_s"} <= set(proj.columns)
+    models, ext = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("models", "external"))
+    truth = replace(latency.hardware("a100"), bw_eff=0.7, layer_overhead_s=40e-6, comm_alpha_s=8e-6)
+    made = latency.external_table(ext, models, truth)
+    for source in ext["sources"].values():  # the truth's own predictions become the "published" numbers
+        for entry in source["rows"]:
+            rows = made[made.model == entry["model"]].itertuples()
+            if source["quantity"] == "tokens_per_s":
+                entry["published"] = {r.devices: r.predicted for r in rows if r.quantity == "tokens_per_s"}
+            else:
+                entry["published"] = next(r.predicted for r in rows if r.plan == Plan.from_dict(entry["plan"]).describe())
+    fitted = latency.fit_hardware(ext, models, latency.hardware("a100"))
+    for name in ext["fit"]:
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-4)
+    table = latency.external_table(ext, models, fitted)
+    assert set(table.role) == {"fit", "held out"} and table.error.abs().max() < 1e-5
+    assert set(table.quantity) == {"tokens_per_s", "latency_reduction"}
+
+
+def test_hybrid_projection_table():
+    cfg = cli.compose("latency", ["hybrid.models=[llama-2-7b]", "hybrid.hardware=[a100]", "hybrid.prefill_tokens=[128]"])
+    best, candidates = latency.hybrid(OmegaConf.to_container(cfg.hybrid, resolve=True),
+                                      OmegaConf.to_container(cfg.models, resolve=True), latency.hardware)
+    assert {"model", "hardware", "phase", "prompt_tokens", "devices", "tp_latency_ms", "best_p", "best_t", "plan",
+            "hybrid_latency_ms", "speedup_vs_tp", "weight_gb_per_gpu", "kv_cache_gb_per_gpu", "fits"} <= set(best.columns)
+    assert len(best) == 2 * 3 and set(best.devices) == {2, 4, 8}
+    assert (best.best_p * best.best_t == best.devices).all()
+    assert (best.speedup_vs_tp == best.tp_latency_ms / best.hybrid_latency_ms).all()
+    seven = best.set_index(["phase", "devices"])
+    assert seven.loc[("decode", 2), "plan"] == "S12 E30 P2 D0"  # the paper's layout
+    # the best is the fastest fitting candidate of its shape
+    for r in best.itertuples():
+        c = candidates[(candidates.phase == r.phase) & (candidates.devices == r.devices) & (candidates.P > 1)
+                       & candidates.fits]
+        assert r.hybrid_latency_ms == pytest.approx(c.latency_ms.min())
+
+
+def test_chooser_for_n_devices_ranks_against_tensor_parallelism():
+    """plan.devices=N: a plan's predicted reduction is against TP on N devices, on its best P x T mesh."""
+    config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    lat = {"hardware": "a100", "phase": "decode", "prompt_tokens": 512, "batch_size": 1, "devices": 8}
+    p2, p4, p3 = (latency.predicted_reduction(config, Plan.from_range(14, 30 - (30 - 14) % p, p, 0, 32), lat)
+                  for p in (2, 4, 3))
+    assert 0 < p2 < p4 and np.isnan(p3)  # P=3 does not divide 8
+    hw, s = latency.hardware("a100"), Shape.from_hf(config)
+    best = latency.best_mesh(s, hw, Plan.from_range(14, 30, 4, 0, 32), 8, "decode", 512, 1, 2, 512)
+    assert p4 == pytest.approx(1 - best["latency_ms"] / best["tp_latency_ms"]) and best["T"] == 2
 
 
 def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, capsys):
@@ -143,6 +281,15 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
     assert len(choice.plan.groups) == 1 and choice.plan.group_size == 4
     assert "largest predicted latency reduction" in capsys.readouterr().out
 
+    # plan.devices=2: only plans of pairs have a mesh (P2 x T1); the others are left out, not chosen
+    plan_cfg.update(devices=2, latency={**plan_cfg["latency"], "hardware": "a100"})
+    choice = planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
+    t = choice.table.set_index("plan")
+    assert t.loc["S1 E5 P4 D0"].predicted_reduction != t.loc["S1 E5 P4 D0"].predicted_reduction  # NaN
+    assert t.loc["S1 E5 P4 D0"].mesh == "P=4 does not divide 2" and choice.plan.group_size == 2
+    assert t.loc[choice.plan.describe()].mesh.startswith("P2xT1, ungrouped")
+    assert "against tensor parallelism on 2 devices" in capsys.readouterr().out
+
     plan_cfg["rank_by"] = "fastest"
     with pytest.raises(Exception, match="rank_by='fastest' is not one of ideal, latency"):
         planning.choose_plan(plan_cfg, model, tokenizer, cfg.data)
@@ -153,17 +300,22 @@ def test_job_end_to_end(tmp_path, capsys):
     synthetic_bench(S12E24, KAPPA, COMMS, noise=0.02).drop(columns="source").to_csv(cal, index=False)
     synthetic_bench(S24E28, KAPPA, COMMS, noise=0.02, seed=3).drop(columns="source").to_csv(val, index=False)
     outs = [f"validation_out={tmp_path}/v.csv", f"params_out={tmp_path}/p.csv", f"validation_png={tmp_path}/v.png",
-            f"projection_out={tmp_path}/proj.csv", f"projection_png={tmp_path}/proj.png"]
+            f"external_out={tmp_path}/ext.csv", f"hybrid_out={tmp_path}/h.csv", f"hybrid_candidates_out={tmp_path}/hc.csv",
+            f"hybrid_png={tmp_path}/h.png", "hybrid.models=[llama-2-7b,llama-2-70b]", "hybrid.hardware=[a100]"]
     cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{val}]", *outs])
     out = capsys.readouterr().out
-    assert "kappa[prefill]" in out and "validation (S24 E28 P2 D0, 48 rows): mean |error| of latency" in out and "llama-33b" in out
+    assert "kappa[prefill]" in out and "validation, cqil (S24 E28 P2 D0, 48 rows): mean |error| prefill" in out and "llama-2-70b" in out
+    assert "validation, tp (none (tensor parallel), 16 rows)" in out
     table = pd.read_csv(tmp_path / "v.csv")
     assert set(table.role) == {"calibration", "validation"} and "command" in table
     assert table[table.role == "validation"].error_pct.abs().mean() < 6
     params = pd.read_csv(tmp_path / "p.csv").set_index(["parameter", "phase"])
     assert params.loc[("kappa", "decode"), "value"] == pytest.approx(KAPPA["decode"], rel=0.05)
-    assert (tmp_path / "v.png").stat().st_size > 0 and (tmp_path / "proj.png").stat().st_size > 0
-    assert len(pd.read_csv(tmp_path / "proj.csv")) == 2 * 3 * 2 * 3 * 2
+    assert (tmp_path / "v.png").stat().st_size > 0 and (tmp_path / "h.png").stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "h.csv")) == 2 * 3 * 3  # models x shapes x N
+    ext = pd.read_csv(tmp_path / "ext.csv")
+    assert {"source", "model", "hardware", "devices", "setup", "published", "predicted", "error"} <= set(ext.columns)
+    assert "held out, all 5 rows: mean |latency error|" in out and (ext.role == "fit").sum() == 4
 
     # a missing bench table: one line naming the command that makes it, exit 2
     with pytest.raises(SystemExit) as exit_:
@@ -183,6 +335,6 @@ def test_help_and_figures_registered(capsys):
     cli.main(["latency", "--help"])
     assert "cqil latency: latency model" in capsys.readouterr().out
     from cqil import plots
-    assert {"latency_validation", "latency_projection"} <= set(plots.FIGURES)
+    assert {"latency_validation", "latency_hybrid"} <= set(plots.FIGURES)
     cfg = cli.compose("plot")
-    assert all(k in cfg for n in ("latency_validation", "latency_projection") for k in plots.FIGURES[n][1:])
+    assert all(k in cfg for n in ("latency_validation", "latency_hybrid") for k in plots.FIGURES[n][1:])

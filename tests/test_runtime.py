@@ -1,14 +1,17 @@
-"""Multi-device runtime: torchrun + gloo on CPU equals the single-process CQIL model.
+"""Multi-device runtime: torchrun + gloo on CPU equals the single-process CQIL model, rank-local weights.
 
-Each world size is one real torchrun launch of this file (its __main__ is the worker): P=2 and
-P=4 ranks, with and without bypass, both member-axis communicators, both LM-head placements,
-ungrouped layers replicated or on rank 0 only, a plan with an incomplete group, tensor
-parallelism (T=2) alone and inside groups (2x2 mesh), left-padded batches, prefill and many
-decode steps. Every rank saves its outputs; the test compares them
-with cqil.modeling.apply_plan (forward logits and transformers' generate) in this process.
+One real torchrun launch per world size (2 and 4 ranks; its __main__ is the worker) runs every case of
+that size from tiny safetensors checkpoints (untied with GQA; tied head with 4 KV heads, tensor parallel
+over 4 ranks; 3 KV heads on 2 ranks, an uneven cut; Mistral with a sliding window): meshes
+P2xT1, P1xT2 (tensor parallelism alone), P2xT2, P4xT1; with and without bypass; both communicators;
+LM head sharded and whole; ungrouped layers replicated, on member 0, or tensor parallel over all ranks;
+a plan with a short group; left-padded batches, prefill and many cached decode steps. Every rank saves
+its outputs and its materialized weight bytes; the tests compare them with cqil.modeling.apply_plan
+(forward logits and transformers' generate) and with the schedule's accounting.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -17,36 +20,51 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cqil import CqilError
 from cqil.plan import Plan, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
-NEW_TOKENS = 12
-TIMEOUT_S = 4  # the runtime's collective timeout in the failure cases
+NEW_TOKENS = 6
+TIMEOUT_S = 4  # the runtime's collective timeout in the failure and slow-start cases
 
-# name -> (world size, plan groups, bypass, mesh (P, T), runtime options)
+# name -> (world size, checkpoint, plan groups, bypass, mesh (P, T), runtime variant)
 CASES = {
-    "P2 D0 shm, rank0": (2, ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="rank0")),
-    "P2 D1 shm": (2, ((1, 2), (3, 4)), 1, (2, 1), dict(comm="shm")),
-    "P2 D1 gloo, group holds layer 0, rank0 head": (2, ((0, 1), (3, 4)), 1, (2, 1),
-                                                    dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
-    "TP2, no groups": (2, (), 0, (1, 2), dict()),
-    "P4 D0 shm": (4, ((1, 2, 3, 4),), 0, (4, 1), dict(comm="shm")),
-    "P4 D2 gloo, rank0 head": (4, ((1, 2, 3, 4),), 2, (4, 1), dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
-    "P4 D3 + short group": (4, ((0, 1, 2, 3), (4, 5)), 3, (4, 1), dict(comm="shm", lm_head="replicated")),
-    "P2xT2 D1, rank0": (4, ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm", ungrouped="rank0")),
+    "P2 D0 shm, rank0": (2, "llama", ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="rank0")),
+    "P2 D1 shm, tied head": (2, "tied", ((1, 2), (3, 4)), 1, (2, 1), dict(comm="shm")),
+    "P2 D1 gloo, group holds layer 0, rank0, whole head": (2, "llama", ((0, 1), (3, 4)), 1, (2, 1),
+                                                          dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
+    "P2 D0 ungrouped tp, whole tied head": (2, "tied", ((2, 3),), 0, (2, 1), dict(ungrouped="tp", lm_head="replicated")),
+    "P2 D1 tied, rank0, whole head": (2, "tied", ((1, 2), (3, 4)), 1, (2, 1), dict(ungrouped="rank0", lm_head="replicated")),
+    "P1xT2 (TP), tied": (2, "tied", (), 0, (1, 2), dict(comm="torch")),
+    "P1xT2 (TP), whole head": (2, "llama", (), 0, (1, 2), dict(lm_head="replicated")),
+    "P2 D0 Mistral window 4": (2, "mistral", ((1, 2), (3, 4)), 0, (2, 1), dict()),
+    "P1xT2 (TP), 3 KV heads": (2, "gqa3", (), 0, (1, 2), dict()),
+    "P2 D1 ungrouped tp, 3 KV heads": (2, "gqa3", ((1, 2), (3, 4)), 1, (2, 1), dict(ungrouped="tp")),
+    "P2xT2 D0": (4, "llama", ((1, 2), (3, 4)), 0, (2, 2), dict()),
+    "P2xT2 D1 rank0": (4, "tied", ((1, 2), (3, 4)), 1, (2, 2), dict(ungrouped="rank0")),
+    "P2xT2 D1, 3 KV heads": (4, "gqa3", ((1, 2), (3, 4)), 1, (2, 2), dict()),
+    "P2xT2 D1 gloo, rank0, whole head": (4, "llama", ((0, 1), (3, 4)), 1, (2, 2),
+                                         dict(comm="torch", ungrouped="rank0", lm_head="replicated")),
+    "P2xT2 D1 ungrouped tp, whole head": (4, "tied", ((1, 2), (3, 4)), 1, (2, 2), dict(ungrouped="tp", lm_head="replicated")),
+    "P4 D0 shm": (4, "llama", ((1, 2, 3, 4),), 0, (4, 1), dict(comm="shm")),
+    "P4 D2 gloo, rank0, whole head": (4, "tied", ((1, 2, 3, 4),), 2, (4, 1),
+                                      dict(comm="torch", lm_head="replicated", ungrouped="rank0")),
+    "P4 D3 + short group, whole head": (4, "llama", ((0, 1, 2, 3), (4, 5)), 3, (4, 1), dict(lm_head="replicated")),
+    "P4 D1 ungrouped tp, tied": (4, "tied", ((1, 2, 3, 4),), 1, (4, 1), dict(ungrouped="tp")),
+    "P4 D1 rank0": (4, "llama", ((1, 2, 3, 4),), 1, (4, 1), dict(ungrouped="rank0")),
 }
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.1)  # peaked logits: greedy tokens never hinge on float noise
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval()
+def model(name: str):
+    """The tiny model behind checkpoint `name` (built again by the reference: same seeds)."""
+    from conftest import make_tiny_llama, make_tiny_mistral
+
+    return {"llama": lambda: make_tiny_llama(), "tied": lambda: make_tiny_llama(tied=True, seed=1, kv_heads=4),
+            "gqa3": lambda: make_tiny_llama(seed=2, heads=6, kv_heads=3), "mistral": lambda: make_tiny_mistral(4)}[name]()
+
+
+CHECKPOINTS = ("llama", "tied", "gqa3", "mistral")
 
 
 def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -63,93 +81,168 @@ def positions(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.arange(ids.shape[1])[None] if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-# ---- the worker: `torchrun --nproc_per_node W tests/test_runtime.py <mode> <dir>` ------------
-def worker(mode: str, out: Path) -> None:
-    from cqil.runtime import Runtime, init_distributed, make_mesh
+# ---- the worker: `torchrun --nproc_per_node W tests/test_runtime.py <mode> <out dir> <checkpoints>` ----
+def worker(mode: str, out: Path, checkpoints: Path) -> None:
+    from cqil.runtime import Runtime, init_distributed, make_mesh, shutdown
+    from cqil.schedule import Variant
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    init_distributed(world, 1, timeout_s=TIMEOUT_S if mode in ("raise", "stall") else 60)
-    if mode in ("raise", "stall"):  # rank 1 fails while rank 0 is inside a collective
-        rt = Runtime(tiny_llama(), Plan(((1, 2), (3, 4))), make_mesh(2), comm="torch" if mode == "raise" else "shm",
-                     timeout_s=TIMEOUT_S)
-        if rank == 1:
-            if mode == "raise":
-                raise RuntimeError("injected failure")
-            time.sleep(600)
-        rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS)
-        return
-    results = {}
-    for name, (w, groups, bypass, shape, options) in CASES.items():
-        if w != world:
-            continue
-        rt = Runtime(tiny_llama(), Plan(groups, bypass), make_mesh(*shape), **options)
-        for inp, (ids, mask) in inputs().items():
-            tokens, logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
-            results[name, inp] = {"forward": rt.forward(ids, mask), "tokens": tokens, "logits": logits}
-    if world == 2:  # a plan whose groups need 4 devices, on 2
-        try:
-            Runtime(tiny_llama(), Plan(((0, 1, 2, 3),)), make_mesh(2))
-        except PlanError as e:
-            results["mismatch"] = str(e)
-    torch.save(results, out / f"rank{rank}.pt")
+    init_distributed(world, 1)
+    try:
+        if mode in ("slow start, raise", "stall"):  # rank 1 fails while rank 0 is inside a collective
+            mesh = make_mesh(2, timeout_s=TIMEOUT_S)
+            if mode == "slow start, raise" and rank == 1:
+                time.sleep(2 * TIMEOUT_S)  # loads much longer than a collective may wait
+            rt = Runtime(str(checkpoints / "llama"), Plan(((1, 2), (3, 4))), mesh,
+                         Variant(comm="shm" if mode == "stall" else "torch"), timeout_s=TIMEOUT_S)
+            if mode == "slow start, raise":  # the first collectives run after the startup barrier
+                torch.save(rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS), out / f"rank{rank}.pt")
+                if rank == 1:
+                    raise RuntimeError("injected failure")
+            elif rank == 1:
+                time.sleep(600)
+            rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS)
+            return
+        results = {}
+        for name, (w, ckpt, groups, bypass, shape, variant) in CASES.items():
+            if w == world:
+                rt = Runtime(str(checkpoints / ckpt), Plan(groups, bypass), make_mesh(*shape), Variant(**variant))
+                results[name, "weight_bytes"] = rt.weight_bytes()
+                for inp, (ids, mask) in inputs().items():
+                    tokens, logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
+                    results[name, inp] = {"forward": rt.forward(ids, mask), "tokens": tokens, "logits": logits}
+                    if mask is not None:  # the greedy path: (max, id) pairs / token ids broadcast
+                        results[name, inp]["greedy"] = rt.generate(ids, mask, NEW_TOKENS)
+        if world == 2:  # a plan whose groups need 4 devices, on 2
+            try:
+                Runtime(str(checkpoints / "llama"), Plan(((0, 1, 2, 3),)), make_mesh(2))
+            except PlanError as e:
+                results["mismatch"] = str(e)
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        shutdown()
 
 
-def torchrun(world: int, mode: str, out: Path, timeout: float = 150) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def torchrun(world: int, mode: str, out: Path, checkpoints: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           __file__, mode, str(out)]
+           __file__, mode, str(out), str(checkpoints)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ---- the tests ----------------------------------------------------------------------
-def reference(groups, bypass, ids, mask):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("checkpoints")
+    for name in CHECKPOINTS:
+        model(name).save_pretrained(root / name)  # safetensors: the runtime reads each rank's slices
+    return root
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def launch(request, checkpoints, tmp_path_factory):
+    """One torchrun launch of every case of a world size: (world, [results of each rank])."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    run = torchrun(world, "equivalence", out, checkpoints)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+_references: dict = {}
+
+
+def reference(ckpt: str, groups, bypass, ids, mask):
     """The single-process CQIL model: forward logits and transformers' greedy generate."""
     from cqil.modeling import apply_plan
 
-    model = apply_plan(tiny_llama(), Plan(groups, bypass))
-    model.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
-    with torch.no_grad():
-        fwd = model(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return fwd, gen.sequences[:, ids.shape[1]:], torch.stack(gen.logits, 1)
+    key = (ckpt, groups, bypass, ids.shape)
+    if key not in _references:
+        grouped = apply_plan(model(ckpt), Plan(groups, bypass))
+        grouped.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
+        with torch.no_grad():
+            fwd = grouped(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
+            gen = grouped.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        _references[key] = fwd, gen.sequences[:, ids.shape[1]:], torch.stack(gen.logits, 1)
+    return _references[key]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_runtime_equals_single_process_model(world, tmp_path):
-    run = torchrun(world, "equivalence", tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    cases = [n for n, c in CASES.items() if c[0] == world]
-    for name in cases:
-        _, groups, bypass, *_ = CASES[name]
+def test_runtime_equals_single_process_model(launch):
+    world, ranks = launch
+    for name, (w, ckpt, groups, bypass, *_) in CASES.items():
+        if w != world:
+            continue
         for inp, (ids, mask) in inputs().items():
-            fwd, tokens, logits = reference(groups, bypass, ids, mask)
+            fwd, tokens, logits = reference(ckpt, groups, bypass, ids, mask)
             real = slice(None) if mask is None else mask.bool()
             for r, res in enumerate(ranks):
                 got = res[name, inp]
                 msg = f"{name}, {inp}, rank {r}"
-                torch.testing.assert_close(got["forward"][real], fwd[real], atol=2e-5, rtol=1e-4, msg=msg)
-                torch.testing.assert_close(got["logits"], logits, atol=2e-5, rtol=1e-4, msg=msg)
-                assert torch.equal(got["tokens"], tokens), msg
+                torch.testing.assert_close(got["forward"][real], fwd[real], atol=1e-4, rtol=1e-4, msg=msg)
+                torch.testing.assert_close(got["logits"], logits, atol=1e-4, rtol=1e-4, msg=msg)
+                assert torch.equal(got["tokens"], tokens) and torch.equal(got.get("greedy", tokens), tokens), msg
     if world == 2:
         assert "4 layers" in ranks[0]["mismatch"] and "devices=4" in ranks[0]["mismatch"]
 
 
-def test_one_process_runtime_equals_model():
-    """mesh=None (the bench's one-device baseline) runs groups with the single-process definition."""
+def test_every_rank_holds_what_the_schedule_says(launch):
+    """Measured parameters + buffers of every rank equal the schedule's accounting (within 2%), and no
+    rank of a CQIL mesh holds the whole model."""
+    from cqil.schedule import Variant, config_shapes, make_schedule, rank_bytes
+
+    world, ranks = launch
+    configs = {name: model(name).config for name in CHECKPOINTS}
+    for name, (w, ckpt, groups, bypass, (P, T), variant) in CASES.items():
+        if w != world:
+            continue
+        config = configs[ckpt]
+        shapes = config_shapes(config)
+        total = sum(math.prod(s) for s in shapes.values()) * 4
+        schedule = make_schedule(Plan(groups, bypass), config.num_hidden_layers, P, T, Variant(**variant))
+        for r, res in enumerate(ranks):
+            expected = rank_bytes(schedule, r, shapes, config.tie_word_embeddings, 4, config.num_attention_heads,
+                                  config.num_key_value_heads)
+            assert res[name, "weight_bytes"] == pytest.approx(expected, rel=0.02), f"{name}, rank {r}"
+            assert res[name, "weight_bytes"] < 0.8 * total, f"{name}, rank {r}"
+
+
+def test_one_process_runtime_equals_model(checkpoints):
+    """mesh=None (the bench's one-device baseline), from a checkpoint or an in-memory model."""
     from cqil.runtime import Runtime
 
-    for groups, bypass in (((), 0), (((1, 2), (3, 4)), 1)):
-        rt = Runtime(tiny_llama(), Plan(groups, bypass))
+    for source, groups, bypass in ((str(checkpoints / "llama"), (), 0), (model("llama"), ((1, 2), (3, 4)), 1),
+                                   (str(checkpoints / "tied"), ((1, 2), (3, 4)), 1)):
+        ckpt = "tied" if "tied" in str(source) else "llama"
+        rt = Runtime(source, Plan(groups, bypass))
         for inp, (ids, mask) in inputs().items():
-            fwd, tokens, logits = reference(groups, bypass, ids, mask)
+            fwd, tokens, logits = reference(ckpt, groups, bypass, ids, mask)
             real = slice(None) if mask is None else mask.bool()
             got_tokens, got_logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
             torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(got_logits, logits, atol=2e-5, rtol=1e-4)
             assert torch.equal(got_tokens, tokens) and torch.equal(rt.generate(ids, mask, NEW_TOKENS), tokens)
+
+
+def test_sliding_window_matches_transformers(checkpoints):
+    """Mistral with a 4-token window, prompts and generations longer than it: the runtime's mask and
+    cache are transformers' (a full causal mask would differ by several logits)."""
+    from cqil.runtime import Runtime
+
+    mistral = model("mistral")
+    mistral.generation_config.eos_token_id = None
+    rt = Runtime(str(checkpoints / "mistral"), Plan())
+    for ids, mask in inputs().values():
+        with torch.no_grad():
+            fwd = mistral(ids, attention_mask=mask, position_ids=positions(ids, mask)).logits
+            gen = mistral.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        real = slice(None) if mask is None else mask.bool()
+        torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
+        tokens, logits = rt.generate(ids, mask, NEW_TOKENS, with_logits=True)
+        torch.testing.assert_close(logits, torch.stack(gen.logits, 1), atol=2e-5, rtol=1e-4)
+        assert torch.equal(tokens, gen.sequences[:, ids.shape[1]:])
 
 
 def test_world_size_must_match_devices(monkeypatch):
@@ -165,12 +258,50 @@ def test_world_size_must_match_devices(monkeypatch):
     assert check_world_size(3) == 3
 
 
-@pytest.mark.parametrize("mode, message", [("raise", "injected failure"), ("stall", "timed out after")])
-def test_a_failing_rank_ends_the_run(mode, message, tmp_path):
-    """Rank 1 raises (peer of a gloo collective) or hangs (peer of a shm one): the run ends, no hang."""
-    run = torchrun(2, mode, tmp_path, timeout=120)  # a hang would raise TimeoutExpired here
+def test_bad_inputs_are_one_line(checkpoints, tmp_path, monkeypatch):
+    """shm off x86-64 gloo, GGUF or non-safetensors checkpoints, missing tensors: one clear CqilError."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from cqil.models import SafetensorsReader
+    from cqil.runtime import Runtime, make_comm
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(CqilError, match="GGUF file: the multi-device runtime reads safetensors"):
+        SafetensorsReader(str(gguf))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((checkpoints / "llama" / "config.json").read_text())
+    with pytest.raises(CqilError, match="has no model.safetensors"):
+        SafetensorsReader(str(tmp_path / "bin"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoints / "llama" / "config.json").read_text())
+    tensors = load_file(checkpoints / "llama" / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CqilError, match="lacks the tensor model.layers.2.mlp.up_proj.weight"):
+        Runtime(str(broken), Plan())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr("platform.machine", lambda: "aarch64")
+        with pytest.raises(CqilError, match="comm=shm needs the gloo backend .* on one x86-64 host"):
+            make_comm(dist.group.WORLD, "shm")
+        assert make_comm(dist.group.WORLD, "auto").name == "gloo"  # auto falls back to torch
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode, message", [("slow start, raise", "injected failure"), ("stall", "timed out after")])
+def test_a_failing_rank_ends_the_run(mode, message, checkpoints, tmp_path):
+    """Rank 1 raises (peer of a gloo collective) or hangs (peer of a shm one): the run ends, no hang.
+    Before it raises, it loads 2x longer than the collective timeout: rank 0 waits in the long startup
+    barrier, and both generate the same tokens."""
+    run = torchrun(2, mode, tmp_path, checkpoints, timeout=120)  # a hang would raise TimeoutExpired here
     assert run.returncode != 0
     assert message in run.stderr, run.stderr[-3000:]
+    if mode == "slow start, raise":
+        assert torch.equal(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
 
 
 def test_bench_refuses_a_plan_that_does_not_fit_the_devices():
@@ -195,21 +326,23 @@ def bundled_model_installed() -> bool:
 
 @pytest.mark.skipif(not bundled_model_installed(), reason="bundled model not installed (make install)")
 def test_bench_cli_end_to_end(tmp_path):
-    """`cqil bench` launches torchrun itself and writes one row per setup, phase and shape, plus a figure."""
-    from cqil.results import BENCH_BASELINE
-    from cqil.results import read_csv
+    """`cqil bench` launches torchrun itself and writes one row per setup, phase and shape, plus a figure;
+    every setup has its own rank-local weights (TP after CQIL on the same ranks: no re-sharding)."""
+    from cqil.results import BENCH_BASELINE, read_csv
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",
-           "repeats=1", "new_tokens=2", f"out={out}", f"figure={fig}",
-           "cqil=[{comm: shm, ungrouped: rank0}, {comm: torch, lm_head: replicated}]"]
+           "repeats=1", "new_tokens=2", "profile_runs=1", f"out={out}", f"figure={fig}",
+           "cqil=[{comm: shm, ungrouped: rank0}, {comm: torch, lm_head: replicated}]",
+           "tensor_parallel=[{comm: torch, lm_head: replicated}]"]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     df = read_csv(out)
     assert list(dict.fromkeys(df.setup)) == [BENCH_BASELINE, "original, 2 threads",
                                              "cqil (shm, head sharded, ungrouped rank0)",
-                                             "cqil (gloo, head replicated, ungrouped replicated)"]
-    assert len(df) == 4 * 2 * 2 and set(df.phase) == {"prefill", "decode"}
+                                             "cqil (gloo, head replicated, ungrouped replicated)",
+                                             "tensor parallel TP=2 (gloo, head replicated)"]
+    assert len(df) == 5 * 2 * 2 and set(df.phase) == {"prefill", "decode"}
     assert (df[df.setup == BENCH_BASELINE].reduction == 0).all()
     assert list(df.ideal_reduction) == pytest.approx([6 / 30] * len(df))  # S12 E24 P2: 6 groups of 30 layers
     assert df[df.setup.str.startswith("cqil")].fraction_of_ideal.notna().all()
@@ -220,15 +353,35 @@ def test_bench_cli_end_to_end(tmp_path):
     assert (df.hidden_size == 576).all() and (df.dtype_bytes == 4).all()
     assert list(dict.fromkeys(cqil.comm)) == ["shm", "gloo"] and set(cqil.ungrouped) == {"rank0", "replicated"}
     assert (cqil[["allreduce_ms", "broadcast_ms"]] > 0).all().all()
-    assert df[~df.setup.str.startswith("cqil")].allreduce_ms.isna().all()
+    original = df[df.setup.str.startswith("original")]
+    assert original.allreduce_ms.isna().all() and (df[df.setup.str.startswith("tensor")].allreduce_ms > 0).all()
     # member 0's profile: exclusive parts (a region counted twice would leave a negative rest)
     parts = cqil[[f"rank0_{k}_ms" for k in ("ungrouped", "group", "collective", "head", "rest")]]
     assert (parts >= 0).all().all() and (cqil[["rank0_group_ms", "rank0_collective_ms", "rank0_head_ms"]] > 0).all().all()
     assert (cqil[cqil.ungrouped == "rank0"].rank0_ungrouped_ms > 0).all()  # member 0 runs the layers outside groups
-    assert df[~df.setup.str.startswith("cqil")].rank0_group_ms.isna().all()
+    assert original.rank0_group_ms.isna().all()
     decode = cqil[cqil.phase == "decode"]
     assert list(decode.comm_bytes) == list(decode.batch_size * 576 * 4)  # one token's hidden state per sequence
+    # the timing protocol's columns (its statistics: tests/test_bench.py); one round gives no interval
+    assert (df.rounds == 1).all() and (df.stopped_by == "repeats").all() and (df.warmup_ended_by == "fixed").all()
+    assert df.reduction_ci_low.isna().all() and df.pinning.str.startswith(("rank 0: cpu", "none (")).all()
+
+
+    # memory: (a) holds the whole model; every multi-process setup's largest rank holds less
+    assert (original.rank_weight_mb_max - original.model_weight_mb).abs().max() < 0.01  # + rotary buffers
+    multi = df[~df.setup.str.startswith("original")]
+    assert (multi.rank_weight_mb_max < 0.9 * multi.model_weight_mb).all() and (df.rank_peak_rss_mb_max > 0).all()
+    assert set(zip(multi.mesh_p, multi.mesh_t)) == {(2, 1), (1, 2)}
+    # ungrouped on member 0: member 1 holds its 6 group members, the final norm and its head rows, no more
+    from cqil.models import load_config
+    from cqil.schedule import Variant, config_shapes, make_schedule, rank_bytes
+
+    config = load_config("smollm2-135m")
+    member1 = rank_bytes(make_schedule(Plan.from_range(12, 24, 2), 30, 2, 1, Variant(ungrouped="rank0")), 1,
+                         config_shapes(config), True, 4, 9, 3) / 2 ** 20
+    rank0 = df[df.setup == "cqil (shm, head sharded, ungrouped rank0)"]
+    assert list(rank0.rank_weight_mb_min) == pytest.approx([member1] * len(rank0), rel=0.02)
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], Path(sys.argv[2]))
+    worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
