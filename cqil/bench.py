@@ -51,8 +51,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -92,9 +94,22 @@ def run(cfg: DictConfig) -> None:
     if not str(cfg.model.device).startswith("cuda") and world * cfg.threads_per_rank > (os.cpu_count() or 1):
         print(f"warning: {world} ranks x {cfg.threads_per_rank} threads on {os.cpu_count()} CPUs: ranks share cores, "
               "so the timings say little (fine for checking that it runs)", file=sys.stderr)
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_rank))
+    # each failing rank appends `exit-code line` here (cqil.cli.report_error): its line is repeated last
+    fd, errors = tempfile.mkstemp(prefix="cqil-bench-", suffix=".errors")
+    os.close(fd)
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_rank), CQIL_ERROR_FILE=errors)
     print("launching:", " ".join(cmd[1:]), flush=True)
-    rc = subprocess.run(cmd, env=env).returncode
+    try:
+        rc = subprocess.run(cmd, env=env).returncode
+        first = (Path(errors).read_text().splitlines() or [""])[0]
+    finally:
+        os.unlink(errors)
+    if rc and first:
+        code, _, line = first.partition(" ")
+        if code == "2":
+            raise CqilError(line)
+        print(f"cqil bench: error: {line}", file=sys.stderr)
+        sys.exit(int(code))
     if rc:
         raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
 

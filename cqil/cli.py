@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError
+from . import CqilError, checks
 from .plan import PlanError
 
 # job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
@@ -79,7 +79,20 @@ def job_help(job: str) -> str:
                       "", OmegaConf.to_yaml(compose(job))])
 
 
+def report_error(job: str, message: str, code: int) -> None:
+    """Print the one line of a failed job. Under torchrun the rank is named and `code line` is also appended
+    to $CQIL_ERROR_FILE, so the launcher (cqil bench) can repeat it last, after torchrun's own report."""
+    rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
+    line = f"rank {rank}: {message}" if rank is not None else message
+    print(f"cqil {job}: error: {line}", file=sys.stderr)
+    if rank is not None and os.environ.get("CQIL_ERROR_FILE"):
+        with open(os.environ["CQIL_ERROR_FILE"], "a") as f:
+            f.write(f"{code} " + line.replace("\n", " ") + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 0 done; 2 bad input (one line, before any work); 1 any other failure (one line;
+    CQIL_DEBUG=1 shows the traceback); 130 interrupted."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -92,11 +105,19 @@ def main(argv: list[str] | None = None) -> None:
             print(job_help(job))
             return
         cfg = compose(job, overrides)
+        checks.validate(job, cfg, conf_dir(), overrides)  # every value, before any work (cqil/checks.py)
         module, function = JOBS[job][0].split(":")
         getattr(importlib.import_module(module), function)(cfg)
     except (CqilError, PlanError) as e:
-        print(f"cqil {job}: error: {e}", file=sys.stderr)
+        report_error(job, str(e), 2)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"cqil {job}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a failure cqil does not know as bad input: still one line, unless debugging
+        if os.environ.get("CQIL_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        report_error(job, f"{type(e).__name__}: {first} (an unexpected failure, not a known input error; "
+                          "rerun with CQIL_DEBUG=1 for the traceback)", 1)
+        sys.exit(1)

@@ -1,8 +1,8 @@
 """Text corpora -> fixed-length token blocks, with disjoint calibration / training / evaluation splits.
 
-A corpus (conf/data/*.yaml) is a list of documents: offline text files assembled at install
-(`scripts/fetch_texts.py`, under $CQIL_CACHE/texts), local .txt/.jsonl files, or a HF data set
-by name (needs network). Each document is tokenized into one stream and split by TOKENS,
+A corpus (conf/data/*.yaml) is a list of documents: local .txt/.jsonl files (a relative name is looked
+up in the working directory first, then among the offline texts that `make install` assembles under
+$CQIL_CACHE/texts: cqil.checks.locate_text), or a HF data set by name (needs network). Each document is tokenized into one stream and split by TOKENS,
 contiguously:
 
     calibration = its first  calibration_fraction of tokens   (cqil analyze, plan choice)
@@ -17,14 +17,12 @@ from every document.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from . import CqilError
-from .models import cache_dir
+from .checks import check_tokens, locate_text, read_text
 
 SPLITS = ("calibration", "training", "evaluation")
 
@@ -33,34 +31,19 @@ SPLITS = ("calibration", "training", "evaluation")
 class DataConfig:
     """The `data` config group (conf/data/*.yaml)."""
     name: str
-    files: list[str] = field(default_factory=list)  # relative names resolve under $CQIL_CACHE/texts
+    files: list[str] = field(default_factory=list)  # relative: working directory, else $CQIL_CACHE/texts
     hf: dict | None = None                            # {path, name, split, text_field}
     block_size: int = 512
     calibration_fraction: float = 0.1
     evaluation_fraction: float = 0.1
 
 
-def _read_file(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [i for i, row in enumerate(lines) if "text" not in row]
-        if missing:
-            raise CqilError(f"{path}: line {missing[0] + 1} has no 'text' field; .jsonl rows need {{\"text\": ...}}")
-        return "\n\n".join(row["text"] for row in lines)
-    return path.read_text(encoding="utf-8")
-
-
 def documents(cfg: DataConfig) -> list[tuple[str, str]]:
     """(name, text) of every document of the corpus."""
     docs = []
     for f in cfg.files:
-        path = Path(f).expanduser()
-        if not path.is_absolute():
-            path = cache_dir() / "texts" / f
-        if not path.is_file():
-            hint = "run `make install` to assemble the offline texts" if not Path(f).is_absolute() else "check data.files"
-            raise CqilError(f"text file {path} does not exist; {hint}")
-        docs.append((path.name, _read_file(path)))
+        path = locate_text(f)
+        docs.append((path.name, read_text(path)))
     if cfg.hf:
         try:
             import datasets
@@ -80,17 +63,6 @@ def split_ranges(n_tokens: int, cfg: DataConfig) -> dict[str, range]:
     n_eval = int(n_tokens * cfg.evaluation_fraction)
     return {"calibration": range(0, n_cal), "training": range(n_cal, n_tokens - n_eval),
             "evaluation": range(n_tokens - n_eval, n_tokens)}
-
-
-def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> None:
-    """A token count is a positive multiple of the block size: used exactly, never silently rounded."""
-    if n is None:
-        return
-    is_int = isinstance(n, int) and not isinstance(n, bool)
-    if not is_int or n < block_size or n % block_size:
-        near = max(1, n // block_size) * block_size if is_int else block_size
-        raise CqilError(f"{what}={n!r} must be a positive multiple of the block size {block_size}; "
-                        f"use {near} or {near + block_size}")
 
 
 def token_blocks(cfg: DataConfig | dict, tokenizer, split: str, max_tokens: int | None = None,

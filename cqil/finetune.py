@@ -47,7 +47,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import CqilError, data, models
 from .distill import make_trainer, teacher_mode
 from .metrics import greedy_agreement, greedy_tokens, teacher_forced_agreement
-from .modeling import apply_plan, get_plan, save_converted
+from .modeling import apply_plan, get_plan, is_converted_dir, save_converted, write_dir
 from .plan import Plan
 from .planning import resolve_plan
 from .results import plan_columns, provenance, upsert_csv, write_csv
@@ -152,6 +152,22 @@ def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> 
                         "plan.group_size=2, plan=file, plan=auto)")
     apply_plan(model, wanted)
     return wanted
+
+
+def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
+    """Make the saved adapter name its true base, the converted model, in base_model_name_or_path.
+
+    A model loaded from a `cqil convert` directory already names it. Otherwise the plan was applied here,
+    and the adapter on the unconverted model would load without complaint and compute something else:
+    the converted base (same weights, the plan in its config) is saved once to out_dir/converted.
+    """
+    if not is_converted_dir(model.name_or_path):
+        base = (out_dir / "converted").absolute()
+        saved = base / "config.json"
+        if int(os.environ.get("RANK", "0")) == 0 and not (
+                is_converted_dir(base) and saved.is_file() and json.loads(saved.read_text()).get("cqil_plan") == plan.to_dict()):
+            save_converted(model, tokenizer, base)
+        model.name_or_path = str(base)  # what peft records as the adapter's base
 
 
 def peak_memory_mb() -> dict:
@@ -354,6 +370,7 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
                    "loss": recipe["loss"], "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                    "seed": cfg.train.seed, "block_size": block, "data": OmegaConf.to_object(cfg.data)}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
+    name_adapter_base(model, tokenizer, plan, out_dir)
 
     on_gpu = device != "cpu"
     trainer = make_trainer(model, plan, train_blocks, recipe, ckpt_dir, on_gpu, callbacks=callbacks, teacher=teacher,
@@ -389,11 +406,7 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
     """Save adapter and merged model, measure recovery in and out of domain, write and print the row."""
     out_dir = Path(cfg.out_dir)
     model.eval()
-    adapter = out_dir / "adapter"
-    shutil.rmtree(adapter.with_name("adapter.tmp"), ignore_errors=True)
-    model.save_pretrained(adapter.with_name("adapter.tmp"))
-    shutil.rmtree(adapter, ignore_errors=True)
-    adapter.with_name("adapter.tmp").rename(adapter)
+    adapter = write_dir(out_dir / "adapter", model.save_pretrained)
 
     measures = recovery(model, teacher, sets, agreement, cfg.eval_batch_size)
     merged_model = model.merge_and_unload()

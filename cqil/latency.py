@@ -41,7 +41,6 @@ weights and KV cache per GPU from the schedule's per-rank accounting, against th
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +51,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
+from .checks import bench_command
 from .cli import conf_dir
 from .plan import Plan, PlanError
 from .plots import latency_hybrid, latency_validation
@@ -133,14 +133,6 @@ def original(n: int, c: Costs) -> float:
 COLUMNS = ["plan", "plan_json", "n_layers", "devices", "tp", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "reduction", "comm",
            "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms", "allreduce_ms",
            "broadcast_ms", "comm_bytes"]
-
-
-def bench_command(path: str) -> str:
-    """The `cqil bench` line that writes `path` (plan read from its S..E..P..D.. tag when it has one)."""
-    m = re.search(r"S(\d+)E(\d+)P(\d+)D(\d+)", Path(path).name)
-    plan = (f"plan.start={m[1]} plan.end={m[2]} plan.group_size={m[3]} plan.bypass={m[4]} devices={m[3]} "
-            if m else "plan.start=.. plan.end=.. ")
-    return f"cqil bench {plan}out={path}"
 
 
 def load_bench(paths: list[str]) -> pd.DataFrame:
@@ -680,9 +672,9 @@ def hybrid_summary(best: pd.DataFrame) -> str:
 
 
 def run(cfg: DictConfig) -> None:
-    """cqil latency: calibrate + validate on measured CPU runs (if there), validate on published numbers
-    (fitting the figures named in external.fit), then the CQIL x TP projection with those figures."""
-    if any(Path(p).is_file() for p in cfg.calibrate):
+    """cqil latency: calibrate + validate on measured CPU runs (calibrate=[]: skipped), validate on published
+    numbers (fitting the figures named in external.fit), then the CQIL x TP projection with those figures."""
+    if cfg.calibrate:  # every listed table must exist (cqil.checks); calibrate=[] skips this step
         cal, val = load_bench(list(cfg.calibrate)), load_bench(list(cfg.validate))
         fits, kappa = calibrate(cal)
         table = validate({"calibration": cal, "validation": val}, fits, kappa)
@@ -700,9 +692,6 @@ def run(cfg: DictConfig) -> None:
         for (role, kind), g in table.groupby(["role", "kind"], sort=False):  # tp rows: never fitted
             print(f"  {role}, {kind} ({', '.join(g.plan.unique())}, {len(g)} rows): " + error_summary(g))
         print(f"-> {cfg.validation_out}\n-> {cfg.params_out}\n-> {latency_validation(table, cfg.validation_png)}")
-    elif cfg.calibrate:
-        print(f"latency: skipping calibration and validation: none of {', '.join(cfg.calibrate)} exists "
-              f"(make it with `{bench_command(cfg.calibrate[0])}`)")
     models = OmegaConf.to_container(cfg.models, resolve=True)
     ext = OmegaConf.to_container(cfg.external, resolve=True)
     stated = hardware(ext["hardware"])

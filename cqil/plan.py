@@ -131,16 +131,23 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict, num_layers: int | None = None) -> "Plan":
         """Read {'groups': [[..], ..], 'bypass': D} or {'start', 'end', 'group_size', 'bypass'}."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan is a mapping {{groups: [[..], ..], bypass: D}} or {{start, end, group_size, "
+                            f"bypass}}, got {d!r}")
+        bypass = d.get("bypass") or 0
+        if not isinstance(bypass, int) or isinstance(bypass, bool):
+            raise PlanError(f"plan.bypass must be an integer >= 0, got {bypass!r}")
         if d.get("groups"):
-            try:
-                groups = tuple(tuple(int(i) for i in g) for g in d["groups"])
-            except (TypeError, ValueError):
-                raise PlanError(f"plan.groups must be a list of lists of layer indices, got {d['groups']!r}") from None
-            return cls(groups=groups, bypass=int(d.get("bypass") or 0)).validate(num_layers)
+            groups = d["groups"]
+            if not isinstance(groups, (list, tuple)) or not all(
+                    isinstance(g, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
+                    for g in groups):
+                raise PlanError(f"plan.groups must be a list of lists of layer indices, got {groups!r}")
+            return cls(groups=tuple(tuple(g) for g in groups), bypass=bypass).validate(num_layers)
         missing = [k for k in ("start", "end", "group_size") if d.get(k) is None]
         if missing:
             raise PlanError(f"plan needs start, end and group_size (or groups); missing {', '.join(missing)}")
-        return cls.from_range(d["start"], d["end"], d["group_size"], int(d.get("bypass") or 0), num_layers)
+        return cls.from_range(d["start"], d["end"], d["group_size"], bypass, num_layers)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -154,9 +161,13 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist; run `cqil convert` first or give the plan inline")
         try:
-            return cls.from_dict(json.loads(path.read_text()), num_layers)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan file {path} is not valid JSON ({e.msg if isinstance(e, json.JSONDecodeError) else 'not UTF-8'})") from None
+        try:
+            return cls.from_dict(d, num_layers)
+        except PlanError as e:
+            raise PlanError(f"plan file {path} does not hold a usable plan: {e}") from None
 
 
 def plan_from_config(cfg: dict, num_layers: int) -> Plan:

@@ -414,7 +414,12 @@ def run(cfg: DictConfig) -> None:
                 if cfg.figures:  # asked for explicitly: its input must exist
                     read_csv(csv)
                 continue
-            print(f"{name}: {csv} -> {draw(read_csv(csv), png)}")
+            try:  # cqil.checks has read the table's columns; this catches values no figure can draw
+                print(f"{name}: {csv} -> {draw(read_csv(csv), png)}")
+            except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
+                why = (str(e).strip().splitlines() or [""])[0]
+                raise CqilError(f"{csv} cannot be drawn as {name} ({type(e).__name__}: {why}); "
+                                "is it the table the job named in conf/plot.yaml writes?") from None
             drawn += 1
     if not drawn:
         raise CqilError("no result CSVs found to draw from; run `cqil analyze` (or the job named) first")

@@ -2,6 +2,7 @@
 model, kill + rerun resumes from the checkpoint, adapter and merged directory reproduce the model."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -182,6 +183,19 @@ def test_saved_adapter_and_merged_model_reproduce_the_finetuned_logits(tiny_dir,
                                       base_model(tiny_dir)(input_ids=probe.ids).logits, atol=1e-4)
     torch.testing.assert_close(from_adapter, probe.logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(from_merged, probe.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_adapter_names_its_converted_base(trained):
+    """The adapter's base_model_name_or_path is the converted model (the plan in its config), never the
+    unconverted one: loading the adapter by that name alone reproduces the fine-tuned model."""
+    from peft import AutoPeftModelForCausalLM
+
+    out, probe, _ = trained
+    base = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == (out / "converted").absolute()
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe.ids).logits, probe.logits, rtol=0, atol=1e-6)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_dir, trained, tmp_path):

