@@ -1013,13 +1013,18 @@ def _missing(cfg: DictConfig | dict, table: dict) -> None:
             raise CqilError(f"{key} has no value; give {key}=...{hint}")
 
 
+REMOVABLE = {"finetune": ("ood_data",)}  # settings a job reads as optional: `~key` turns them off
+
+
 def check_overrides(job: str, overrides: list[str]) -> None:
     """Hydra lets `+key=value` add a key and `~key` remove one: a setting the job does not have would be
-    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job."""
+    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job
+    (except the optional ones of REMOVABLE)."""
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
-        if o.startswith("~"):
-            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)")
+        if o.startswith("~") and key not in REMOVABLE.get(job, ()):
+            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)"
+                            + (f" (removable: {', '.join('~' + k for k in REMOVABLE[job])})" if job in REMOVABLE else ""))
         if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
             raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
 
