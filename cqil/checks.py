@@ -1430,10 +1430,12 @@ def check_overrides(job: str, overrides: list[str]) -> None:
     """Hydra lets `+key=value` add a key and `~key` remove one: a setting the job does not have would be
     ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job; only
     an optional group (OptionalGroup, e.g. cqil finetune's ~ood_data) may be removed."""
+    removable = [p for p, c in CHECKS[job].items() if isinstance(c, OptionalGroup)]
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
-        if o.startswith("~") and not isinstance(CHECKS[job].get(key), OptionalGroup):
-            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)")
+        if o.startswith("~") and key not in removable:
+            raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)"
+                            + (f" (removable: {', '.join('~' + k for k in removable)})" if removable else ""))
         if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
             raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
 

@@ -160,10 +160,23 @@ def make_world(root: Path) -> tuple[Path, Path]:
     weights = w / "corrupt_ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (w / "fake.gguf").write_text("not gguf\n")
-    for rel in ("analyze/similarity_smollm2-135m_english.csv", "convert/plan_smollm2-135m.json",
-                "bench/latency_smollm2-135m_S12E24P2D0.csv", "bench/latency_smollm2-135m_S24E28P2D0.csv"):
-        (w / "results" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "results" / rel, w / "results" / rel)
+    # the results the baselines read (jobs are stubbed: only their form matters): the analyze table of
+    # plan=auto, the plan of plan=file, the bench tables cqil latency reads by default
+    (w / "results" / "analyze").mkdir(parents=True)
+    n = 30
+    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},cqil analyze" for i in range(n + 1) for j in range(i + 1, n + 1)]
+    (w / "results" / "analyze" / "similarity_smollm2-135m_english.csv").write_text(
+        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", "command")) + "\n" + "\n".join(rows) + "\n")
+    (w / "results" / "convert").mkdir()
+    Plan.from_range(12, 24, 2).save(w / "results" / "convert" / "plan_smollm2-135m.json")
+    bench = {"model": "smollm2-135m", "plan": "S12 E24 P2 D0", "device": "cpu", "setup": "original", "phase": "prefill",
+             "prompt_tokens": 32, "batch_size": 1, "median_ms": 10.0, "p90_ms": 11.0, "ideal_reduction": 0.2,
+             "command": "cqil bench"}
+    assert set(checks.CHECKS["plot"]["bench_csv"].columns) <= set(bench)  # cqil plot reads them too
+    latency = cli.compose("latency")
+    for table in [*latency.calibrate, *latency.validate]:
+        (w / table).parent.mkdir(parents=True, exist_ok=True)
+        (w / table).write_text(",".join(bench) + "\n" + ",".join(map(str, bench.values())) + "\n")
     return w, cache
 
 
