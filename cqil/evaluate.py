@@ -354,17 +354,14 @@ def text_corpora(cfg: DictConfig) -> list[data.DataConfig]:
 
 
 def check_agreement(cfg: DictConfig, entries: list[dict], tasks: list[str]) -> str | None:
-    """The reference label when the agreement task runs (checked: a models[] label, all sizes positive), else None."""
+    """The reference label when the agreement task runs (checked: a models[] label; the sizes in agreement.* are
+    checked with every value, cqil.checks), else None."""
     if AGREEMENT not in tasks:
         return None
     labels = [e["label"] for e in entries]
     if cfg.reference not in labels:
         raise CqilError(f"reference={cfg.reference!r} is not a model label ({', '.join(labels)}); the agreement task "
                         "compares every model with the entry named by `reference`")
-    a = cfg.agreement
-    for key in ("prompts", "prompt_tokens", "new_tokens", "batch_size", "generate_batch_size"):
-        if not isinstance(a[key], int) or isinstance(a[key], bool) or a[key] < 1:
-            raise CqilError(f"agreement.{key}={a[key]!r} must be a positive integer")
     return cfg.reference
 
 

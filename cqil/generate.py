@@ -47,61 +47,12 @@ from .results import plan_columns, provenance, upsert_csv
 from .runtime import Runtime, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
 
-VARIANT_KEYS = ("comm", "lm_head", "ungrouped")
 # a rerun of the same setting replaces its row in the results CSV
 RESULT_KEY = ["model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "n_prompts",
               "batch_size", "max_new_tokens", "temperature", "top_k", "top_p"]
 
 
-# ---- the job's config checks (cheap, no model: before any process starts) -------------------------
-def check_config(cfg: DictConfig) -> None:
-    """Every value of conf/generate.yaml the job reads, checked before any work: one line per problem.
-
-    Kept apart from the job so that cqil.checks' per-job table can take it over as it is."""
-    if cfg.prompt is None and cfg.prompt_file is None:
-        raise CqilError("no prompt: give prompt=<text>, prompt=[first, second] or prompt_file=<file> "
-                        "(one prompt a line, or .jsonl rows {\"prompt\": ...})")
-    if cfg.prompt is not None and cfg.prompt_file is not None:
-        raise CqilError("give prompt or prompt_file, not both")
-    if cfg.plan.get("mode") == "auto":  # checked before anything reads plan=auto's keys (they name a data set)
-        raise CqilError("plan=auto chooses a plan from data on the whole model; run `cqil convert plan=auto` once and "
-                        "generate from its output (model=hf model.path=<dir>), or use plan=file")
-    for key in ("devices", "tp", "max_new_tokens", "batch_size"):
-        _integer(cfg, key, 1)
-    _integer(cfg, "warmup", 0)
-    if cfg.threads is not None:
-        _integer(cfg, "threads", 1)
-    for key in ("chat", "ignore_eos"):
-        if not isinstance(cfg[key], bool):
-            raise CqilError(f"{key}={cfg[key]!r} must be true or false")
-    s = cfg.sampling
-    if isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float)) or s.temperature < 0:
-        raise CqilError(f"sampling.temperature={s.temperature!r} must be a number >= 0 (0: greedy)")
-    _integer(s, "top_k", 0, "sampling.")
-    _integer(s, "seed", 0, "sampling.")
-    if isinstance(s.top_p, bool) or not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:
-        raise CqilError(f"sampling.top_p={s.top_p!r} must be in (0, 1] (1: off)")
-    if s.temperature == 0 and (s.top_k or s.top_p < 1):
-        raise CqilError("sampling.top_k / sampling.top_p shape sampling, but sampling.temperature=0 decodes greedily; "
-                        "set sampling.temperature > 0 (e.g. 0.7) or leave top_k=0 top_p=1")
-    for key in ("timeout_s", "startup_timeout_s"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
-            raise CqilError(f"{key}={cfg[key]!r} must be a number of seconds > 0")
-    unknown = set(cfg.runtime) - set(VARIANT_KEYS)
-    if unknown:
-        raise CqilError(f"runtime.{sorted(unknown)[0]} is not a runtime setting; use {', '.join(VARIANT_KEYS)}")
-    Variant(**cfg.runtime)  # PlanError (one line) for a value that is not one of the allowed
-    for key in ("out", "results"):
-        if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
-            raise CqilError(f"{key}={cfg[key]!r} must be a file path or null")
-
-
-def _integer(section, key: str, least: int, prefix: str = "") -> None:
-    v = section[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < least:
-        raise CqilError(f"{prefix}{key}={v!r} must be an integer >= {least}")
-
-
+# ---- the prompts (every config value was checked before the job: cqil.checks.CHECKS["generate"]) ----------
 def read_prompts(cfg: DictConfig) -> list[str]:
     """The prompts of `prompt` (a text or a list) or `prompt_file` (.txt: one a line; .jsonl: {"prompt": ...})."""
     if cfg.prompt_file is None:
@@ -321,8 +272,8 @@ def threads(cfg: DictConfig) -> int:
 
 
 def run(cfg: DictConfig) -> list[Completion] | None:
-    """cqil generate: check everything cheap here, then launch torchrun (devices x tp > 1) or generate."""
-    check_config(cfg)
+    """cqil generate: check what needs the model's config and tokenizer here, then launch torchrun
+    (devices x tp > 1) or generate."""
     world = cfg.devices * cfg.tp
     if under_torchrun():
         try:

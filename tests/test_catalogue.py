@@ -4,16 +4,17 @@ The contract for every case: exit code 2; stderr is one line, `cqil <job>: error
 that starts with the setting it is about; nothing that existed before was changed (the working directory
 and $CQIL_CACHE: a stat fingerprint after every case, SHA-256 of every file before and after it all).
 
-How the ~800 cases are made: conf/ is walked for every job and every option of its config groups; every
+How the ~1200 cases are made: conf/ is walked for every job and every option of its config groups; every
 key is looked up in cqil.checks.CHECKS (a key without an entry fails test_every_config_key_has_a_check)
-and gets the bad values of its kind of check (BAD below); EXTRA adds the issue's examples and checks
-across keys. How they run, to stay fast: one subprocess (the DRIVER below) runs them all through
+and gets the bad values of its kind of check (BAD below; a check of a whole mapping: MAPPING_CASES);
+EXTRA adds the issue's examples and checks across keys, ACCEPTED inputs that must pass, REFUSED the
+group options a job refuses by design. How they run, to stay fast: one subprocess (the DRIVER below) runs them all through
 `cqil.cli.main`, with the job functions replaced by a stub: reaching the stub means the input was
 accepted (required of the baselines, a failure for the rest). The refusals run first, and the driver
 records any that imported torch or transformers (checks must not need them). HEADLINE runs the
 issue's examples as separate `python -m cqil` processes with the real jobs, plus one error that only a
 rank of a torchrun job can see (the bench launcher must print that rank's line last). The module takes
-about 2.5 min of CPU: ~35 s the driver, ~30 s the 3-process bench case, the rest process start-ups.
+about 2.5 min of CPU: ~60 s the driver, ~30 s the 3-process bench case, the rest process start-ups.
 """
 from __future__ import annotations
 
@@ -159,10 +160,23 @@ def make_world(root: Path) -> tuple[Path, Path]:
     weights = w / "corrupt_ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (w / "fake.gguf").write_text("not gguf\n")
-    for rel in ("analyze/similarity_smollm2-135m_english.csv", "convert/plan_smollm2-135m.json",
-                "bench/latency_smollm2-135m_S12E24P2D0.csv", "bench/latency_smollm2-135m_S24E28P2D0.csv"):
-        (w / "results" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "results" / rel, w / "results" / rel)
+    # the results the baselines read (jobs are stubbed: only their form matters): the analyze table of
+    # plan=auto, the plan of plan=file, the bench tables cqil latency reads by default
+    (w / "results" / "analyze").mkdir(parents=True)
+    n = 30
+    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},cqil analyze" for i in range(n + 1) for j in range(i + 1, n + 1)]
+    (w / "results" / "analyze" / "similarity_smollm2-135m_english.csv").write_text(
+        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", "command")) + "\n" + "\n".join(rows) + "\n")
+    (w / "results" / "convert").mkdir()
+    Plan.from_range(12, 24, 2).save(w / "results" / "convert" / "plan_smollm2-135m.json")
+    bench = {"model": "smollm2-135m", "plan": "S12 E24 P2 D0", "device": "cpu", "setup": "original", "phase": "prefill",
+             "prompt_tokens": 32, "batch_size": 1, "median_ms": 10.0, "p90_ms": 11.0, "ideal_reduction": 0.2,
+             "command": "cqil bench"}
+    assert set(checks.CHECKS["plot"]["bench_csv"].columns) <= set(bench)  # cqil plot reads them too
+    latency = cli.compose("latency")
+    for table in [*latency.calibrate, *latency.validate]:
+        (w / table).parent.mkdir(parents=True, exist_ok=True)
+        (w / table).write_text(",".join(bench) + "\n" + ",".join(map(str, bench.values())) + "\n")
     return w, cache
 
 
@@ -184,7 +198,8 @@ def checksums(*roots: Path) -> dict[str, str]:
 W = "{W}"  # the world's working directory, filled in when the cases run
 OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir"],
             ".png": [f"{W}/user.png", f"{W}/notes.txt/x.png", f"{W}/out.jpg"],
-            ".json": [f"{W}/user.json", f"{W}/notes.txt/x.json", f"{W}/out.txt", f"{W}/list.json"]}
+            ".json": [f"{W}/user.json", f"{W}/notes.txt/x.json", f"{W}/out.txt", f"{W}/list.json"],
+            ".jsonl": [f"{W}/bad.jsonl", f"{W}/notext.jsonl", f"{W}/notes.txt/x.jsonl", f"{W}/out.json"]}
 CSV_TRAPS = [f"{W}/corrupt.csv", f"{W}/wrongcols.csv", f"{W}/empty.csv", f"{W}/header_only.csv", f"{W}/binary.txt"]
 
 
@@ -198,11 +213,15 @@ def _numbers(c: checks.Number) -> list:
 
 
 BAD = {  # check class -> values it must refuse (override syntax)
-    checks.Count: lambda c: [c.lo - 1, 2.5] + ([999] if c.layers else []),
+    checks.Count: lambda c: [c.lo - 1, 2.5] + ([999] if c.layers else []) + (["abc"] if c.auto else [])
+                            + ([c.lo] if c.at_least else []),  # below the other key's default
     checks.BlockSize: lambda c: [1, "abc", 100000],
     checks.Int: lambda c: ["abc", 1.5],
     checks.Number: _numbers,
-    checks.Fractions: lambda c: [0, 1, 0.95, "abc"],
+    checks.SplitFraction: lambda c: ["abc", -0.1, 1.5]
+                                    + ([0] if c.split in c.reads else [])
+                                    + ([0.95] if c.split == "evaluation" and c.group == "data" else [])  # > 1
+                                    + ([0.9] if c.split == "evaluation" and "training" in c.reads else []),
     checks.Choice: lambda c: ["bogus", 1],
     checks.PlanMode: lambda c: ["bogus"],
     checks.Flag: lambda c: ["maybe", 1],
@@ -217,37 +236,73 @@ BAD = {  # check class -> values it must refuse (override syntax)
                                  f"[{W}/latin1.txt]", f"[{W}/bad.jsonl]", f"[{W}/notext.jsonl]", f"[{W}/empty.txt]",
                                  f"[{W}/user_dir]", "abc"],
     checks.HFData: lambda c: ["abc", "{path: 1}", "{path: x, bogus: y}"],
-    checks.Groups: lambda c: ["'[[1,x]]'", "abc", "[1,2]"],
+    checks.Groups: lambda c: ["[[1,x]]", "abc", "[1,2]"],  # unquoted: a list, not a string
     checks.PlanFile: lambda c: [f"{W}/missing_plan.json", f"{W}/notes.txt", f"{W}/list.json", f"{W}/far_plan.json",
                                 f"{W}/binary.txt"],
     checks.Hardware: lambda c: ["nope", "[nope]", "[]"],
-    checks.Variants: lambda c: ["[]", "'[{comm: x}]'", "'[{bogus: shm}]'", "abc"],
+    checks.Variants: lambda c: (["[]"] if c.nonempty else []) + ["[{comm: x}]", "[{bogus: shm}]", "abc"],
     checks.InCSV: lambda c: CSV_TRAPS + ([] if c.optional else [f"{W}/missing.csv", f"{W}/user_dir"]),
     checks.BenchTables: lambda c: [f"[{W}/missing_S12E24P2D0.csv]", f"[{W}/corrupt.csv]", "abc"]
                                   + (["[]"] if c.nonempty_with else []),
     checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],
     checks.OutFile: lambda c: OUT_FILE[c.suffix],
     checks.OutDir: lambda c: ([f"{W}/user_dir"] if c.marker else []) + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
-    checks.EvalModels: lambda c: ["[]", "'[{label: a},{label: a}]'", "'[{label: a, bogus: 1}]'", f"[{W}/missing_model]",
-                                  "'[{label: a, path: smollm2-135m, plan: {start: 0, end: 99, group_size: 2}}]'",
-                                  f"'[{{label: a, path: {W}/corrupt_ckpt}}]'", "'[{path: smollm2-135m}]'"],
+    checks.EvalModels: lambda c: ["[]", "[{label: a},{label: a}]", "[{label: a, bogus: 1}]", f"[{W}/missing_model]",
+                                  "[{label: a, path: smollm2-135m, plan: {start: 0, end: 99, group_size: 2}}]",
+                                  f"[{{label: a, path: {W}/corrupt_ckpt}}]", "[{path: smollm2-135m}]"],
     checks.BatchSize: lambda c: [0, "big", 1.5],
     checks.Limit: lambda c: [0, 1.5, "abc"],
     checks.LoraLayers: lambda c: ["some", "[99]", "[]", "[-1]"],
     checks.Schedule: lambda c: [1],  # a string that is no scheduler name: HEADLINE (the check imports transformers)
     checks.Figures: lambda c: ["[nope]", "abc"],
     checks.Unused: lambda c: [],
+    checks.Text: lambda c: ["''", "' '", "[a]"],
+    checks.Choices: lambda c: ["[]", "[bogus]", f"[{c.options[0]},{c.options[0]}]", "abc"],
+    checks.Keys: lambda c: ["[]", "[nope]", "abc"],
+    checks.Only: lambda c: BAD[type(c.check_)](c.check_),  # the conf's defaults make it apply
+    checks.OptionalGroup: lambda c: ["abc", "[1]"],
+    checks.Recipe: lambda c: ["nope", "''"],
+    checks.ProbeOverrides: lambda c: ["abc", "[lr]", "['lr=3e-3']", "['train.nope=1']", "['train.lr=abc']",
+                                      "['lora.layers=some']", "['loss.kl_from=0.5']"],
+    checks.MeshDevices: lambda c: [1, 2.5, 4],  # 4: the default plan.rank_by=ideal does not read it
+    checks.KlFrom: lambda c: _numbers(c) + [0.5],  # 0.5: loss.kind=kl
+    checks.Texts: lambda c: ["abc", "[nowhere]", "[english,english]", "[{files: [a.txt]}]",
+                             f"[{{name: mine, files: [{W}/binary.txt]}}]", "[{name: mine, bogus: 1}]"],
+    checks.FigureNames: lambda c: ["[]", "[nope]", "abc"],
+    checks.Prompts: lambda c: ["[]", "[1]", "' '", "[a,' ']"],
+    checks.PromptFile: lambda c: [f"{W}/missing.txt", f"{W}/user_dir"],  # with the baseline's prompt: both given
+    checks.Sampled: lambda c: BAD[type(c.check_)](c.check_) + [{0: 5, 1.0: 0.9}[c.off]],  # at temperature 0
+    checks.GivenPlan: lambda c: ["bogus", "auto"],
 }
-# ProjectionModels covers a mapping: its bad values are overrides of keys inside it
-PROJECTION = ["projection.models.llama-7b.layers=0", "projection.models.llama-7b.heads=7",
-              "projection.models.llama-7b.plans=[{start: 12, end: 33, group_size: 2}]",
-              "projection.models.llama-7b.plans=[]", "+projection.models.llama-7b.bogus=1"]
+# Checks of a mapping: their bad values are overrides of keys inside it
+MAPPING_CASES = {
+    checks.ModelShape: ["models.llama-7b.layers=0", "models.llama-7b.heads=7", "models.llama-2-70b.kv_heads=3",
+                        "+models.llama-7b.bogus=1", "models.llama-7b.vocab=abc"],
+    checks.ExternalSource: ["external.sources.gpt-fast.quantity=speed", "external.sources.gpt-fast.rows=[]",
+                            "external.sources.gpt-fast.rows=[{model: nope, role: fit, published: {1: 1.0}}]",
+                            "external.sources.gpt-fast.rows=[{model: llama-2-7b, role: maybe, published: {1: 1.0}}]",
+                            "external.sources.gpt-fast.rows=[{model: llama-2-7b, role: fit, published: {1: -1}}]",
+                            "external.sources.gpt-fast.setup.lm_head=half", "+external.sources.gpt-fast.setup.x=1",
+                            "external.sources.gpt-fast.describe='TP={M}'", "+external.sources.gpt-fast.bogus=1",
+                            "external.sources.cqil-paper.rows=[{model: llama-7b, role: held out, published: 0.3, "
+                            "plan: {start: 12, end: 40, group_size: 2, bypass: 0}}]",
+                            "external.sources.cqil-paper.rows=[{model: llama-7b, role: held out, published: 1.5, "
+                            "plan: {start: 12, end: 30, group_size: 2, bypass: 0}}]"],
+    checks.Layout: ["+hybrid.layout.3=1.5", "+hybrid.layout.16=-0.1", "+hybrid.layout.1=0.5", "+hybrid.layout.x=0.5"],
+}
 
 # Keys of the shared config groups get every bad value in one job, the first one in the others.
 HOME = {"model": "analyze", "data": "analyze", "plan": "convert"}
+# What every case of a job needs besides (cqil generate: a prompt)
+JOB_ARGS = {"generate": ["prompt=hello"]}
+# Group options a job refuses by design (words of the message): the data split it reads is empty, or the
+# plan's keys need a data set the job does not have
+REFUSED = {("analyze", "data=english_ood"): "reads the calibration split, which this leaves empty",
+           ("finetune", "data=english_ood"): "leaves no training tokens",
+           ("generate", "plan=auto"): "plan=auto chooses a plan from data"}
 # Group options need values to make a valid baseline (model=hf without a path is itself a case below).
 TINY = ["model=hf", f"model.path={W}/tiny", "model.name=smollm2-135m", "data.block_size=256"]  # the name: its results
-VARIANT_ARGS = {"model=hf": TINY,
+VARIANT_ARGS = {"model=hf": [*TINY, "ood_data.block_size=256"],  # kept where the job has the group
                 "data=local": ["data=local", f"data.files=[{W}/good.txt]"]}
 
 EXTRA = [  # (job, overrides, words the message must contain): the issue's examples and checks across keys
@@ -267,7 +322,22 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("convert", ["eval_tokens=700"], "use 512 or 1024"),
     ("finetune", ["train.train_tokens=300"], "use 256 or 512"),
     ("finetune", ["train.block_size=10000"], "at most 8192 positions"),
-    ("analyze", ["data.calibration_fraction=0.6", "data.evaluation_fraction=0.5"], "no training tokens"),
+    ("analyze", ["data.calibration_fraction=0.6", "data.evaluation_fraction=0.5"], "the splits would overlap"),
+    ("finetune", ["data.calibration_fraction=0.6", "data.evaluation_fraction=0.4"], "leaves no training tokens"),
+    ("convert", ["plan=auto", "data.calibration_fraction=0"], "(plan=auto included) reads the calibration split"),
+    ("convert", ["plan=auto", "plan.devices=4"], "needs plan.rank_by=latency"),
+    ("convert", ["plan=auto", "plan.rank_by=latency", "plan.devices=3"], "no group size of plan.group_sizes=[2] divides"),
+    ("convert", ["plan=auto", "plan.probe.recipe=blockwise", "plan.probe.overrides=['loss.kl_from=2']"],
+     "the probe's recipe blockwise"),
+    ("finetune", ["~data"], "removing a setting is not supported"),
+    ("finetune", ["ood_tokens=700"], "use 512 or 1024"),
+    ("bench", ["stop.min_rounds=20", "stop.max_rounds=10"], "is below stop.min_rounds=20"),
+    ("generate", [], "no prompt: give prompt=<text>"),
+    ("generate", ["prompt=a", f"prompt_file={W}/good.txt"], "give prompt or prompt_file, not both"),
+    ("generate", [f"prompt_file={W}/missing.txt"], "does not exist"),
+    ("generate", [f"prompt_file={W}/user_dir"], "is a directory"),
+    ("latency", ["external.sources.gpt-fast.rows=[{model: llama-2-7b, role: held out, published: {1: 104.9}}]"],
+     "no row of external.sources has role: fit"),
     ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
     ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
     ("latency", ["validate=[]"], "is empty while calibrate is not"),
@@ -282,6 +352,17 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("analyze", ["+n_token=1024"], "n_token is not a setting of `cqil analyze`"),
     ("analyze", ["~model.dtype"], "removing a setting is not supported"),
 ]
+ACCEPTED = [  # (job, overrides): inputs that must pass the checks
+    ("finetune", ["~ood_data"]), ("finetune", ["ood_data=null"]),  # an optional group, removed
+    ("finetune", ["recipe=blockwise_kl", "data@ood_data=english"]),
+    ("convert", ["plan=auto", "plan.budget=before", "plan.probe.recipe=nope"]),  # plan.probe.* unread
+    ("convert", ["plan=auto", "plan.rank_by=latency", "plan.devices=4", "plan.group_sizes=[2,3]",
+                 "plan.probe.overrides=['train.lr=3e-3','lora.layers=from_plan']"]),
+    ("generate", [f"prompt_file={W}/good.txt"]),
+    ("generate", ["prompt=hi", "sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9"]),
+    ("generate", ["prompt=hi", "plan=manual", "devices=2", "runtime.ungrouped=tp", f"out={W}/out.jsonl"]),
+    ("bench", ["warmup=3", "repeats=5", "tensor_parallel=[]", "cqil=[{ungrouped: tp}]"]),
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,11 +376,14 @@ def config_keys(job: str, args: list[str]) -> dict:
 
 
 def variants(job: str) -> list[list[str]]:
-    """[] plus the overrides of every option of the job's config groups."""
+    """[] plus the overrides of every option of the job's config groups (each after JOB_ARGS)."""
     conf = cli.conf_dir()
     groups = [g for d in OmegaConf.load(conf / f"{job}.yaml").get("defaults", []) if not isinstance(d, str) for g in d]
-    return [[]] + [[a for a in VARIANT_ARGS.get(f"{g}={p.stem}", [f"{g}={p.stem}"]) if a.split("=")[0].split(".")[0] in groups]
-                   for g in groups for p in sorted((conf / g).glob("*.yaml"))]
+    packages = {g.split("@")[-1] for g in groups}  # data@ood_data: the group data at ood_data
+    options = [[]] + [[a for a in VARIANT_ARGS.get(f"{g}={p.stem}", [f"{g}={p.stem}"])
+                       if a.split("=")[0].split(".")[0] in packages]
+                      for g in groups for p in sorted((conf / g).glob("*.yaml"))]
+    return [JOB_ARGS.get(job, []) + o for o in options]
 
 
 def catalogue() -> list[dict]:
@@ -309,13 +393,16 @@ def catalogue() -> list[dict]:
         base_keys = None
         for args in variants(job):
             keys = config_keys(job, args)
-            cases.append({"job": job, "argv": [job, *args], "base": args, "expect": "accepted"})
+            refused = next((w for (j, option), w in REFUSED.items() if j == job and option in args), None)
+            cases.append({"job": job, "argv": [job, *args], "base": args, "expect": refused or "accepted"})
             new = {k: v for k, v in keys.items() if base_keys is None or k not in base_keys}
             base_keys = keys if base_keys is None else base_keys
+            if refused:  # its keys are refused with the option itself
+                continue
             for pattern, check in table.items():
-                if isinstance(check, checks.ProjectionModels):
+                if type(check) in MAPPING_CASES:
                     cases += [{"job": job, "argv": [job, *args, o], "base": args, "expect": ""}
-                              for o in PROJECTION if "projection.models" in new]
+                              for o in MAPPING_CASES[type(check)] if any(checks.covers(pattern, k) for k in new)]
                     continue
                 for key in [k for k in new if checks.covers(pattern, k) and k.count(".") == pattern.count(".")]:
                     bad = list(BAD[type(check)](check)) + ([] if check.null_ok or check is checks.UNUSED else ["null"])
@@ -323,9 +410,10 @@ def catalogue() -> list[dict]:
                         bad = bad[:1]  # the same check object as in its home job: show that this job runs it
                     cases += [{"job": job, "argv": [job, *args, f"{key}={v}"], "base": args, "expect": ""}
                               for v in bad]
+    groups = ("model", "data", "data@ood_data", "plan", "recipe")
     cases += [{"job": job, "argv": [job, *args], "expect": words,
-               "base": [a for a in args if a.split("=")[0] in ("model", "data", "plan", "recipe")]}  # groups first
-              for job, args, words in EXTRA]
+               "base": [a for a in args if a.split("=")[0] in groups]}  # groups first
+              for job, args, words in EXTRA + [(job, args, "accepted") for job, args in ACCEPTED]]
     return sorted(cases, key=lambda c: c["expect"] == "accepted")  # baselines last: they may import torch
 
 
@@ -407,7 +495,7 @@ def test_every_config_key_has_a_check():
         assert not stale, f"cqil {job}: table entries that match no config key: {stale}"
     assert not [cls for cls in vars(checks).values()
                 if isinstance(cls, type) and issubclass(cls, checks.Check) and cls not in BAD
-                and cls not in (checks.Check, checks.ProjectionModels)], "a kind of check without bad values in BAD"
+                and cls not in (checks.Check, *MAPPING_CASES)], "a kind of check without bad values in BAD"
 
 
 # ---- the same contract through `python -m cqil`, real jobs --------------------------------------
