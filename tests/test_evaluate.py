@@ -288,7 +288,7 @@ def test_reference_texts_and_agreement_settings_are_checked(tiny_dir, tmp_path, 
     err = run_cli(["tasks=[agreement]", "reference=original", *common], capsys)
     assert "reference='original' is not a model label (a, b)" in err
     assert "the reference 'b' was skipped" in run_cli(["tasks=[agreement]", "reference=b", *common], capsys)
-    assert "agreement.new_tokens=0 must be a positive integer" in run_cli(
+    assert "agreement.new_tokens=0: must be an integer >= 1" in run_cli(
         ["tasks=[agreement]", "reference=a", "agreement.new_tokens=0", *common], capsys)
     assert "no data config 'nowhere'" in run_cli(["tasks=[perplexity]", "texts=[nowhere]", *common], capsys)
     assert "texts=[] names no corpus" in run_cli(["tasks=[perplexity]", "texts=[]", *common], capsys)
