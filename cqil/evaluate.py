@@ -472,8 +472,11 @@ def text_task_rows(task: str, model, tokenizer, corpus: data.DataConfig, cfg: Di
         ppl = perplexity(model, blocks, cfg.perplexity_batch_size, desc=f"{label} perplexity {corpus.name}")
         return [{**common, "metric": "perplexity", "value": ppl, "stderr": float("nan"), "n": blocks[:, 1:].numel(),
                  "num_fewshot": 0}]
-    if cfg.reference == label:  # the first model evaluated: what every model is compared with
+    if cfg.reference == label:
+        # The first model evaluated: what every model is compared with. It gets no rows of its own: against
+        # itself they are 1 / 0 / 1 / M by construction (tests/test_evaluate.py checks that) and cost a second pass.
         refs[corpus.name] = reference_outputs(model, tokenizer, corpus, cfg.agreement)
+        return []
     return [{**common, "reference": cfg.reference, **r}
             for r in agreement_rows(model, tokenizer, refs[corpus.name], cfg.agreement, label, cfg.reference)]
 
@@ -550,7 +553,10 @@ def run(cfg: DictConfig) -> None:
     df = pd.DataFrame(rows).assign(model=cfg.model.name, lm_eval=version, **provenance(cfg.model.device))
     df = df[["model", *[c for c in df.columns if c != "model"]]]
     if cfg.merge and Path(cfg.out).is_file():
-        df = merge(read_csv(cfg.out), df)
+        old = read_csv(cfg.out)
+        if reference is not None:  # the reference gets no agreement rows now: drop any a former run wrote
+            old = old[~((old.label == reference) & (old.task == AGREEMENT))]
+        df = merge(old, df)
     write_csv(df, cfg.out)
     print(table(df))
     print(f"-> {cfg.out}  (figure: cqil plot figures=[accuracy])")
