@@ -673,6 +673,21 @@ class InCSV(Check):
             read_table(p, self.columns, self.what)
 
 
+class FigureCSV(InCSV):
+    """cqil plot: the table of `figures` (optional: a figure without its table is not drawn). A `figures=[...]`
+    that names none of them leaves the table unread, so unchecked."""
+
+    def __init__(self, columns: tuple[str, ...], *figures: str):
+        super().__init__(columns, optional=True)
+        self.figures = figures
+
+    def check(self, value, key, ctx) -> None:
+        wanted = ctx.get("figures")
+        if isinstance(wanted, list) and wanted and not set(self.figures) & set(wanted):
+            return
+        super().check(value, key, ctx)
+
+
 class BenchTables(Check):
     """cqil latency's `cqil bench` tables: a list; every one must exist and parse. nonempty_with: a key
     whose value, when non-empty, makes this list required too."""
@@ -1342,27 +1357,29 @@ CHECKS: dict[str, dict[str, Check]] = {
     "plot": {
         **MODEL_NAME_ONLY, **DATA_NAME_ONLY,
         "figures": Figures(),
-        # each figure's table, with the columns its drawing reads (cqil/plots.py)
-        "similarity_csv": InCSV(SIMILARITY_COLUMNS, optional=True),
-        "eval_csv": InCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan", "lm_eval"), optional=True),
-        "sweep_csv": InCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"), optional=True),
-        "plan_candidates_csv": InCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
-                                      "ideal_latency_reduction", "ppl_ratio", "contiguous", "greedy_step", "pareto",
-                                      "chosen", "budget", "max_ppl_ratio", "log_ppl_increase",
-                                      "predicted_log_ppl_increase"), optional=True),
-        "plan_probes_csv": InCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
-                                  "ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "recipe", "chosen",
-                                  "max_ppl_ratio"), optional=True),
-        "finetune_loss_csv": InCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), optional=True),
-        "recovery_curve_csv": InCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
-                                     "ppl_finetuned", "top1_finetuned"), optional=True),
-        "bench_csv": InCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
-                            "p90_ms", "ideal_reduction"), optional=True),
-        "latency_validation_csv": InCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms", "error_pct",
-                                         "measured_reduction", "predicted_reduction"), optional=True),
-        "latency_hybrid_csv": InCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
-                                     "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
-                                    optional=True),
+        # each figure's table, with the columns its drawing reads (cqil/plots.py), checked when the figure is drawn
+        "similarity_csv": FigureCSV(SIMILARITY_COLUMNS, "similarity_heatmap", "adjacent_similarity"),
+        "eval_csv": FigureCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan", "lm_eval"),
+                              "accuracy"),
+        "sweep_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"),
+                               "sweep_perplexity"),
+        "plan_candidates_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
+                                          "ideal_latency_reduction", "ppl_ratio", "contiguous", "greedy_step", "pareto",
+                                          "chosen", "budget", "max_ppl_ratio", "log_ppl_increase",
+                                          "predicted_log_ppl_increase"), "plan_candidates"),
+        "plan_probes_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
+                                      "ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "recipe", "chosen",
+                                      "max_ppl_ratio"), "plan_probes"),
+        "finetune_loss_csv": FigureCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), "finetune_loss"),
+        "recovery_curve_csv": FigureCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
+                                         "ppl_finetuned", "top1_finetuned"), "recovery_curve"),
+        "bench_csv": FigureCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
+                                "p90_ms", "ideal_reduction"), "bench_latency"),
+        "latency_validation_csv": FigureCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms", "error_pct",
+                                             "measured_reduction", "predicted_reduction"), "latency_validation"),
+        "latency_hybrid_csv": FigureCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
+                                         "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
+                                        "latency_hybrid"),
         "*_png": OutFile(".png"),
     },
     "generate": {

@@ -242,6 +242,7 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.Hardware: lambda c: ["nope", "[nope]", "[]"],
     checks.Variants: lambda c: (["[]"] if c.nonempty else []) + ["[{comm: x}]", "[{bogus: shm}]", "abc"],
     checks.InCSV: lambda c: CSV_TRAPS + ([] if c.optional else [f"{W}/missing.csv", f"{W}/user_dir"]),
+    checks.FigureCSV: lambda c: CSV_TRAPS,  # figures=[] (every figure): every table is read
     checks.BenchTables: lambda c: [f"[{W}/missing_S12E24P2D0.csv]", f"[{W}/corrupt.csv]", "abc"]
                                   + (["[]"] if c.nonempty_with else []),
     checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],

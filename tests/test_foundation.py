@@ -198,3 +198,19 @@ def test_plot_draws_one_figure_per_matching_csv(tmp_path):
                      (f"{tmp_path}/latency_m_S24E28P2D0.csv", "figs/bench_m_S24E28P2D0.png")]
     assert _inputs(f"{tmp_path}/none_*.csv", "f_*.png") == [(f"{tmp_path}/none_*.csv", "f_*.png")]
     assert _inputs("a.csv", "a.png") == [("a.csv", "a.png")]
+
+
+def test_plot_checks_only_the_tables_of_the_figures_it_draws(tmp_path):
+    """`cqil plot figures=[x]` reads x's table only: a broken table of another figure is no error then, and is
+    one (exit 2, before drawing) when every figure is drawn or that figure is named."""
+    from cqil import checks
+    from cqil.cli import compose, conf_dir
+
+    broken = tmp_path / "latency_m_X.csv"
+    broken.write_text("a,b\n1,2\n")  # not a bench table
+    args = [f"bench_csv={broken}", f"similarity_csv={tmp_path}/none.csv", f"eval_csv={tmp_path}/none.csv"]
+    checks.validate("plot", compose("plot", ["figures=[accuracy]", *args]), conf_dir(), ["figures=[accuracy]", *args])
+    for figures in ([], ["bench_latency"], ["accuracy", "bench_latency"]):
+        over = [f"figures=[{','.join(figures)}]", *args]
+        with pytest.raises(CqilError, match="lacks the column"):
+            checks.validate("plot", compose("plot", over), conf_dir(), over)
