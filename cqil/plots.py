@@ -5,6 +5,7 @@ draws each figure whose input CSV exists (or only `figures=[...]`).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -80,7 +81,8 @@ def accuracy_table(df: pd.DataFrame, out: str | Path) -> Path:
         for xi, (v, se) in enumerate(zip(rows.value, rows.stderr)):
             ax.annotate(f"{v:.3g}" + (f"\n±{se:.2g}" if se == se else ""), (xi, v + (se if se == se else 0)),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(x, [f"{lbl}\n{p}" for lbl, p in zip(rows.index, rows.plan)], fontsize=7)
+        ticks = [lbl if r.plan == lbl else f"{lbl}\n" + _plan_label(r).replace(" (", "\n(") for lbl, r in rows.iterrows()]
+        ax.set_xticks(x, ticks, fontsize=7)
         where = f"\n{f.dataset}" if f.task in ("perplexity", "agreement") else ""
         ax.set_title(f"{f.task}{where} (n={int(rows.n.iloc[0])})", fontsize=9)
         better = " (lower is better)" if f.metric in LOWER_IS_BETTER else ""
@@ -119,8 +121,11 @@ def sweep_perplexity(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def _plan_label(row) -> str:
-    """A plan's name, or its shape where the name (a list of groups) would not fit a legend."""
-    return row.plan if len(row.plan) < 24 else f"{row.n_groups} groups of {row.group_size} (from layer {row.start})"
+    """A plan's name, or its shape where the name (a list of groups) would not fit a legend or a tick label."""
+    if len(row.plan) < 24:
+        return row.plan
+    groups = json.loads(row.plan_json)["groups"]
+    return f"{len(groups)} groups of {len(groups[0])} (from layer {groups[0][0]})"
 
 
 def plan_candidates(df: pd.DataFrame, out: str | Path) -> Path:
