@@ -222,13 +222,14 @@ def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def recovery_curve(df: pd.DataFrame, out: str | Path) -> Path:
-    """Recovery against training tokens, one line per recipe (finetune curve CSV): held-out perplexity in and out of
-    domain (original and converted marked) and teacher-forced top-1 agreement with the original."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    """Recovery against training tokens, one line per run (recipe, adapters, lr, steps; finetune curve CSV): held-out
+    perplexity in and out of domain (original and converted marked) and teacher-forced top-1 agreement with the
+    original."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     runs = list(df.groupby(["recipe", "lora_layers", "lr", "max_steps"], sort=False))
     for (recipe, layers, lr, steps), run in runs:
         run = run.sort_values("tokens")
-        label = f"{recipe} (lora.layers={layers}, lr {lr:g})"
+        label = f"{recipe}, {steps} steps (lora.layers={layers}, lr {lr:g})"
         line, = axes[0].plot(run.tokens / 1e3, run.ppl_finetuned, marker=".", label=label)
         if "ood_ppl_finetuned" in run:
             axes[1].plot(run.tokens / 1e3, run.ood_ppl_finetuned, marker=".", color=line.get_color())

@@ -337,3 +337,4 @@ def test_recovery_curve_every_n_steps(tiny_dir, tmp_path):
         assert curve[f"{prefix}gap_recovered"].iloc[-1] == pytest.approx(row[f"{prefix}gap_recovered"], rel=1e-4)
     assert {"train_seconds", "tokens_per_s", "recipe", "command"} <= set(curve.columns)
     assert row["steps"] == 4
+    assert plots.recovery_curve(curve, tmp_path / "curve.png").stat().st_size > 0  # cqil plot draws it from the CSV
