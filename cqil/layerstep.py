@@ -13,11 +13,13 @@ this module measures it (issue 21):
   - batch-1 decode steps against a preallocated KV cache of `context` tokens written in place at a position held
     on the device (gpt-fast's KVCache); the step at the last position is repeated, so every timed step does the
     same work: its attention reads the whole cache (HF's StaticCache advances its position at every update);
+    a step runs a stack of `depth` such shards with distinct weights and caches (Step: why), and a layer step's
+    time is the stack's over `depth`;
   - eager, and compiled whole (torch.compile(fullgraph=True): a graph break is an error; on CUDA
     mode="reduce-overhead", i.e. CUDA graphs, on CPU inductor's default), eager and compiled blocks alternating,
     so that drift of the machine hits both alike; the compiled step is checked against the eager one;
   - timing: after a warm-up, `blocks` blocks of `steps` back-to-back steps (CUDA: events on the stream, then a
-    synchronize); the time of a step = a block's time / steps; median, p10 and p90 over the blocks;
+    synchronize); a layer step's time = a block's time / (steps x depth); median, p10 and p90 over the blocks;
   - the fit, per (shape, mode) over the shard sizes: t = c0 + bytes / bandwidth (least squares of the relative
     error: cqil.latency.fit_comm, the form the latency model fits to collectives), bytes = the shard's weight
     bytes + the bytes of KV cache its attention reads; every row carries the fit and its own residual.
