@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
-from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL, TABLES, foreign, owned
+from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .plan import Plan, PlanError
 from .schedule import COMMS, LM_HEADS, UNGROUPED
 
@@ -1279,7 +1279,7 @@ CHECKS: dict[str, dict[str, Check]] = {
     },
     "convert": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
-        "out_dir": OutDir(MODEL, default="outputs/converted"),
+        "out_dir": OutDir(MODEL_DIR, default="outputs/converted"),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
         "results": OutFile(".csv", table="convert"),
     },

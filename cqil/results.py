@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import platform
 import shlex
@@ -11,8 +12,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
-import transformers
 
 from . import CqilError, __version__, outputs
 from .plan import Plan
@@ -32,7 +31,9 @@ def provenance(device: str = "cpu") -> dict:
     """Columns added to every result row."""
     return {
         "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__, "cqil": __version__,
+        # the installed versions, read without importing them (a table writer need not load torch)
+        "torch": importlib.metadata.version("torch"), "transformers": importlib.metadata.version("transformers"),
+        "cqil": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command(),
     }
