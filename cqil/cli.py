@@ -82,7 +82,7 @@ def job_help(job: str) -> str:
 
 def report_error(job: str, message: str, code: int) -> None:
     """Print the one line of a failed job. Under torchrun the rank is named and `code line` is also appended
-    to $CQIL_ERROR_FILE, so the launcher (cqil bench) can repeat it last, after torchrun's own report."""
+    to $CQIL_ERROR_FILE, so the launcher (cqil.runtime.launch: cqil bench, cqil generate) can repeat it last."""
     rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
     line = f"rank {rank}: {message}" if rank is not None else message
     print(f"cqil {job}: error: {line}", file=sys.stderr)

@@ -53,8 +53,8 @@ orders than x86's would need fences).
 Masks: causal, or sliding-window for models whose layers all use a window (Mistral, Qwen2 with
 use_sliding_window): the same mask functions and KV-cache layers transformers uses. Failure: every
 collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a CqilError
-naming the rank; a dead peer breaks gloo/nccl sockets at once; torchrun ends the other ranks when one
-exits non-zero. No path waits forever.
+naming the rank; a dead peer breaks gloo/nccl sockets at once; the launcher (`launch`, or torchrun) ends
+the other ranks when one fails. No path waits forever.
 """
 from __future__ import annotations
 
