@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import csv
+import glob
 import json
 import os
 import re
@@ -60,7 +61,7 @@ def _temp(path: Path, suffix: str = "tmp") -> Path:
 def _remove_stale(out: Path) -> None:
     """Clear what a killed writer of `out` left: its temporary sibling goes; a previous `out` it had
     renamed aside (no atomic swap on this OS) goes back in place if nothing replaced it."""
-    for p in sorted(out.parent.glob(f".{glob_escape(out.name)}.*")):
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
         m = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)-\w+\.(tmp|old)", p.name)
         if not m or int(m[1]) == os.getpid():
             continue
@@ -77,10 +78,6 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -159,11 +156,11 @@ def owned(d: str | Path, kind: str) -> bool:
     return m is not None and m["kind"] == kind
 
 
-def refuse_foreign(d: str | Path, kind: str, what: str = "") -> None:
+def refuse_foreign(d: str | Path, kind: str) -> None:
     """CqilError unless `d` may be written as a `kind` directory (see `foreign`)."""
     first = foreign(d, kind)
     if first is not None:
-        raise CqilError(f"{what or d} holds {first!r}, which cqil did not write there (no {MANIFEST} of a {kind} "
+        raise CqilError(f"{d} holds {first!r}, which cqil did not write there (no {MANIFEST} of a {kind} "
                         "lists it); cqil never deletes or mixes into a user's files: choose a new or empty directory, "
                         "or move that away")
 

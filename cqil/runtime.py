@@ -127,12 +127,14 @@ def launch(job: str, world: int, threads_per_rank: int) -> None:
         ranks.end()
         raise KeyboardInterrupt
 
-    saved_signals = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
                           signals_to_handle="SIGUSR2")
     agent_saw = None
     try:
+        for sig in saved_signals:
+            signal.signal(sig, interrupted)
         os.environ.update({k: v for k, v in env.items() if v is not None})
         for log in quiet:
             log.setLevel(logging.CRITICAL)
