@@ -114,10 +114,12 @@ def remote_code_refusal(model: str, code: str) -> str:
             "that comes with a model unless you ask: set model.trust_remote_code=true if you trust its source")
 
 
-def missing_config_keys(config: dict) -> list[str]:
-    """REQUIRED_CONFIG_KEYS that a config.json (or its text_config) lacks."""
+def incomplete_config(config: dict) -> str:
+    """What is wrong with a config.json (or its text_config) that lacks one of REQUIRED_CONFIG_KEYS; '' if nothing."""
     text = config.get("text_config", config)
-    return [k for k in REQUIRED_CONFIG_KEYS if not isinstance(text, dict) or text.get(k) is None]
+    missing = [k for k in REQUIRED_CONFIG_KEYS if not isinstance(text, dict) or text.get(k) is None]
+    return f"lacks {missing[0]}, which the model's shape needs (transformers would build its default instead and " \
+           "initialise what the checkpoint lacks at random); the checkpoint is incomplete: add it" if missing else ""
 
 
 def converted_refusal(model: str, config: dict) -> str:
@@ -468,11 +470,8 @@ class ModelPath(Check):
 
     def check_config(self, d: Path, value, key, ctx) -> None:
         config = json.loads((d / "config.json").read_text())  # check_checkpoint_dir parsed it already
-        missing = missing_config_keys(config)
-        if missing:
-            raise refuse(key, value, f"{d / 'config.json'} lacks {missing[0]}, which the model's shape needs "
-                                     "(transformers would build its default instead and initialise what the "
-                                     "checkpoint lacks at random); the checkpoint is incomplete: add it")
+        if incomplete_config(config):
+            raise refuse(key, value, f"{d / 'config.json'} {incomplete_config(config)}")
         if not self.converted and is_converted_config(config):
             raise refuse(key, value, converted_refusal("it", config))
         try:

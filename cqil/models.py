@@ -153,11 +153,8 @@ def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CqilError(f"model {path!r} is a {raw.get('model_type')!r} model; cqil supports LLaMA-family "
                         f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}: RMSNorm, rotary, gated MLP)")
-    missing = checks.missing_config_keys(raw)
-    if missing:
-        raise CqilError(f"the config of model {path!r} lacks {missing[0]}, which the model's shape needs "
-                        "(transformers would build its default instead and initialise what the checkpoint lacks "
-                        "at random); the checkpoint is incomplete: add it")
+    if checks.incomplete_config(raw):
+        raise CqilError(f"the config of model {path!r} {checks.incomplete_config(raw)}")
     _check_code(path, location, extra, trust_remote_code, raw)
     if checks.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
         config = CqilConfig.from_pretrained(location, **extra)
