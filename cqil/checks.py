@@ -95,7 +95,7 @@ def is_converted_config(config: dict) -> bool:
 
 def custom_code(config: dict, tokenizer_config: dict) -> str:
     """The code a model's config.json and tokenizer_config.json ask transformers to import (their `auto_map`
-    entries), as `file -> Class, ...`; '' when none. A CQIL directory's own auto_map does not count: cqil
+    entries), as their `module.Class` names; '' when none. A CQIL directory's own auto_map does not count: cqil
     loads it with its own classes."""
     found = []
     for where, cfg in (("config.json", {} if is_converted_config(config) else config),
