@@ -447,7 +447,8 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
     All ranks call this together."""
     model_cfg = OmegaConf.to_object(cfg.model)
     path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
-    config, tokenizer = models.load_config(path), models.load_tokenizer(path)
+    trust = model_cfg.get("trust_remote_code", False)
+    config, tokenizer = models.load_config(path, trust), models.load_tokenizer(path, trust)
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
     check_devices(plan, cfg.devices)
@@ -467,20 +468,20 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
     cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.cqil:
         v = _variant(options)
-        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust)
         name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
         runtimes[name] = rt
         columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
     tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.tensor_parallel:
         v = _variant(options)
-        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust)
         name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
         runtimes[name] = rt
         columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)}
     original = None
     if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
-        original = Runtime(path, Plan(), None, Variant(), dtype, device)
+        original = Runtime(path, Plan(), None, Variant(), dtype, device, trust_remote_code=trust)
         whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
                  "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
         columns[ORIGINAL] = columns[f"original, {world} threads"] = whole

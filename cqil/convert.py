@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, data, models
+from . import CqilError, checks, data, models
 from .metrics import perplexity
 from .modeling import apply_plan, get_plan, save_converted
 from .plan import Plan
@@ -21,9 +21,13 @@ from .results import plan_columns, provenance, update_table
 
 # ---- cqil convert ------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> None:
-    """cqil convert: model + plan -> a directory that loads with from_pretrained(dir, trust_remote_code=True)."""
+    """cqil convert: model + plan -> a CQIL directory (cqil loads it with its own class; stock transformers with
+    from_pretrained(dir, trust_remote_code=True), which runs the modeling_cqil.py saved in it)."""
     torch.set_num_threads(cfg.threads)
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
+    if get_plan(model).groups:  # a converted hub repo (a local directory is refused by cqil.checks already)
+        raise CqilError(checks.converted_refusal(f"model {cfg.model.path!r}", model.config.to_dict()))
+    model.config.cqil_base_model = models.recorded_path(cfg.model.path)  # the directory names its base
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")
     start = time.perf_counter()
@@ -58,7 +62,8 @@ def run(cfg: DictConfig) -> None:
           f"original {ppl_before:.2f} -> converted {ppl_after:.2f} ({ppl_after / ppl_before:.2f} x)")
     print(f"conversion (apply plan + save) {convert_seconds:.1f} s; plan choice {plan_seconds:.1f} s; "
           f"results -> {cfg.results}")
-    print(f"load it: AutoModelForCausalLM.from_pretrained('{out_dir}', trust_remote_code=True)")
+    print(f"use it: cqil <job> model=hf model.path={out_dir} model.name=<label>; without cqil: "
+          f"AutoModelForCausalLM.from_pretrained('{out_dir}', trust_remote_code=True) (runs its modeling_cqil.py)")
 
 
 # ---- cqil sweep --------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoTokenizer
 
 from . import CqilError, data, models
 from .cli import conf_dir
@@ -135,7 +134,7 @@ def cloze_jsonl(out: Path, source: str, items: int, context_words: int, min_leng
     """Last-word cloze from the evaluation split of data config `source` (split as cqil.data cuts it with the
     tokenizer of the bundled model `split_tokenizer`, so no target lies in training text): `items` targets shared
     evenly among the documents, evenly spaced within each, documents taking turns. Deterministic."""
-    tokenizer = AutoTokenizer.from_pretrained(models.bundled_checkpoint(split_tokenizer))
+    tokenizer = models.load_tokenizer(split_tokenizer)
     found = [cloze_items(text, context_words, min_length)
              for _, text in split_texts(data_config(source), tokenizer, "evaluation")]
     if sum(map(len, found)) < items:
@@ -422,7 +421,7 @@ def model_entries(cfg: DictConfig) -> list[dict]:
     return out
 
 
-def check_entries(entries: list[dict]) -> list[dict]:
+def check_entries(entries: list[dict], trust_remote_code: bool = False) -> list[dict]:
     """The entries to evaluate, checked before any model runs: paths exist, given plans fit the model.
 
     A missing local path is skipped (with a message) when the entry says skip_missing, else an error;
@@ -439,8 +438,7 @@ def check_entries(entries: list[dict]) -> list[dict]:
         if local_missing:
             models.resolve(path)  # a missing local path fails here with one line; a hub id passes
         if e["plan"] is not None and e["plan"].get("mode") != "auto" and not local_missing:
-            location, extra = models.resolve(path)
-            n_layers = AutoConfig.from_pretrained(location, trust_remote_code=True, **extra).num_hidden_layers
+            n_layers = models.load_config(path, trust_remote_code).num_hidden_layers
             plan_from_config(e["plan"], n_layers)
         out.append(e)
     if not out:
@@ -450,8 +448,8 @@ def check_entries(entries: list[dict]) -> list[dict]:
 
 def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     """(model, tokenizer) of one entry: loaded as saved, then its plan applied if it names one."""
-    model, tokenizer = models.load({"name": entry["label"], "path": entry["path"],
-                                    "dtype": cfg.model.dtype, "device": cfg.model.device})
+    model, tokenizer = models.load({"name": entry["label"], "path": entry["path"], "dtype": cfg.model.dtype,
+                                    "device": cfg.model.device, "trust_remote_code": cfg.model.trust_remote_code})
     if entry["plan"] is not None:
         apply_plan(model, resolve_plan(entry["plan"], model, tokenizer, data_cfg))
     return model, tokenizer
@@ -522,7 +520,7 @@ def run(cfg: DictConfig) -> None:
                         "give data config names, e.g. texts=[english]")
     entries = model_entries(cfg)
     reference = check_agreement(cfg, entries, tasks)
-    entries = check_entries(entries)
+    entries = check_entries(entries, cfg.model.trust_remote_code)
     if reference is not None and reference not in [e["label"] for e in entries]:
         raise CqilError(f"the reference {reference!r} was skipped (its path does not exist yet), so nothing can be "
                         "compared with it; run the job that writes it or name another entry in `reference`")

@@ -136,7 +136,7 @@ def eos_ids(path: str, config) -> set[int]:
 def prepare(cfg: DictConfig) -> Job:
     """Prompts, model config, plan and token ids, every check that needs no weights (cheap)."""
     prompts = read_prompts(cfg)
-    config = models.load_config(cfg.model.path)
+    config = models.load_config(cfg.model.path, cfg.model.trust_remote_code)
     plan = job_plan(cfg, config)
     device = str(cfg.model.device)
     if device.startswith("cuda"):
@@ -149,7 +149,7 @@ def prepare(cfg: DictConfig) -> Job:
     elif device != "cpu":
         raise CqilError(f"model.device={device!r}: cqil generate runs on cpu or cuda")
     models.dtype_of(cfg.model.dtype)
-    tokenizer = models.load_tokenizer(cfg.model.path)
+    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.chat and not tokenizer.chat_template:
         raise CqilError(f"chat=true but the tokenizer of {cfg.model.path} has no chat template; use chat=false")
     ids = []
@@ -305,7 +305,8 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
         f"process{'es' if world > 1 else ''} on {device_type} ({cfg.model.dtype}); {how}; {len(job.prompts)} "
         f"prompt{'s' if len(job.prompts) > 1 else ''}, at most {cfg.max_new_tokens} new tokens each")
 
-    rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s)
+    rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s,
+                 cfg.model.trust_remote_code)
     pad = job.tokenizer.pad_token_id
     for _ in range(cfg.warmup):  # untimed: first-call costs (allocator, kernels, communicators)
         rt.generate(*left_pad(job.ids[:1], pad, rt.device), max_new_tokens=2, with_logits=s.temperature > 0)

@@ -19,6 +19,7 @@ or a plain layer. Masks, rotary embeddings, caches and generate() stay the libra
 Self-contained on purpose (torch, transformers and the sibling plan.py only): `save_converted`
 copies this file next to the weights as `modeling_cqil.py`, so a converted model loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where cqil is not installed.
+cqil itself never imports that copy: it loads converted directories with the classes of this module.
 (transformers refuses a remote-code file with an import statement of a module not shipped beside it,
 even one inside a function; so `save_converted`, which the copy never runs, reaches cqil's own writer,
 cqil.outputs, through importlib. plan.py does the same.)
@@ -194,11 +195,14 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layers.enabled = was
 
 
-# ---- the saved form: a transformers model class, loaded as remote code -------------------
+# ---- the saved form: a transformers model class --------------------------------------------
+# cqil loads a saved directory with the classes below (cqil.models: its config's `architectures` is
+# ["CqilForCausalLM"]); stock transformers loads the copy saved beside the weights, as remote code.
 # The saved config says model_type "llama" (so AutoTokenizer and AutoConfig read it without remote code,
 # asking nothing and warning nothing) while its auto_map names the classes below. Its weights are saved
-# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded without
-# trust_remote_code=True, the directory fails loudly instead of running silently as the sequential model.
+# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded by stock
+# transformers without trust_remote_code=True, the directory fails loudly instead of running silently as
+# the sequential model.
 WEIGHTS_VARIANT = "cqil"
 
 
@@ -234,7 +238,7 @@ def is_converted_dir(path: str | Path) -> bool:
 
 
 def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: str = "convert") -> Path:
-    """Save a CQIL model so that standard tools load it with trust_remote_code=True.
+    """Save a CQIL model: cqil loads it with this module's classes, standard tools with trust_remote_code=True.
 
     Writes weights (the "cqil" variant), tokenizer, config.json (cqil_plan, auto_map) and the modeling code
     (this file as modeling_cqil.py, plus plan.py), atomically (write_dir): an interrupted save leaves
@@ -250,7 +254,7 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: 
         cfg.pop(k, None)
     config = CqilConfig(**cfg)
     config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
-    config.architectures = ["CqilForCausalLM"]
+    config.architectures = ["CqilForCausalLM"]  # how cqil.checks.is_converted_config knows the directory
     config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
                        "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
 

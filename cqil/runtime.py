@@ -584,7 +584,7 @@ class Runtime:
 
     def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, trust_remote_code: bool = False):
         dtype = models.dtype_of(dtype) if isinstance(dtype, str) else dtype
         if isinstance(source, nn.Module):
             check_supported(source)
@@ -592,10 +592,11 @@ class Runtime:
             skel = models.skeleton(config, type(source))
             self.dtype = dtype or next(source.parameters()).dtype
         else:
-            config = models.load_config(source)
+            config = models.load_config(source, trust_remote_code)
             reader = models.SafetensorsReader(source)
-            skel = models.skeleton(config)
+            skel = models.skeleton(config, trust_remote_code=trust_remote_code)
             check_supported(skel)
+            models.check_checkpoint(source, skel, reader)
             self.dtype = dtype or torch.float32
         self.device = mesh.device if mesh is not None else torch.device(device or "cpu")
         self.config, self.mesh = config, mesh

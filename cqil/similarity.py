@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import data, models
-from .modeling import decoder
+from .modeling import decoder, plan_disabled
 from .results import provenance, update_table
 
 
@@ -71,14 +71,16 @@ class SimilarityAccumulator:
 
 @torch.no_grad()
 def layer_similarity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> pd.DataFrame:
-    """Long-format similarity table over token blocks [n_blocks, block_size]."""
+    """Long-format similarity table over token blocks [n_blocks, block_size], of the sequential stack (a converted
+    model's plan is switched off: inside a group every member reads the same input)."""
     capture = LayerInputs(model)
     acc = SimilarityAccumulator(len(capture.states))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(blocks.split(batch_size), desc="analyze", unit="batch"):
-            model.model(input_ids=batch.to(device))  # the decoder only: logits are not needed
-            acc.update(capture.states)
+        with plan_disabled(model):
+            for batch in tqdm(blocks.split(batch_size), desc="analyze", unit="batch"):
+                model.model(input_ids=batch.to(device))  # the decoder only: logits are not needed
+                acc.update(capture.states)
     finally:
         capture.remove()
     return acc.table()

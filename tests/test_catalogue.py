@@ -173,6 +173,17 @@ def make_world(root: Path) -> tuple[Path, Path]:
     weights = w / "corrupt_ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (w / "fake.gguf").write_text("not gguf\n")
+    # models that would load other than as stored (issue 22): code of their own, a config without its depth,
+    # a converted directory (converting it again would drop its plan)
+    config = json.loads((tiny / "config.json").read_text())
+    for name, edited in (("remote", config | {"auto_map": {"AutoModelForCausalLM": "evil.Model"}}),
+                         ("shapeless", {k: v for k, v in config.items() if k != "num_hidden_layers"})):
+        shutil.copytree(tiny, w / name)
+        (w / name / "config.json").write_text(json.dumps(edited))
+    (w / "remote" / "evil.py").write_text("raise SystemExit('imported')\n")
+    converted = apply_plan(make_tiny_llama(layers=30), Plan.from_range(12, 24, 2))
+    converted.config.cqil_base_model = str(tiny)
+    save_converted(converted, char_tokenizer(), w / "converted")
     # the results the baselines read (jobs are stubbed: only their form matters): the analyze table of
     # plan=auto, the plan of plan=file, the bench tables cqil latency reads by default
     (w / "results" / "analyze").mkdir(parents=True)
@@ -191,6 +202,7 @@ def make_world(root: Path) -> tuple[Path, Path]:
     for table in [*latency.calibrate, *latency.validate]:
         (w / table).parent.mkdir(parents=True, exist_ok=True)
         (w / table).write_text(",".join(bench) + "\n" + ",".join(map(str, bench.values())) + "\n")
+    (w / "blank_S12E24P2D0.csv").write_text(",".join(bench) + "\n" + ",".join(map(str, (bench | {"median_ms": ""}).values())) + "\n")
     return w, cache
 
 
@@ -372,6 +384,10 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("analyze", ["no_such_key=1"], "bad override"),
     ("analyze", ["+n_token=1024"], "n_token is not a setting of `cqil analyze`"),
     ("analyze", ["~model.dtype"], "removing a setting is not supported"),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x"], "set model.trust_remote_code=true"),
+    ("analyze", ["model=hf", f"model.path={W}/shapeless", "model.name=x"], "lacks num_hidden_layers"),
+    ("convert", ["model=hf", f"model.path={W}/converted", "model.name=x"], "convert its base instead: model.path=/"),
+    ("latency", [f"calibrate=[{W}/blank_S12E24P2D0.csv]"], "row 1, column median_ms: '' is not a finite number"),
 ]
 ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("finetune", ["~ood_data"]), ("finetune", ["ood_data=null"]),  # an optional group, removed
@@ -383,6 +399,9 @@ ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("generate", ["prompt=hi", "sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9"]),
     ("generate", ["prompt=hi", "plan=manual", "devices=2", "runtime.ungrouped=tp", f"out={W}/out.jsonl"]),
     ("bench", ["warmup=3", "repeats=5", "tensor_parallel=[]", "cqil=[{ungrouped: tp}]"]),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x", "model.trust_remote_code=true",
+                 "data.block_size=256"]),
+    ("analyze", ["model=hf", f"model.path={W}/converted", "model.name=x", "data.block_size=256"]),  # cqil's own class
     ("latency", [f"layer_step.csv={W}/layer_step_good.csv"]), ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv",
                                                                           "layer_step.hardware=a100"]),
 ]
