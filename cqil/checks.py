@@ -75,7 +75,8 @@ BUNDLED = {
 # runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = ("float32", "bfloat16", "float16")
-CONVERTED_ARCHITECTURE = "CqilForCausalLM"  # the `architectures` of a saved CQIL model's config.json
+# The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
+CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
 # What every supported architecture reads from config.json to build its modules. Without one, transformers fills
 # in its own default (32 layers, a 32000-token vocabulary, ...) and builds another model than the checkpoint's:
 # with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
@@ -120,9 +121,9 @@ def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
 
 
 def is_converted_config(config: dict) -> bool:
-    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own
-    CqilForCausalLM, never with the modeling_cqil.py stored beside it."""
-    return config.get("architectures") == [CONVERTED_ARCHITECTURE]
+    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own class of the
+    family, never with the modeling_cqil.py stored beside it."""
+    return config.get("architectures") in [[a] for a in CONVERTED_ARCHITECTURES]
 
 
 def custom_code(config: dict, tokenizer_config: dict) -> str:

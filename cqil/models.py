@@ -9,7 +9,8 @@ Resolution order of `model.path`:
   4. otherwise a hub id (needs network; offline it fails with a message that says so).
 
 No code that comes with a model runs unless `model.trust_remote_code` is true: a CQIL directory (cqil convert,
-a fine-tune's merged model) is loaded with cqil's own CqilConfig / CqilForCausalLM (its plan from its config), never
+a fine-tune's merged model) is loaded with cqil's own classes of its family (CqilForCausalLM, CqilMistralForCausalLM,
+CqilQwen2ForCausalLM: cqil.modeling; its plan from its config), never
 with the modeling_cqil.py stored beside it; any other model whose config names code of its own (auto_map) is
 refused. Nothing loads silently different from what is stored: a config without a key the architecture's shape
 needs, a tensor missing (transformers would initialise it at random), unexpected or of another shape is refused.
@@ -44,7 +45,7 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from . import CqilError, checks
 from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
-from .modeling import SUPPORTED_MODEL_TYPES, CqilConfig, CqilForCausalLM
+from .modeling import SUPPORTED_MODEL_TYPES, converted_classes, cqil_class
 
 DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
 
@@ -223,8 +224,8 @@ def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
     if checks.incomplete_config(raw):
         raise CqilError(f"the config of model {path!r} {checks.incomplete_config(raw)}")
     _check_code(path, location, extra, trust_remote_code, raw)
-    if checks.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
-        config = CqilConfig.from_pretrained(location, **extra)
+    if checks.is_converted_config(raw):  # cqil's own class for its family, not the directory's copy of it
+        config = converted_classes(raw["architectures"][0])[0].from_pretrained(location, **extra)
     else:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if getattr(config, "_attn_implementation", None) is None:
@@ -281,8 +282,8 @@ def load(cfg: ModelConfig | dict):
     config = _config(cfg.path, location, extra, cfg.trust_remote_code)
     kwargs = dict(config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     with _without_load_report():
-        if isinstance(config, CqilConfig):
-            model, info = CqilForCausalLM.from_pretrained(location, **kwargs)
+        if cqil_class(config) is not None:
+            model, info = cqil_class(config).from_pretrained(location, **kwargs)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
     refuse_tensors(cfg.path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
@@ -293,7 +294,7 @@ def load(cfg: ModelConfig | dict):
 def skeleton(config, cls: type | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model (class `cls`, default: the config's; cqil's own for a CQIL config) built on the `meta` device:
     modules, names and shapes, no memory for weights."""
-    cls = cls or (CqilForCausalLM if isinstance(config, CqilConfig) else None)
+    cls = cls or cqil_class(config)
     with torch.device("meta"):
         model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code)

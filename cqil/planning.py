@@ -246,6 +246,10 @@ def rank_key(cfg: dict, model: nn.Module, candidates: list[Plan], table: pd.Data
         meshes = [mesh_choice(model.config, p, lat) for p in candidates]
         table["predicted_reduction"] = [round(m["reduction"], 4) for m in meshes]  # NaN: no mesh of N devices
         table["mesh"] = [m["mesh"] for m in meshes]
+        # beside it, against the original on one device (P devices, no TP): on small shapes TP itself can be slower
+        # than one device, and a reduction against it alone would flatter the plan
+        table["predicted_reduction_vs_one_device"] = [round(predicted_reduction(model.config, p, cfg["latency"]), 4)
+                                                      for p in candidates]
         return "predicted_reduction", (f"predicted latency reduction against tensor parallelism on {lat['devices']} "
                                        f"devices ({lat['hardware']}, {lat['phase']} T={lat['prompt_tokens']} "
                                        f"B={lat['batch_size']})")

@@ -1,13 +1,15 @@
 """Every family cqil runs (Llama, Mistral, Qwen2), on tiny random models with what sets each apart (tied or untied
 head, Mistral's sliding window, Qwen2's q/k/v biases and optional window; conftest.FAMILIES): the grouped forward
-against the definition written out here, cached decoding against recomputation, and the refusal of any other
-family from its config before any work. The 2-process runtime of each family: tests/test_runtime.py."""
+against the definition written out here, cached decoding against recomputation, the saved form (cqil's own class
+of the family; stock transformers with the directory's code), and the refusal of any other family from its config
+before any work. The 2-process runtime of each family: tests/test_runtime.py; fine-tuning a Qwen2: below."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ import torch
 from transformers import GPT2Config
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from cqil import CqilError, checks, cli
-from cqil.modeling import apply_plan, get_plan
-from cqil.plan import Plan
+from cqil import CqilError, checks, cli, models
+from cqil.modeling import CQIL_CLASSES, apply_plan, get_plan, save_converted
+from cqil.plan import Plan, PlanError
+from cqil.runtime import Runtime
 
 from conftest import FAMILIES, char_tokenizer, make_tiny_qwen2
 
@@ -99,6 +102,77 @@ def test_cached_decoding_equals_recomputation(family):
             torch.testing.assert_close(out.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)  # tied: wide init, large logits
 
 
+# ---- the saved form of every family ---------------------------------------------------------------------------
+LOAD_WITHOUT_CQIL = textwrap.dedent("""
+    import sys, torch
+    sys.modules["cqil"] = None  # `import cqil` now fails: each saved directory must be self-sufficient
+    from transformers import AutoModelForCausalLM
+    ids, out = torch.load(sys.argv[1]), {}
+    for path in sys.argv[3:]:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out[path] = {"logits": model(input_ids=ids).logits, "class": type(model).__name__,
+                         "module": type(model).__module__, "plan": model.config.cqil_plan}
+    torch.save(out, sys.argv[2])
+""")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, tuple]:
+    """Every family converted with PLAN and saved by save_converted: family -> (in-memory model, directory)."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for family, make in FAMILIES.items():
+        model = apply_plan(make(LAYERS), PLAN)
+        out[family] = model, save_converted(model, char_tokenizer(), root / family.replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_with_cqils_own_class_of_the_family(saved, family):
+    """The directory reads as the family's config (no remote code needed for AutoConfig/AutoTokenizer), names cqil's
+    class of the family, and cqil loads it with that class: same plan, same logits, same greedy continuation; the
+    rank-local runtime reads it too."""
+    model, path = saved[family]
+    config = json.loads((path / "config.json").read_text())
+    architecture = CQIL_CLASSES[model.config.model_type][1].__name__
+    assert config["model_type"] == model.config.model_type and config["architectures"] == [architecture]
+    assert architecture in checks.CONVERTED_ARCHITECTURES and checks.is_converted_config(config)
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_cqil.{architecture}"
+    loaded, _ = models.load({"name": "x", "path": str(path)})
+    assert type(loaded).__name__ == architecture and type(loaded).__module__ == "cqil.modeling"
+    assert get_plan(loaded) == PLAN
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(loaded.generate(ids, **kw), model.generate(ids, **kw))
+    runtime = Runtime(str(path), PLAN)
+    torch.testing.assert_close(runtime.forward(ids), logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_every_familys_directory_loads_with_remote_code_where_cqil_is_not_installed(saved, tmp_path):
+    """Stock transformers with trust_remote_code=True (the directory's own modeling_cqil.py) runs each family's
+    grouped model: the same logits as cqil's."""
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    paths = [str(path) for _, path in saved.values()]
+    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_CQIL, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), *paths],
+                   check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    out = torch.load(tmp_path / "out.pt")
+    for model, path in saved.values():
+        got = out[str(path)]
+        assert got["module"].endswith("modeling_cqil") and not got["module"].startswith("cqil.")
+        assert got["class"] == CQIL_CLASSES[model.config.model_type][1].__name__ and Plan.from_dict(got["plan"]) == PLAN
+        torch.testing.assert_close(got["logits"], logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_family_cqil_does_not_save_is_refused(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    with pytest.raises(PlanError, match="cannot save a converted 'gpt2' model: cqil saves llama, mistral, qwen2"):
+        save_converted(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)), None, tmp_path / "x")
+
+
 # ---- families cqil does not run: refused from the config, before any work ------------------------------------
 def gguf_file(path: Path, architecture: str) -> Path:
     """A GGUF file with a header only (what cqil.checks reads), written by the gguf package."""
@@ -169,3 +243,36 @@ def test_families_cqil_runs_pass_the_check(tmp_path):
         checks.validate("analyze", cfg, cli.conf_dir())  # raises CqilError if refused
     with pytest.raises(CqilError, match="'gpt2' model"):
         checks.check_family("x", "model.path", "gguf", gguf_file(tmp_path / "g.gguf", "gpt2"))
+
+
+# ---- fine-tuning a Qwen2 -------------------------------------------------------------------------------------------
+def test_finetune_of_a_qwen2_saves_an_adapter_and_a_merged_model_of_its_family(tmp_path):
+    """cqil finetune (blockwise_kl: the blockwise half through the groups' q/k/v biases, then KL) on a tiny Qwen2: the
+    merged directory loads with cqil's Qwen2 class and computes what the adapter on its converted base computes."""
+    from peft import PeftModel
+
+    from cqil import finetune
+
+    ckpt = tmp_path / "qwen2"
+    make_tiny_qwen2(6).save_pretrained(ckpt)
+    char_tokenizer().save_pretrained(ckpt)
+    words = "the cat sat on a mat while two dogs ran past the old mill".split()
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist()))
+    out = tmp_path / "ft"
+    row = finetune.run(cli.compose("finetune", [
+        "model=hf", f"model.path={ckpt}", "model.name=tiny-qwen2", "model.device=cpu", "model.dtype=float32",
+        "data=local", f"data.files=[{tmp_path}/t.txt]",
+        "data.block_size=32", "~ood_data", "recipe=blockwise_kl", "plan.start=1", "plan.end=5", "plan.group_size=2",
+        "plan.bypass=1", "lora.r=4", "lora.alpha=8", "train.max_steps=4", "train.batch_size=4", "train.block_size=32",
+        "train.lr=1e-2", "train.warmup=0", "train.save_steps=2", "eval_tokens=128", "agreement.prompts=2",
+        "agreement.prompt_tokens=8", "agreement.new_tokens=4", "threads=1", f"out_dir={out}",
+        f"loss_csv={out}/loss.csv", f"out={out}/perplexity.csv"]))
+    assert row["steps"] == 4 and row["ppl_finetuned"] > 0
+    merged, _ = models.load({"name": "x", "path": str(out / "merged")})
+    assert type(merged).__name__ == "CqilQwen2ForCausalLM" and get_plan(merged) == Plan(((1, 2), (3, 4)), 1)
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(6))
+    converted = logits(models.load({"name": "x", "path": str(out / "converted")})[0], ids)
+    adapter = PeftModel.from_pretrained(models.load({"name": "x", "path": str(out / "converted")})[0], out / "adapter")
+    torch.testing.assert_close(logits(merged, ids), logits(adapter.eval(), ids), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(merged, ids), converted, atol=1e-4)  # it trained
