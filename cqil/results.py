@@ -77,8 +77,8 @@ def upsert_csv(rows: list[dict], path: str | Path, key: list[str]) -> Path:
     new = pd.DataFrame(rows)
     if Path(path).is_file():
         old = read_csv(path)
-        if set(key) <= set(old.columns):
-            keys = set(map(tuple, new[key].astype(str).to_numpy()))
-            old = old[[tuple(k) not in keys for k in old[key].astype(str).to_numpy()]]
+        # a key column that older rows lack (added since) reads as empty, as an empty value does
+        keys = set(map(tuple, new.reindex(columns=key).fillna("").astype(str).to_numpy()))
+        old = old[[tuple(k) not in keys for k in old.reindex(columns=key).fillna("").astype(str).to_numpy()]]
         new = pd.concat([old, new], ignore_index=True)
     return write_csv(new, path)
