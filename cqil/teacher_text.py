@@ -1,10 +1,11 @@
 """Training text written by the original model (sequence-level distillation data), cached with its provenance.
 
 The teacher (the original model: the weights with the plan off, or the separate teacher of a fine-tuned input)
-writes `samples` sequences of exactly train.block_size tokens each: a prompt, then its own sampled continuation
-(transformers' generate, batched, KV cache, `temperature`, no EOS stop: the sequence is filled, and whatever the
-teacher writes after an end of turn is still its own distribution). The prompts are deterministic (`seed`) and
-never come from an evaluation split:
+continues `samples` prompts with its own sampled text (transformers' generate, batched, KV cache, `temperature`),
+each up to its end of turn (EOS, kept) or until prompt and text fill train.block_size tokens; the samples, in a
+seeded order, are packed one after the other into blocks of train.block_size tokens (the last partial block is
+dropped), as pre-training packs documents: teacher and student read the same packed context. The prompts are
+deterministic (`seed`) and never come from an evaluation split:
 
   continuation  `prompt_tokens`-token windows of the TRAINING split of `data` (cqil.data), a seeded choice;
   instruction   chat requests (the tokenizer's chat template, when it has one) made from training-split passages
@@ -16,8 +17,8 @@ never come from an evaluation split:
 `kinds` shares the samples among the three. The corpus is cached under $CQIL_CACHE/teacher_text/<key>/, key = a hash
 of everything that decides it (the teacher's weights and tokenizer, the documents of `data` and its split settings,
 the settings here, the prompt builders' version), built once under a file lock (concurrent runs and DDP ranks wait
-for it), written atomically: tokens.safetensors (`input_ids` [samples, block_size]), samples.jsonl (kind, prompt and
-sample as text, for reading) and provenance.json (the model, the prompts' source, seed, settings, the sha256 of
+for it), written atomically: tokens.safetensors (`input_ids` [blocks, block_size]), samples.jsonl (kind, prompt and
+text of each sample, for reading) and provenance.json (the model, the prompts' source, seed, settings, the sha256 of
 the tokens, generation time and tokens/s, versions, command). A later run with the same key reads it back, checked
 against its sha256. `cqil finetune teacher_text.samples=N` trains on these blocks beside the text's.
 """
@@ -45,7 +46,7 @@ from .modeling import plan_disabled, write_dir
 from .results import provenance
 
 KINDS = ("continuation", "instruction", "arithmetic")
-VERSION = 1  # of the prompt builders below: a change that alters prompts bumps it (and so every cache key)
+VERSION = 2  # of the prompt builders below: a change that alters prompts bumps it (and so every cache key)
 ARITHMETIC_TASK = Path(__file__).resolve().parent / "tasks" / "cqil_arithmetic.yaml"
 INSTRUCTIONS = (
     "Summarize this passage in one sentence:\n\n{passage}",
@@ -196,14 +197,17 @@ def tensor_sha256(t: torch.Tensor) -> str:
 # ---- generating, caching, reading back ----------------------------------------------------------
 @torch.no_grad()
 def generate(net: nn.Module, prompts: list[tuple[str, list[int]]], block_size: int, settings: dict,
-             pad_id: int) -> torch.Tensor:
-    """[len(prompts), block_size] ids: each prompt, then the teacher's continuation to the block's end. Batches of
-    prompts of similar length, left-padded; seeded (torch's generator forked, so the caller's stream is untouched)."""
+             pad_id: int) -> list[list[int]]:
+    """Each prompt's ids followed by the teacher's text, up to its first EOS (kept) or block_size tokens in all.
+    Batches of prompts of similar length, left-padded; seeded (torch's generator forked: the caller's stream is
+    untouched)."""
+    eos = net.generation_config.eos_token_id
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][1]))
-    out = torch.empty(len(prompts), block_size, dtype=torch.long)
-    bar = tqdm(total=len(prompts) * block_size, desc="teacher writes", unit="tok", unit_scale=True)
-    devices = [torch.device(next(net.parameters()).device)] if next(net.parameters()).is_cuda else []
-    with torch.random.fork_rng(devices=devices):
+    out: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc="teacher writes", unit="sample")
+    device = next(net.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings["seed"])
         for start in range(0, len(order), settings["batch_size"]):
             batch = order[start:start + settings["batch_size"]]
@@ -211,12 +215,28 @@ def generate(net: nn.Module, prompts: list[tuple[str, list[int]]], block_size: i
             width = max(map(len, ids))
             padded = torch.tensor([[pad_id] * (width - len(p)) + p for p in ids])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-            new = continue_tokens(net, padded, block_size - min(map(len, ids)), settings["temperature"], mask)
+            new = continue_tokens(net, padded, block_size - min(map(len, ids)), settings["temperature"], mask,
+                                  stop_at_eos=True)
             for row, (i, p) in enumerate(zip(batch, ids)):
-                out[i] = torch.tensor(p + new[row, : block_size - len(p)].tolist())
-            bar.update(len(batch) * block_size)
+                text = new[row, : block_size - len(p)].tolist()
+                end = next((k + 1 for k, t in enumerate(text) if t in eos), len(text))
+                out[i] = p + text[:end]
+            bar.update(len(batch))
+            bar.set_postfix(tokens=sum(map(len, out)))
     bar.close()
     return out
+
+
+def pack(samples: list[list[int]], block_size: int, seed: int) -> torch.Tensor:
+    """The samples in a seeded order, one after the other, cut into [n, block_size] blocks (the rest dropped)."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    stream = torch.tensor([t for i in order for t in samples[i]], dtype=torch.long)
+    n = len(stream) // block_size
+    if n == 0:
+        raise CqilError(f"teacher_text: the teacher wrote {len(stream)} tokens, less than one block of train.block_size="
+                        f"{block_size}; raise teacher_text.samples")
+    return stream[: n * block_size].view(n, block_size)
 
 
 def cache_key(parts: dict) -> str:
@@ -243,6 +263,10 @@ def blocks(settings: dict, block_size: int, model: nn.Module, teacher: nn.Module
         if not (where / "provenance.json").is_file():
             write_dir(where, lambda tmp: write(tmp, net, tokenizer, data_cfg, settings, block_size, key, parts,
                                                teacher_path))
+            record = json.loads((where / "provenance.json").read_text())
+            print(f"teacher_text: {record['samples']} samples ({record['written_tokens']} tokens written by the teacher "
+                  f"in {record['seconds']:.0f} s, {record['written_tokens_per_s']} tokens/s) -> {record['blocks']} "
+                  f"blocks of {block_size} tokens in {where}")
         return read(where)
 
 
@@ -256,19 +280,21 @@ def write(out: Path, net: nn.Module, tokenizer, data_cfg: data.DataConfig, setti
     begin = time.perf_counter()
     try:
         with plan_disabled(net):  # the original model
-            ids = generate(net, prompts, block_size, settings, pad)
+            samples = generate(net, prompts, block_size, settings, pad)
     finally:
         net.train(was_training)
     seconds = time.perf_counter() - begin
+    ids = pack(samples, block_size, settings["seed"])
     save_file({"input_ids": ids}, str(out / "tokens.safetensors"))
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        for (kind, prompt), row in zip(prompts, ids.tolist()):
+        for (kind, prompt), sample in zip(prompts, samples):
             f.write(json.dumps({"kind": kind, "prompt": tokenizer.decode(prompt),
-                                "text": tokenizer.decode(row[len(prompt):])}, ensure_ascii=False) + "\n")
-    new_tokens = int(ids.numel() - sum(len(p) for _, p in prompts))
+                                "text": tokenizer.decode(sample[len(prompt):]), "tokens": len(sample)},
+                               ensure_ascii=False) + "\n")
+    new_tokens = sum(len(s) - len(p) for s, (_, p) in zip(samples, prompts))
     record = {"key": key, "teacher": teacher_path, "teacher_weights_sha256": parts["teacher_weights"],
               "tokenizer_sha256": parts["tokenizer"], "block_size": block_size, "samples": len(prompts),
-              "kinds": {k: sum(1 for kind, _ in prompts if kind == k) for k in KINDS},
+              "blocks": len(ids), "kinds": {k: sum(1 for kind, _ in prompts if kind == k) for k in KINDS},
               "prompts_source": f"training split of data {data_cfg.name!r} (cqil.data: between its first "
                                 f"{data_cfg.calibration_fraction:g} and last {data_cfg.evaluation_fraction:g} of "
                                 "every document), instruction templates and arithmetic of cqil.teacher_text "
@@ -278,8 +304,6 @@ def write(out: Path, net: nn.Module, tokenizer, data_cfg: data.DataConfig, setti
               "written_tokens_per_s": round(new_tokens / seconds, 1) if seconds else None,
               **provenance(str(next(net.parameters()).device))}
     (out / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"teacher_text: {len(prompts)} samples of {block_size} tokens ({new_tokens} written by the teacher in "
-          f"{seconds:.0f} s, {record['written_tokens_per_s']} tokens/s) -> {out}")
 
 
 def read(where: Path) -> tuple[torch.Tensor, dict]:

@@ -296,8 +296,8 @@ def written(tiny_checkpoint, tmp_path, monkeypatch):
 
 def test_teacher_text_round_trips_with_its_provenance(written, tiny_checkpoint, monkeypatch):
     ids, record, model = written["ids"], written["record"], written["model"]
-    assert ids.shape == (6, 160) and ids.dtype == torch.long
-    assert record["kinds"] == {"continuation": 3, "instruction": 2, "arithmetic": 1}
+    assert ids.shape == (record["blocks"], 160) and len(ids) >= 2 and ids.dtype == torch.long
+    assert record["samples"] == 6 and record["kinds"] == {"continuation": 3, "instruction": 2, "arithmetic": 1}
     assert record["teacher"] == tiny_checkpoint["model"] and record["seed"] == 0
     assert record["teacher_weights_sha256"] == teacher_text.weights_sha256(model)
     assert record["settings"] == SETTINGS and record["block_size"] == 160
@@ -308,14 +308,17 @@ def test_teacher_text_round_trips_with_its_provenance(written, tiny_checkpoint, 
     where = written["cache"] / "teacher_text" / record["key"][:16]
     rows = [json.loads(line) for line in (where / "samples.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["continuation"] * 3 + ["instruction"] * 2 + ["arithmetic"]
-    # written by the original model (the plan off): the same prompts and seed on the unconverted model give it back
+    # written by the original model (the plan off): the same prompts and seed on the unconverted model give it back,
+    # each sample its prompt, then text up to its EOS or the block's end, packed in a seeded order
     prompts = teacher_text.build_prompts(SETTINGS, 160, written["tokenizer"], written["data"])
-    assert all(torch.equal(ids[i, :len(p)], torch.tensor(p))
-                                                          for i, (_, p) in enumerate(prompts))
     original = models.load({"name": "tiny", "path": tiny_checkpoint["model"]})[0]
     pad = written["tokenizer"].pad_token_id
-    assert torch.equal(teacher_text.generate(original, prompts, 160, SETTINGS, pad), ids)
-    assert not torch.equal(teacher_text.generate(model, prompts, 160, SETTINGS, pad), ids)  # the CQIL model writes otherwise
+    samples = teacher_text.generate(original, prompts, 160, SETTINGS, pad)
+    assert all(s[:len(p)] == p and len(p) < len(s) <= 160 for s, (_, p) in zip(samples, prompts))
+    assert all(s[-1] == original.generation_config.eos_token_id or len(s) == 160 for s in samples)
+    assert sum(map(len, samples)) - sum(len(p) for _, p in prompts) == record["written_tokens"]
+    assert torch.equal(teacher_text.pack(samples, 160, 0), ids)
+    assert teacher_text.generate(model, prompts, 160, SETTINGS, pad) != samples  # the CQIL model writes otherwise
     # read back, not written again
     monkeypatch.setattr(teacher_text, "generate", lambda *a, **k: pytest.fail("written twice"))
     again, record2 = teacher_text.blocks(SETTINGS, 160, model, None, written["tokenizer"], written["data"],
@@ -337,9 +340,10 @@ def test_teacher_text_round_trips_with_its_provenance(written, tiny_checkpoint, 
 
 def test_teacher_text_never_reads_an_evaluation_split(written):
     assert set(written["splits"]) == {"training"}
-    ids, tokenizer, data_cfg = written["ids"], written["tokenizer"], written["data"]
+    tokenizer, data_cfg = written["tokenizer"], written["data"]
     train = {tuple(w.tolist()) for w in data.token_blocks(data_cfg, tokenizer, "training", None, 16)}
-    assert all(tuple(row[:16].tolist()) in train for row in ids[:3])  # the continuations' prompts
+    prompts = teacher_text.build_prompts(SETTINGS, 160, tokenizer, data_cfg)
+    assert all(tuple(p) in train for kind, p in prompts if kind == "continuation")
     # the eval's addition questions and shots appear in no arithmetic prompt (many prompts, as the builder makes them)
     seen = set()
     for text, chat in teacher_text.arithmetic_requests(600, random.Random(0), teacher_text.held_out_additions()):
@@ -354,6 +358,21 @@ def test_teacher_text_never_reads_an_evaluation_split(written):
     assert not seen & {(a, b) for a, b in held_out} and not seen & {(b, a) for a, b in held_out}
 
 
+def test_a_table_without_the_new_key_column_is_updated_by_a_plain_rerun(tmp_path):
+    """Rows written before the `options` column existed read as options ''; a rerun of the same plain run replaces
+    its row, a run with options adds one."""
+    from cqil.results import upsert_csv
+
+    path = tmp_path / "t.csv"
+    pd.DataFrame([{"recipe": "kl", "lr": 0.002, "value": 1.0, "command": "old"}]).to_csv(path, index=False)
+    key = ["recipe", "options", "lr"]
+    upsert_csv([{"recipe": "kl", "options": "", "lr": 0.002, "value": 2.0, "command": "new"}], path, key)
+    upsert_csv([{"recipe": "kl", "options": "full groups lr 0.0002", "lr": 0.002, "value": 3.0, "command": "x"}], path, key)
+    upsert_csv([{"recipe": "kl", "options": "", "lr": 0.002, "value": 4.0, "command": "again"}], path, key)
+    table = pd.read_csv(path)
+    assert sorted(table.value) == [3.0, 4.0]
+
+
 # ---- the job, end to end ------------------------------------------------------------------------
 def test_onpolicy_with_teacher_text_and_capacity_merges_to_a_cqil_directory(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("CQIL_CACHE", str(tmp_path / "cache"))
@@ -363,7 +382,8 @@ def test_onpolicy_with_teacher_text_and_capacity_merges_to_a_cqil_directory(tiny
                   "lora.ranks={groups: 8}", "teacher_text.samples=8", "teacher_text.prompt_tokens=6",
                   "teacher_text.batch_size=4", "curve.every_steps=2", "curve.greedy=true", "curve.eval_tokens=256")
     row = finetune.run(cfg)
-    assert row["steps"] == 4 and row["teacher_text_blocks"] == 8 and row["lmbda"] == 0.5
+    written = json.loads(next((tmp_path / "cache" / "teacher_text").glob("*/provenance.json")).read_text())
+    assert written["samples"] == 8 and row["teacher_text_blocks"] == written["blocks"] > 0 and row["lmbda"] == 0.5
     assert row["options"].startswith("teacher_text=8 (") and "ranks groups:8" in row["options"]
     assert "full [1, 2] lr 0.0002" in row["options"]
     # the merged directory is the same kind as any fine-tune's, and computes the adapter's model
@@ -382,4 +402,4 @@ def test_onpolicy_with_teacher_text_and_capacity_merges_to_a_cqil_directory(tiny
     assert json.loads((out / "run.json").read_text())["teacher_text"] == row["teacher_text_key"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
     assert row["train_blocks_available"] == len(data.token_blocks(OmegaConf.to_object(cfg.data), tokenizer, "training",
-                                                                 None, 48)) + 8
+                                                                 None, 48)) + written["blocks"]
