@@ -10,9 +10,9 @@ output), the loss curve CSV and one row of held-out perplexities (original / con
 fine-tuned) on the evaluation split, which training never sees, in the same windows as every other
 job (cqil.metrics; training itself uses `train.block_size`-token blocks).
 
-Training data: the training split of `data`, plus, with `teacher_text.samples=N`, N blocks written by the original
-model from prompts of its own training split, instructions and arithmetic (cqil.teacher_text, cached with their
-provenance under $CQIL_CACHE/teacher_text; the same for every recipe).
+Training data: the training split of `data`, plus, with `teacher_text.samples=N`, what the original model writes
+from N prompts (training-split prefixes, instructions, arithmetic), packed into `train.block_size` blocks
+(cqil.teacher_text, cached with its provenance under $CQIL_CACHE/teacher_text; the same for every recipe).
 
 Recovery is reported in domain (the evaluation split of `data`) and out of domain (`ood_data`, a
 source training never sees, default conf/data/english_ood.yaml): perplexity of original, converted
@@ -448,7 +448,8 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
            "ood_tokens": sets["ood_"].numel() if "ood_" in sets else 0, **training, "recipe": cfg.recipe_name,
            "loss_kind": cfg.loss.kind, "kl_weight": cfg.loss.kl_weight, "kl_from": cfg.loss.kl_from,
            "temperature": cfg.loss.temperature, "then": cfg.loss.get("then", "kl"),
-           **{k: cfg.loss.get(k) for k in ("lmbda", "beta", "max_new_tokens", "score_prompt")}, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
+           **{k: cfg.loss.get(k) for k in ("lmbda", "beta", "max_new_tokens", "score_prompt")},
+           "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
            "lora_targets": ",".join(cfg.lora.target_modules), "lr": cfg.train.lr, "schedule": cfg.train.schedule,
            "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
            "weight_decay": cfg.train.weight_decay, "seed": cfg.train.seed, "teacher": teacher_path,
