@@ -597,9 +597,17 @@ class PlanMode(Choice):
 
 
 class Hardware(Check):
-    """A name of conf/hardware/<name>.yaml (or the figures themselves, a mapping)."""
+    """A name of conf/hardware/<name>.yaml (or the figures themselves, a mapping); with `auto`, one name or the
+    word auto (the job finds it)."""
+
+    def __init__(self, auto: bool = False):
+        self.auto = auto
 
     def check(self, value, key, ctx) -> None:
+        if self.auto and value == "auto":
+            return
+        if self.auto and not isinstance(value, str):
+            raise refuse(key, value, "must be auto or one name of conf/hardware/")
         names = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not value:
             raise refuse(key, value, "names no hardware")
@@ -702,6 +710,55 @@ class BenchTables(Check):
             raise refuse(key, value, f"is empty while {self.nonempty_with} is not; give the tables to check against")
         for i, v in enumerate(value):
             InCSV(what=f"make it with `{bench_command(str(v))}`{self.also}")(v, f"{key}[{i}]", ctx)
+
+
+def hardware_named(device: str, conf: Path) -> str | None:
+    """The conf/hardware/<name>.yaml whose name a device's name contains ("NVIDIA H100 80GB HBM3" -> h100); None
+    if none or several do."""
+    flat = re.sub(r"[^a-z0-9]", "", device.lower())
+    found = [p.stem for p in sorted((conf / "hardware").glob("*.yaml")) if re.sub(r"[^a-z0-9]", "", p.stem) in flat]
+    return found[0] if len(found) == 1 else None
+
+
+# The layer-step microbenchmark's table (cqil/layerstep.py) as cqil latency reads it
+LAYER_STEP_COLUMNS = ("gpu", "shape", "shard", "mode", "bytes", "median_us", "p10_us", "p90_us", "fit_c0_us",
+                      "fit_bandwidth_gbs", "torch", "command")
+MAKE_LAYER_STEP = "make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"
+
+
+class LayerStepTable(Check):
+    """cqil latency's layer_step.csv: null, or a table of the layer-step microbenchmark that parses, has
+    LAYER_STEP_COLUMNS, and has rows of layer_step.mode (and layer_step.shapes) from one device with positive
+    bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with layer_step.hardware
+    auto, that device must name a conf/hardware file."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        InCSV(LAYER_STEP_COLUMNS, what=MAKE_LAYER_STEP)(value, key, ctx)
+        with open(Path(value).expanduser(), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        mode, shapes = ctx.get("layer_step.mode"), ctx.get("layer_step.shapes") or []
+        mine = [r for r in rows if r["mode"] == mode and (not shapes or r["shape"] in shapes)]
+        if not mine:
+            have = ", ".join(sorted({f"{r['shape']} {r['mode']}" for r in rows}))
+            raise refuse(key, value, f"has no rows of mode {mode}" + (f" and shapes {_show(shapes)}" if shapes else "")
+                         + f" (it has: {have}); set layer_step.mode / layer_step.shapes to what it has")
+        devices = sorted({r["gpu"] for r in mine})
+        if len(devices) > 1:
+            raise refuse(key, value, f"mixes rows of {', '.join(devices)}; give the table of one device")
+        try:
+            points = [(float(r["bytes"]), float(r["median_us"])) for r in mine]
+        except ValueError:
+            raise refuse(key, value, "has a bytes or median_us that is not a number; " + MAKE_LAYER_STEP) from None
+        if not all(b > 0 and t > 0 for b, t in points):  # NaN fails too
+            raise refuse(key, value, "has a row whose bytes or median_us is not positive; " + MAKE_LAYER_STEP)
+        if len({b for b, _ in points}) < 2:
+            raise refuse(key, value, f"has its {mode} rows at one size only; the fit t = c0 + bytes / bandwidth needs "
+                                     "two or more shard sizes")
+        known = sorted(p.stem for p in (ctx.conf / "hardware").glob("*.yaml"))
+        if ctx.get("layer_step.hardware") == "auto" and hardware_named(devices[0], ctx.conf) is None:
+            raise refuse(key, value, f"was measured on {devices[0]}, which names none of conf/hardware/ "
+                                     f"({', '.join(known)}); give layer_step.hardware=<name>")
 
 
 class Dirs(Check):
@@ -1457,6 +1514,10 @@ CHECKS: dict[str, dict[str, Check]] = {
         "hybrid.lm_head": Choice(*RUNTIME["lm_head"]), "hybrid.ungrouped": Choices(*RUNTIME["ungrouped"]),
         "hybrid.layout": Layout(), "hybrid.end_margin": Count(0, what="layers after the last group"),
         "hybrid_out": OutFile(".csv"), "hybrid_candidates_out": OutFile(".csv"), "hybrid_png": OutFile(".png"),
+        # the measured layer step (read by the table check below them)
+        "layer_step.mode": Choice("compiled", "eager"), "layer_step.shapes": StrList(nonempty=False),
+        "layer_step.figures": Choices("layer_overhead_s", "bw_eff"), "layer_step.hardware": Hardware(auto=True),
+        "layer_step.csv": LayerStepTable(),
     },
     "plot": {
         **MODEL_NAME_ONLY, **DATA_NAME_ONLY,

@@ -148,6 +148,13 @@ def make_world(root: Path) -> tuple[Path, Path]:
     (w / "user.json").write_text('{"my": "settings"}\n')
     (w / "user.png").write_text("not an image\n")
     (w / "corrupt.csv").write_text("layer_i,layer_j,cos_mean\n0,1,0.5\n1,2,0.4,9,9\n")
+    for name, gpu, mode, sizes in [("good", "NVIDIA A100-SXM4-80GB", "compiled", (4e8, 1e8)),
+                                   ("eager", "NVIDIA A100-SXM4-80GB", "eager", (4e8, 1e8)),
+                                   ("cpu", "cpu", "compiled", (4e8, 1e8)), ("one", "NVIDIA H100", "compiled", (4e8,))]:
+        rows = [dict(gpu=gpu, shape="llama-2-7b", shard=1, mode=mode, bytes=b, median_us=20 + b / 1.6e6, p10_us=1,
+                     p90_us=1e4, fit_c0_us=20, fit_bandwidth_gbs=1600, torch="2", command="x") for b in sizes]
+        (w / f"layer_step_{name}.csv").write_text(",".join(checks.LAYER_STEP_COLUMNS) + "\n" + "".join(
+            ",".join(str(r[c]) for c in checks.LAYER_STEP_COLUMNS) + "\n" for r in rows))
     (w / "wrongcols.csv").write_text("x,y\n1,2\n")
     (w / "empty.csv").write_text("")
     (w / "header_only.csv").write_text(",".join(checks.SIMILARITY_COLUMNS + ("n_layers",)) + "\n")
@@ -243,6 +250,8 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.Variants: lambda c: (["[]"] if c.nonempty else []) + ["[{comm: x}]", "[{bogus: shm}]", "abc"],
     checks.InCSV: lambda c: CSV_TRAPS + ([] if c.optional else [f"{W}/missing.csv", f"{W}/user_dir"]),
     checks.FigureCSV: lambda c: CSV_TRAPS,  # figures=[] (every figure): every table is read
+    checks.LayerStepTable: lambda c: CSV_TRAPS + [f"{W}/missing.csv", f"{W}/user_dir", f"{W}/layer_step_eager.csv",
+                                                  f"{W}/layer_step_cpu.csv", f"{W}/layer_step_one.csv"],
     checks.BenchTables: lambda c: [f"[{W}/missing_S12E24P2D0.csv]", f"[{W}/corrupt.csv]", "abc"]
                                   + (["[]"] if c.nonempty_with else []),
     checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],
@@ -350,6 +359,8 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
     ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
     ("latency", ["validate=[]"], "is empty while calibrate is not"),
+    ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv"], "give layer_step.hardware=<name>"),
+    ("latency", [f"layer_step.csv={W}/layer_step_good.csv", "layer_step.shapes=[llama-2-70b]"], "has no rows of mode"),
     ("eval", ["models=[{label: x, path: smollm2-135m, plan: {mode: file, file: nope.json}}]"], "does not exist"),
     ("plot", ["figures=[similarity_heatmap]", f"similarity_csv={W}/corrupt.csv"], "row 2 has 5 fields"),
     ("plot", [f"bench_csv={W}/wrongcols.csv"], "lacks the column"),
@@ -379,6 +390,8 @@ ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("generate", ["prompt=hi", "sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9"]),
     ("generate", ["prompt=hi", "plan=manual", "devices=2", "runtime.ungrouped=tp", f"out={W}/out.jsonl"]),
     ("bench", ["warmup=3", "repeats=5", "tensor_parallel=[]", "cqil=[{ungrouped: tp}]"]),
+    ("latency", [f"layer_step.csv={W}/layer_step_good.csv"]), ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv",
+                                                                          "layer_step.hardware=a100"]),
 ]
 
 
