@@ -55,7 +55,7 @@ from .checks import bench_command, hardware_named
 from .cli import conf_dir
 from .plan import Plan, PlanError
 from .plots import latency_hybrid, latency_validation
-from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, write_csv
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, update_table
 from .schedule import Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
 
 PHASES = ("prefill", "decode")
@@ -719,8 +719,8 @@ def run(cfg: DictConfig) -> None:
         fits, kappa = calibrate(cal)
         table = validate({"calibration": cal, "validation": val}, fits, kappa)
         prov = provenance("cpu")
-        write_csv(table.assign(**prov), cfg.validation_out)
-        write_csv(params_table(fits, kappa, len(cqil_rows(cal))).assign(**prov), cfg.params_out)
+        update_table("latency validation", table.assign(**prov), cfg.validation_out)
+        update_table("latency parameters", params_table(fits, kappa, len(cqil_rows(cal))).assign(**prov), cfg.params_out)
         print(f"latency model fitted on {', '.join(cfg.calibrate)}: "
               + ", ".join(f"kappa[{ph}] = {k:.3f}" for ph, k in kappa.items()))
         for (comm, op), c in fits.items():
@@ -746,8 +746,8 @@ def run(cfg: DictConfig) -> None:
     table = external_table(ext, models, fitted)
     figures = {n: getattr(fitted, n) for n in ext["fit"]}
     used = {"layer_step_csv": cfg.layer_step.csv} if measured is not None else {}  # the table the figures came from
-    write_csv(table.assign(fitted=", ".join(to_fit), **figures, **used, **provenance("published numbers")),
-              cfg.external_out)
+    update_table("latency external", table.assign(fitted=", ".join(to_fit), **figures, **used,
+                                                  **provenance("published numbers")), cfg.external_out)
     print(external_summary(table, fitted, stated, to_fit))
     print(f"-> {cfg.external_out}")
 
@@ -760,7 +760,7 @@ def run(cfg: DictConfig) -> None:
     if measured is not None:  # which rows carry the measured constant
         best, candidates = (t.assign(layer_step_csv=np.where(t.hardware == measured.hardware, cfg.layer_step.csv, ""))
                             for t in (best, candidates))
-    write_csv(best.assign(**prov), cfg.hybrid_out)
-    write_csv(candidates.assign(**prov), cfg.hybrid_candidates_out)
+    update_table("latency hybrid", best.assign(**prov), cfg.hybrid_out)
+    update_table("latency hybrid candidates", candidates.assign(**prov), cfg.hybrid_candidates_out)
     print(hybrid_summary(best))
     print(f"-> {cfg.hybrid_out}\n-> {cfg.hybrid_candidates_out}\n-> {latency_hybrid(best, cfg.hybrid_png)}")

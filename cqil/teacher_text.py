@@ -39,13 +39,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from . import CqilError, data
+from . import CqilError, data, outputs
 from .checks import cache_dir
 from .metrics import continue_tokens
-from .modeling import plan_disabled, write_dir
+from .modeling import plan_disabled
 from .results import provenance
 
 KINDS = ("continuation", "instruction", "arithmetic")
+KIND = "cqil teacher text"  # the kind of directory in its manifest (cqil.outputs)
 VERSION = 2  # of the prompt builders below: a change that alters prompts bumps it (and so every cache key)
 ARITHMETIC_TASK = Path(__file__).resolve().parent / "tasks" / "cqil_arithmetic.yaml"
 INSTRUCTIONS = (
@@ -261,8 +262,8 @@ def blocks(settings: dict, block_size: int, model: nn.Module, teacher: nn.Module
     where.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(where) + ".lock"):
         if not (where / "provenance.json").is_file():
-            write_dir(where, lambda tmp: write(tmp, net, tokenizer, data_cfg, settings, block_size, key, parts,
-                                               teacher_path))
+            outputs.write_dir(where, lambda tmp: write(tmp, net, tokenizer, data_cfg, settings, block_size, key, parts,
+                                                       teacher_path), KIND, "finetune")
             record = json.loads((where / "provenance.json").read_text())
             print(f"teacher_text: {record['samples']} samples ({record['written_tokens']} tokens written by the teacher "
                   f"in {record['seconds']:.0f} s, {record['written_tokens_per_s']} tokens/s) -> {record['blocks']} "

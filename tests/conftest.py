@@ -65,10 +65,9 @@ def tiny_llama():
     return make_tiny_llama
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> dict:
-    """A saved tiny 8-layer model + tokenizer and three small text files: {'model': dir, 'files': [...]}."""
-    model_dir = tmp_path / "tiny-model"
+def write_tiny_checkpoint(root: Path) -> dict:
+    """A saved tiny 8-layer model + tokenizer and three small text files under root: {'model': dir, 'files': [...]}."""
+    model_dir = root / "tiny-model"
     make_tiny_llama(layers=8).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     words = "the cat sat on a mat while two dogs ran past the old mill and birds sang".split()
@@ -76,10 +75,16 @@ def tiny_checkpoint(tmp_path: Path) -> dict:
     for k in range(3):
         g = torch.Generator().manual_seed(k)
         text = " ".join(words[i] for i in torch.randint(0, len(words), (1500,), generator=g).tolist())
-        path = tmp_path / f"doc{k}.txt"
+        path = root / f"doc{k}.txt"
         path.write_text(text)
         files.append(str(path))
     return {"model": str(model_dir), "files": files}
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> dict:
+    """write_tiny_checkpoint in the test's tmp_path."""
+    return write_tiny_checkpoint(tmp_path)
 
 
 # ---- jobs on the tiny checkpoint -------------------------------------------------------------

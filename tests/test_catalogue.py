@@ -30,9 +30,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import checks, cli, models
-from cqil.modeling import apply_plan, save_converted, write_dir
-from cqil.plan import Plan, PlanError
+from cqil import CqilError, checks, cli, models
+from cqil.modeling import apply_plan, save_converted
+from cqil.outputs import MODEL, PROVENANCE, write_dir
+from cqil.plan import Plan
 
 from conftest import char_tokenizer, make_tiny_llama
 
@@ -136,6 +137,11 @@ def make_world(root: Path) -> tuple[Path, Path]:
     (w / "user_dir").mkdir()
     (w / "user_dir" / "notes.txt").write_text("my notes\n")
     (w / "user_dir" / "data.csv").write_text("a,b\n1,2\n")
+    (w / "commands.csv").write_text("when,command\nmonday,make\n")
+    for d, name in (("looks_converted", "modeling_cqil.py"), ("looks_finetuned", "run.json")):  # names anyone may use
+        (w / d).mkdir()
+        (w / d / name).write_text("{}\n")
+        (w / d / "mine.txt").write_text("the user's\n")
     (w / "notes.txt").write_text("not a directory\n")
     (w / "good.txt").write_text("Some real text. " * 2000)
     (w / "binary.txt").write_bytes(b"text\x00\x01\x02" * 100)
@@ -167,13 +173,25 @@ def make_world(root: Path) -> tuple[Path, Path]:
     weights = w / "corrupt_ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (w / "fake.gguf").write_text("not gguf\n")
+    # models that would load other than as stored (issue 22): code of their own, a config without its depth,
+    # a converted directory (converting it again would drop its plan)
+    config = json.loads((tiny / "config.json").read_text())
+    for name, edited in (("remote", config | {"auto_map": {"AutoModelForCausalLM": "evil.Model"}}),
+                         ("shapeless", {k: v for k, v in config.items() if k != "num_hidden_layers"})):
+        shutil.copytree(tiny, w / name)
+        (w / name / "config.json").write_text(json.dumps(edited))
+    (w / "remote" / "evil.py").write_text("raise SystemExit('imported')\n")
+    converted = apply_plan(make_tiny_llama(layers=30), Plan.from_range(12, 24, 2))
+    converted.config.cqil_base_model = str(tiny)
+    save_converted(converted, char_tokenizer(), w / "converted")
     # the results the baselines read (jobs are stubbed: only their form matters): the analyze table of
     # plan=auto, the plan of plan=file, the bench tables cqil latency reads by default
     (w / "results" / "analyze").mkdir(parents=True)
     n = 30
-    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},cqil analyze" for i in range(n + 1) for j in range(i + 1, n + 1)]
+    prov = "cpu,2.13.0,5.23.0,0.1.0,2026-01-01T00:00:00Z,cqil analyze"  # the provenance columns every table has
+    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},{prov}" for i in range(n + 1) for j in range(i + 1, n + 1)]
     (w / "results" / "analyze" / "similarity_smollm2-135m_english.csv").write_text(
-        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", "command")) + "\n" + "\n".join(rows) + "\n")
+        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", *PROVENANCE)) + "\n" + "\n".join(rows) + "\n")
     (w / "results" / "convert").mkdir()
     Plan.from_range(12, 24, 2).save(w / "results" / "convert" / "plan_smollm2-135m.json")
     bench = {"model": "smollm2-135m", "plan": "S12 E24 P2 D0", "device": "cpu", "setup": "original", "phase": "prefill",
@@ -184,6 +202,7 @@ def make_world(root: Path) -> tuple[Path, Path]:
     for table in [*latency.calibrate, *latency.validate]:
         (w / table).parent.mkdir(parents=True, exist_ok=True)
         (w / table).write_text(",".join(bench) + "\n" + ",".join(map(str, bench.values())) + "\n")
+    (w / "blank_S12E24P2D0.csv").write_text(",".join(bench) + "\n" + ",".join(map(str, (bench | {"median_ms": ""}).values())) + "\n")
     return w, cache
 
 
@@ -203,7 +222,8 @@ def checksums(*roots: Path) -> dict[str, str]:
 
 # ---- bad values, by kind of check ----------------------------------------------------------------
 W = "{W}"  # the world's working directory, filled in when the cases run
-OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir"],
+OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir",
+                     f"{W}/commands.csv"],  # a `command` column is not a cqil table's header
             ".png": [f"{W}/user.png", f"{W}/notes.txt/x.png", f"{W}/out.jpg"],
             ".json": [f"{W}/user.json", f"{W}/notes.txt/x.json", f"{W}/out.txt", f"{W}/list.json"],
             ".jsonl": [f"{W}/bad.jsonl", f"{W}/notext.jsonl", f"{W}/notes.txt/x.jsonl", f"{W}/out.json"]}
@@ -256,7 +276,8 @@ BAD = {  # check class -> values it must refuse (override syntax)
                                   + (["[]"] if c.nonempty_with else []),
     checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],
     checks.OutFile: lambda c: OUT_FILE[c.suffix],
-    checks.OutDir: lambda c: ([f"{W}/user_dir"] if c.marker else []) + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
+    checks.OutDir: lambda c: ([f"{W}/user_dir", f"{W}/looks_converted", f"{W}/looks_finetuned"] if c.kind else [])
+                             + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
     checks.EvalModels: lambda c: ["[]", "[{label: a},{label: a}]", "[{label: a, bogus: 1}]", f"[{W}/missing_model]",
                                   "[{label: a, path: smollm2-135m, plan: {start: 0, end: 99, group_size: 2}}]",
                                   f"[{{label: a, path: {W}/corrupt_ckpt}}]", "[{path: smollm2-135m}]"],
@@ -376,6 +397,10 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("finetune", ["recipe=kl", "lora.ranks={groups: 0}"], "lora.ranks.groups=0"),
     ("convert", ["plan=auto", "plan.probe.recipe=onpolicy", "plan.probe.overrides=['loss.max_new_tokens=128']"],
      "the probe's recipe onpolicy"),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x"], "set model.trust_remote_code=true"),
+    ("analyze", ["model=hf", f"model.path={W}/shapeless", "model.name=x"], "lacks num_hidden_layers"),
+    ("convert", ["model=hf", f"model.path={W}/converted", "model.name=x"], "convert its base instead: model.path=/"),
+    ("latency", [f"calibrate=[{W}/blank_S12E24P2D0.csv]"], "row 1, column median_ms: '' is not a finite number"),
 ]
 ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("finetune", ["~ood_data"]), ("finetune", ["ood_data=null"]),  # an optional group, removed
@@ -390,6 +415,9 @@ ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("generate", ["prompt=hi", "sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9"]),
     ("generate", ["prompt=hi", "plan=manual", "devices=2", "runtime.ungrouped=tp", f"out={W}/out.jsonl"]),
     ("bench", ["warmup=3", "repeats=5", "tensor_parallel=[]", "cqil=[{ungrouped: tp}]"]),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x", "model.trust_remote_code=true",
+                 "data.block_size=256"]),
+    ("analyze", ["model=hf", f"model.path={W}/converted", "model.name=x", "data.block_size=256"]),  # cqil's own class
     ("latency", [f"layer_step.csv={W}/layer_step_good.csv"]), ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv",
                                                                           "layer_step.hardware=a100"]),
 ]
@@ -590,7 +618,7 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    with pytest.raises(PlanError, match="never deletes"):
+    with pytest.raises(CqilError, match="never deletes"):
         save_converted(model, tok, user)
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
 
@@ -598,7 +626,7 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
         (tmp / "config.json").write_text("{half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        write_dir(out, crash)  # the old directory stays whole, no temporary sibling is left
+        write_dir(out, crash, MODEL, "convert")  # the old directory stays whole, no temporary sibling is left
     assert json.loads((out / "config.json").read_text())["cqil_plan"]["groups"] == [[2, 3]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "user"]
     (tmp_path / ".conv.999999999-x.tmp").mkdir()  # left by a writer that was killed

@@ -358,19 +358,18 @@ def test_teacher_text_never_reads_an_evaluation_split(written):
     assert not seen & {(a, b) for a, b in held_out} and not seen & {(b, a) for a, b in held_out}
 
 
-def test_a_table_without_the_new_key_column_is_updated_by_a_plain_rerun(tmp_path):
-    """Rows written before the `options` column existed read as options ''; a rerun of the same plain run replaces
-    its row, a run with options adds one."""
-    from cqil.results import upsert_csv
+def test_runs_that_differ_only_in_their_options_keep_their_own_rows(tmp_path):
+    """The finetune and recovery-curve tables key runs by their options too (teacher text, ranks, full layers):
+    a run with options sits beside the same recipe without them; rerunning either replaces only its own rows."""
+    from cqil.outputs import TABLES
+    from cqil.results import provenance, update_table
 
-    path = tmp_path / "t.csv"
-    pd.DataFrame([{"recipe": "kl", "lr": 0.002, "value": 1.0, "command": "old"}]).to_csv(path, index=False)
-    key = ["recipe", "options", "lr"]
-    upsert_csv([{"recipe": "kl", "options": "", "lr": 0.002, "value": 2.0, "command": "new"}], path, key)
-    upsert_csv([{"recipe": "kl", "options": "full groups lr 0.0002", "lr": 0.002, "value": 3.0, "command": "x"}], path, key)
-    upsert_csv([{"recipe": "kl", "options": "", "lr": 0.002, "value": 4.0, "command": "again"}], path, key)
-    table = pd.read_csv(path)
-    assert sorted(table.value) == [3.0, 4.0]
+    for table in ("finetune", "recovery curve"):
+        path = tmp_path / f"{table}.csv"
+        base = {c: 1 for c in TABLES[table].columns} | {k: "x" for k in TABLES[table].key} | provenance()
+        for options, value in (("", 1.0), ("full groups lr 0.0002", 2.0), ("", 3.0)):
+            update_table(table, [base | {"options": options, "ppl_finetuned": value}], path)
+        assert sorted(pd.read_csv(path).ppl_finetuned) == [2.0, 3.0]
 
 
 # ---- the job, end to end ------------------------------------------------------------------------
