@@ -435,7 +435,8 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
         table["within_budget"] = table.ppl_ratio <= budget
         metric, measured_as = "ppl_ratio", "calibration perplexity"
     else:
-        update_table("plan candidates", table.assign(**prov), cfg["table"])  # the scores so far, in case a probe fails
+        # the scores so far, in case a probe fails (nothing chosen yet: the table's schema has the column)
+        update_table("plan candidates", table.assign(chosen=False, **prov), cfg["table"])
         probes = run_probes(cfg, probe_cfg, recipe, model, tokenizer, dcfg, blocks, candidates, table, key)
         by_plan = probes.set_index("plan")
         table["probe_ppl"] = table.plan.map(by_plan.probe_ppl)
