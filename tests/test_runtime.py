@@ -77,6 +77,19 @@ def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     return {"padded batch": (ids, mask), "one prompt": (ids[:1, :5], None)}
 
 
+# The compiled step (torch.compile, inductor: the real compiled path) against the same runtime eager, in one
+# launch per world size: name -> (world, checkpoint, plan groups, bypass, mesh (P, T) or None: one process, variant)
+COMPILED = {
+    "original": (2, "llama", (), 0, None, dict()),
+    "P1xT2 (TP), shm": (2, "llama", (), 0, (1, 2), dict(comm="shm")),
+    "P2 D0 shm, ungrouped tp": (2, "llama", ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="tp")),
+    "P2 D1 gloo, rank0, whole head": (2, "llama", ((1, 2), (3, 4)), 1, (2, 1),
+                                      dict(comm="torch", ungrouped="rank0", lm_head="replicated")),
+    "P2xT2 D1 shm": (4, "llama", ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm")),
+}
+DECODE_STEPS = 32  # decode steps of every compiled run (prefill + 32 steps: 33 new tokens)
+
+
 def positions(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.arange(ids.shape[1])[None] if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
 
@@ -104,6 +117,8 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
                 time.sleep(600)
             rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS)
             return
+        if mode == "compiled":
+            return compiled_worker(rank, world, out, checkpoints)
         results = {}
         for name, (w, ckpt, groups, bypass, shape, variant) in CASES.items():
             if w == world:
@@ -122,6 +137,36 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         shutdown()
+
+
+def compiled_worker(rank: int, world: int, out: Path, checkpoints: Path) -> None:
+    """Every COMPILED case of this world size: eager and compiled runs of the padded batch (greedy, with the
+    (max, id) exchange) and of one prompt (with the full logits), and dynamo's graph counts of each."""
+    from torch._dynamo.utils import counters
+
+    from cqil.runtime import Runtime, make_mesh
+    from cqil.schedule import Variant
+
+    results = {}
+    last = sorted(COMPILED.items(), key=lambda case: case[1][4] is None)  # the mesh cases together, then rank 0's
+    for name, (w, ckpt, groups, bypass, shape, variant) in last:
+        if w != world or (shape is None and rank > 0):  # the one-process case: rank 0 alone, at the end
+            continue
+        mesh = make_mesh(*shape) if shape is not None else None
+        eager = Runtime(str(checkpoints / ckpt), Plan(groups, bypass), mesh, Variant(**variant))
+        fast = eager.compiled("default")
+        (ids, mask), (one, _) = inputs()["padded batch"], inputs()["one prompt"]
+        graphs = counters["stats"]["unique_graphs"]
+        got = {"tokens": fast.generate(ids, mask, DECODE_STEPS + 1),
+               "logits": fast.generate(one, None, DECODE_STEPS + 1, with_logits=True)}
+        got["graphs"] = counters["stats"]["unique_graphs"] - graphs
+        got["again"] = fast.generate(ids, mask, DECODE_STEPS + 1)  # a second run of a shape compiles nothing
+        got["graphs_again"] = counters["stats"]["unique_graphs"] - graphs - got["graphs"]
+        got["eager tokens"] = eager.generate(ids, mask, DECODE_STEPS + 1)
+        got["eager logits"] = eager.generate(one, None, DECODE_STEPS + 1, with_logits=True)
+        results[name] = got
+    results["graph_breaks"] = sum(counters["graph_break"].values())
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 def torchrun(world: int, mode: str, out: Path, checkpoints: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -185,6 +230,35 @@ def test_runtime_equals_single_process_model(launch):
                 assert torch.equal(got["tokens"], tokens) and torch.equal(got.get("greedy", tokens), tokens), msg
     if world == 2:
         assert "4 layers" in ranks[0]["mismatch"] and "devices=4" in ranks[0]["mismatch"]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def compiled_launch(request, checkpoints, tmp_path_factory):
+    """One torchrun launch of every COMPILED case of a world size: (world, [results of each rank])."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"compiled{world}")
+    run = torchrun(world, "compiled", out, checkpoints, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def test_compiled_step_equals_eager(compiled_launch):
+    """torch.compile (inductor) of every rank's whole step: the same greedy tokens over 32 decode steps, logits
+    within fp32 tolerance, no graph break, and exactly one graph per step kind and shape: a prefill and a decode
+    graph for the greedy batch and for the logits run (4), none more when the same shape runs again."""
+    world, ranks = compiled_launch
+    for r, res in enumerate(ranks):
+        assert res["graph_breaks"] == 0, f"rank {r}"
+        for name, (w, *_, shape, _) in COMPILED.items():
+            if w != world or (shape is None and r > 0):
+                continue
+            got, msg = res[name], f"{name}, rank {r}"
+            assert got["tokens"].shape == (3, DECODE_STEPS + 1), msg
+            assert torch.equal(got["tokens"], got["eager tokens"]) and torch.equal(got["again"], got["tokens"]), msg
+            tokens, logits = got["logits"]
+            assert torch.equal(tokens, got["eager logits"][0]), msg
+            torch.testing.assert_close(logits, got["eager logits"][1], atol=1e-4, rtol=1e-4, msg=msg)
+            assert got["graphs"] == 4 and got["graphs_again"] == 0, f"{msg}: {got['graphs']} + {got['graphs_again']} graphs"
 
 
 def test_every_rank_holds_what_the_schedule_says(launch):
