@@ -8,7 +8,7 @@ one code path, only the backend and the device differ.
     launch(job, world, threads_per_rank)                        re-run `cqil <job> ...` under torchrun
     init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
     make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
-    Runtime(checkpoint or model, plan, mesh, variant)           this rank's weights and stages
+    Runtime(checkpoint or model, plan, mesh, variant, compile)  this rank's weights and stages; rt.compiled(mode): its twin
     rt.prefill / rt.decode / rt.generate / rt.forward           (every rank calls the same, in the same order)
     shutdown()                                                  destroy the process groups (call in a finally)
 
@@ -50,10 +50,25 @@ works on any process group (it sets itself up with that group's own collectives)
 x86-64 host with gloo, else torch; "shm" is refused elsewhere (nccl tensors live on GPUs; weaker memory
 orders than x86's would need fences).
 
-Masks: causal, or sliding-window for models whose layers all use a window (Mistral, Qwen2 with
-use_sliding_window): the same mask functions and KV-cache layers transformers uses. Failure: every
-collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a CqilError
-naming the rank; a dead peer breaks gloo/nccl sockets at once; torchrun ends the other ranks when one
+GPU-grade execution (what gpt-fast does; DESIGN.md "Scale"). At batch-1 decode an eager step is mostly host
+time (~40 small ops a layer), so every setup runs one step function (`Runtime._step`: embedding, this rank's
+stages with their collectives, head) either eagerly or compiled whole per rank (`compile`):
+  - static KV cache (StaticKV): keys/values of every layer this rank runs, preallocated for the run's prompt +
+    new tokens (rounded up to CACHE_BLOCK slots, reused by later runs of the same shape), written in place at
+    the step's slots; the slot and the next positions live on the device, so a decode step reads no host value
+    and a caller syncs only when it reads the tokens. The mask (causal, left padding, sliding window for models
+    whose layers all use one: Mistral, Qwen2 with use_sliding_window) and the rotary tables are made once per
+    cache and indexed by slot and position. tests: equal to transformers' DynamicCache and generate().
+  - torch.compile(fullgraph=True) of the whole step: a graph break raises instead of slowing down silently;
+    static shapes (a graph per batch size and cache length for decode, per batch size and prompt length for
+    prefill; prompts left-padded to a multiple of PROMPT_BLOCK tokens); mode "reduce-overhead" replays CUDA
+    graphs. Collectives stay inside the graph: torch's go through the functional collectives dynamo traces
+    (gloo and nccl); the shm communicator's spin-wait cannot be traced, so its collectives are torch custom
+    ops (opaque to dynamo, ordered effects: never dropped, merged or reordered). Compiled runs keep the eager
+    run's communicator, so a setup's eager and compiled rows differ in compilation alone.
+
+Failure: every collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a
+CqilError naming the rank; a dead peer breaks gloo/nccl sockets at once; torchrun ends the other ranks when one
 exits non-zero. No path waits forever.
 """
 from __future__ import annotations

@@ -78,14 +78,17 @@ def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
 
 
 # The compiled step (torch.compile, inductor: the real compiled path) against the same runtime eager, in one
-# launch per world size: name -> (world, checkpoint, plan groups, bypass, mesh (P, T) or None: one process, variant)
+# launch per world size: name -> (world, checkpoint, plan groups, bypass, mesh (P, T) or None: one process, variant,
+# heads): "greedy" runs the padded batch through the greedy head ((max, id) exchange, or the ids broadcast),
+# "logits" one prompt through the full logits (gathered or broadcast). Each head path is two graphs (prefill,
+# decode) to compile, minutes on a cold cache, so every path is covered once rather than every case on both.
 COMPILED = {
-    "original": (2, "llama", (), 0, None, dict()),
-    "P1xT2 (TP), shm": (2, "llama", (), 0, (1, 2), dict(comm="shm")),
-    "P2 D0 shm, ungrouped tp": (2, "llama", ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="tp")),
+    "original": (2, "llama", (), 0, None, dict(), ("greedy", "logits")),
+    "P1xT2 (TP), shm": (2, "llama", (), 0, (1, 2), dict(comm="shm"), ("greedy",)),
+    "P2 D0 shm, ungrouped tp": (2, "llama", ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="tp"), ("logits",)),
     "P2 D1 gloo, rank0, whole head": (2, "llama", ((1, 2), (3, 4)), 1, (2, 1),
-                                      dict(comm="torch", ungrouped="rank0", lm_head="replicated")),
-    "P2xT2 D1 shm": (4, "llama", ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm")),
+                                      dict(comm="torch", ungrouped="rank0", lm_head="replicated"), ("greedy", "logits")),
+    "P2xT2 D1 shm": (4, "llama", ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm"), ("greedy",)),
 }
 DECODE_STEPS = 32  # decode steps of every compiled run (prefill + 32 steps: 33 new tokens)
 
@@ -140,8 +143,8 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
 
 
 def compiled_worker(rank: int, world: int, out: Path, checkpoints: Path) -> None:
-    """Every COMPILED case of this world size: eager and compiled runs of the padded batch (greedy, with the
-    (max, id) exchange) and of one prompt (with the full logits), and dynamo's graph counts of each."""
+    """Every COMPILED case of this world size: its head paths eager and compiled, a second compiled run of the
+    same shape, and dynamo's graph counts."""
     from torch._dynamo.utils import counters
 
     from cqil.runtime import Runtime, make_mesh
@@ -149,21 +152,22 @@ def compiled_worker(rank: int, world: int, out: Path, checkpoints: Path) -> None
 
     results = {}
     last = sorted(COMPILED.items(), key=lambda case: case[1][4] is None)  # the mesh cases together, then rank 0's
-    for name, (w, ckpt, groups, bypass, shape, variant) in last:
+    for name, (w, ckpt, groups, bypass, shape, variant, heads) in last:
         if w != world or (shape is None and rank > 0):  # the one-process case: rank 0 alone, at the end
             continue
         mesh = make_mesh(*shape) if shape is not None else None
         eager = Runtime(str(checkpoints / ckpt), Plan(groups, bypass), mesh, Variant(**variant))
         fast = eager.compiled("default")
-        (ids, mask), (one, _) = inputs()["padded batch"], inputs()["one prompt"]
+        runs = {"greedy": (*inputs()["padded batch"], False), "logits": (inputs()["one prompt"][0], None, True)}
         graphs = counters["stats"]["unique_graphs"]
-        got = {"tokens": fast.generate(ids, mask, DECODE_STEPS + 1),
-               "logits": fast.generate(one, None, DECODE_STEPS + 1, with_logits=True)}
+        got = {head: fast.generate(ids, mask, DECODE_STEPS + 1, with_logits)
+               for head, (ids, mask, with_logits) in runs.items() if head in heads}
         got["graphs"] = counters["stats"]["unique_graphs"] - graphs
-        got["again"] = fast.generate(ids, mask, DECODE_STEPS + 1)  # a second run of a shape compiles nothing
+        ids, mask, with_logits = runs[heads[0]]
+        got["again"] = fast.generate(ids, mask, DECODE_STEPS + 1, with_logits)  # a shape run again compiles nothing
         got["graphs_again"] = counters["stats"]["unique_graphs"] - graphs - got["graphs"]
-        got["eager tokens"] = eager.generate(ids, mask, DECODE_STEPS + 1)
-        got["eager logits"] = eager.generate(one, None, DECODE_STEPS + 1, with_logits=True)
+        got["eager"] = {head: eager.generate(ids, mask, DECODE_STEPS + 1, with_logits)
+                        for head, (ids, mask, with_logits) in runs.items() if head in heads}
         results[name] = got
     results["graph_breaks"] = sum(counters["graph_break"].values())
     torch.save(results, out / f"rank{rank}.pt")
@@ -243,22 +247,27 @@ def compiled_launch(request, checkpoints, tmp_path_factory):
 
 
 def test_compiled_step_equals_eager(compiled_launch):
-    """torch.compile (inductor) of every rank's whole step: the same greedy tokens over 32 decode steps, logits
-    within fp32 tolerance, no graph break, and exactly one graph per step kind and shape: a prefill and a decode
-    graph for the greedy batch and for the logits run (4), none more when the same shape runs again."""
+    """torch.compile (inductor) of every rank's whole step equals the eager step: the same greedy tokens over 32
+    decode steps, logits within fp32 tolerance; no graph break; exactly two graphs per head path (prefill, decode)
+    and none more when the same shape runs again."""
     world, ranks = compiled_launch
     for r, res in enumerate(ranks):
         assert res["graph_breaks"] == 0, f"rank {r}"
-        for name, (w, *_, shape, _) in COMPILED.items():
+        for name, (w, *_, shape, _, heads) in COMPILED.items():
             if w != world or (shape is None and r > 0):
                 continue
             got, msg = res[name], f"{name}, rank {r}"
-            assert got["tokens"].shape == (3, DECODE_STEPS + 1), msg
-            assert torch.equal(got["tokens"], got["eager tokens"]) and torch.equal(got["again"], got["tokens"]), msg
-            tokens, logits = got["logits"]
-            assert torch.equal(tokens, got["eager logits"][0]), msg
-            torch.testing.assert_close(logits, got["eager logits"][1], atol=1e-4, rtol=1e-4, msg=msg)
-            assert got["graphs"] == 4 and got["graphs_again"] == 0, f"{msg}: {got['graphs']} + {got['graphs_again']} graphs"
+            for head in heads:
+                eager = got["eager"][head]
+                if head == "greedy":
+                    assert got[head].shape == (3, DECODE_STEPS + 1) and torch.equal(got[head], eager), msg
+                else:
+                    assert torch.equal(got[head][0], eager[0]), msg
+                    torch.testing.assert_close(got[head][1], eager[1], atol=1e-4, rtol=1e-4, msg=msg)
+            again = got["again"][0] if heads[0] == "logits" else got["again"]
+            assert torch.equal(again, got[heads[0]][0] if heads[0] == "logits" else got[heads[0]]), msg
+            assert got["graphs"] == 2 * len(heads) and got["graphs_again"] == 0, \
+                f"{msg}: {got['graphs']} + {got['graphs_again']} graphs"
 
 
 def test_every_rank_holds_what_the_schedule_says(launch):
@@ -297,6 +306,45 @@ def test_one_process_runtime_equals_model(checkpoints):
             torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(got_logits, logits, atol=2e-5, rtol=1e-4)
             assert torch.equal(got_tokens, tokens) and torch.equal(rt.generate(ids, mask, NEW_TOKENS), tokens)
+
+
+def test_static_cache_equals_dynamic_cache():
+    """After a prefill of a left-padded batch and 3 decode steps, the runtime's preallocated cache holds, at every
+    real token's slot, the keys and values transformers' DynamicCache holds for the same grouped model; its slot
+    and next positions stayed on the device and count as generate() counts."""
+    from transformers import DynamicCache
+
+    from cqil.modeling import apply_plan
+    from cqil.runtime import CACHE_BLOCK, Runtime
+
+    plan, steps = Plan(((1, 2), (3, 4)), 1), 3
+    ids, mask = inputs()["padded batch"]
+    rt = Runtime(model("llama"), plan)
+    token, state = rt.prefill(ids, mask, max_new_tokens=steps + 1)
+    fed = [token]
+    for _ in range(steps):
+        token, state = rt.decode(token, state)
+        fed.append(token)
+    grouped, cache = apply_plan(model("llama"), plan), DynamicCache()
+    with torch.no_grad():
+        grouped(ids, attention_mask=mask, position_ids=positions(ids, mask), past_key_values=cache, use_cache=True)
+        full = mask
+        for t in fed[:-1]:
+            full = torch.nn.functional.pad(full, (0, 1), value=1)
+            grouped(t[:, None], attention_mask=full, position_ids=full.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                    use_cache=True)
+    n = ids.shape[1] + steps
+    assert state.cache.length == CACHE_BLOCK and state.room == CACHE_BLOCK - n and state.slot.item() == n
+    assert torch.equal(state.next_position[:, 0], full.sum(-1))
+    real = full.bool()
+    for i in range(6):
+        for mine, theirs in ((state.cache.keys[i], cache.layers[i].keys), (state.cache.values[i], cache.layers[i].values)):
+            torch.testing.assert_close(mine[:, :, :n].transpose(1, 2)[real], theirs.transpose(1, 2)[real],
+                                       atol=2e-6, rtol=1e-5)
+            assert not mine[:, :, n:].any()  # slots past the run's tokens: untouched zeros
+    with pytest.raises(CqilError, match="KV cache of this batch is full"):
+        while True:
+            token, state = rt.decode(token, state)
 
 
 def test_sliding_window_matches_transformers(checkpoints):
