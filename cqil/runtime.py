@@ -97,7 +97,7 @@ from torch._library.effects import EffectType
 from . import CqilError, models
 from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_mlp
 from .plan import Plan
-from .schedule import HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
+from .schedule import COMPILES, HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -215,6 +215,9 @@ class TorchComm:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return CqilError(f"rank {dist.get_rank()}: {op} failed: {first} (if another rank died or timed out, its error is above)")
 
+    def set_timeout(self, seconds: float) -> None:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), self.group)
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of `t` over the group (eager: in place, so `t` holds it too)."""
         if torch.compiler.is_compiling():
@@ -281,6 +284,9 @@ class ShmComm:
         self._peers = [p * self.FLAG_STRIDE for p in range(self.size) if p != self.rank]
         self.handle = id(self)  # how the compiled step's custom ops find it
         _SHM[self.handle] = self
+
+    def set_timeout(self, seconds: float) -> None:
+        self.timeout_s = seconds
 
     def _wait(self, op: str) -> None:
         """Spin until every peer has posted collective number self.seq; then yield, then time out."""
@@ -543,7 +549,7 @@ class Sequences:
 
 
 # ---- compiling ----------------------------------------------------------------------------------
-COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile modes; reduce-overhead: + CUDA graphs
+COMPILE_MODES = COMPILES[1:]  # none (eager) or a torch.compile mode; reduce-overhead: + CUDA graphs
 RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default 8 is shared by every Runtime of a process)
 
 
@@ -574,7 +580,7 @@ class Runtime:
 
     def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 timeout_s: float = 60.0, compile: str = "none"):
+                 timeout_s: float = 60.0, compile: str = "none", startup_timeout_s: float = 1800.0):
         dtype = models.dtype_of(dtype) if isinstance(dtype, str) else dtype
         if isinstance(source, nn.Module):
             check_supported(source)
@@ -619,6 +625,7 @@ class Runtime:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_heads = {i: dec.layers[i].self_attn.k_proj.weight.shape[0] // self.head_dim for i in self.layer_ids}
         self.caches: dict[tuple[int, int], StaticKV] = {}  # (batch, slots) -> cache, reused run after run
+        self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         self._set_compile(compile)
 
     # ---- building ------------------------------------------------------------------------
@@ -683,6 +690,7 @@ class Runtime:
         """Eager steps (none), or steps compiled whole with torch.compile in `mode` (see the class docstring)."""
         self.mode = compile_mode(mode, self.device.type)
         self._prefill_fn, self._decode_fn = self._prefill_step, self._decode_step
+        self._shapes: set[tuple] = set()  # (step, shapes) this twin has run: a new one compiles first
         if self.mode != "none":
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             options = dict(fullgraph=True, mode=self.mode)
@@ -749,16 +757,31 @@ class Runtime:
     def _decode_step(self, *args):
         return self._step(*args)
 
-    def _run(self, fn, *args):
-        """Run a step; collectives that fail inside a compiled graph end with one line naming the rank."""
+    def _run(self, fn, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: StaticKV,
+             with_logits: bool):
+        """Run a step. Compiled: a step's first call at a shape compiles it first, seconds to minutes, each rank
+        at its own speed, so its collectives wait up to startup_timeout_s (then timeout_s again); a collective
+        that fails inside the graph ends with one line naming the rank."""
+        if self.mode == "none":
+            return fn(tokens, slots, positions, kv, with_logits)
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs were consumed (or cloned)
+        key = (fn, tuple(tokens.shape), kv.length, with_logits)
+        first = key not in self._shapes
+        comms = list({id(c): c for c in self.comms.values()}.values()) if first else []
+        for c in comms:
+            c.set_timeout(self.startup_timeout_s)
         try:
-            return fn(*args)
+            out = fn(tokens, slots, positions, kv, with_logits)
         except dist.DistError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CqilError(f"rank {self.rank}: a collective of the compiled step failed: {first} "
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CqilError(f"rank {self.rank}: a collective of the compiled step failed: {line} "
                             "(if another rank died or timed out, its error is above)") from None
+        finally:
+            for c in comms:
+                c.set_timeout(self.timeout_s)
+        self._shapes.add(key)
+        return out
 
     def local_logits(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's logits [..., head_rows] (its vocabulary shard, or all of them) of pre-norm states."""
