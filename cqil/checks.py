@@ -1397,6 +1397,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "devices": Count(1, what="the plan's group size P, or 1"), "tp": Count(1),
         **{f"runtime.{k}": Choice(*v) for k, v in RUN_OPTIONS.items()}, "runtime.compile": Choice(*COMPILES),
         "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
+        "sync_every": Count(1, what="decode steps between two reads of the tokens"),
         "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
         "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True),
     },
