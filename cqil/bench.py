@@ -549,7 +549,7 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
         raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
     prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
     world = dist.get_world_size()
-    modes = list(dict.fromkeys(compile_mode(m, device.type) for m in cfg.compile))
+    modes = list(dict.fromkeys(["none", *(compile_mode(m, device.type) for m in cfg.compile)]))  # eager always
     runtimes: dict[str, Runtime] = {}
     columns: dict[str, dict] = {}
     eager_of: dict[str, str] = {}

@@ -900,15 +900,16 @@ class Keys(Check):
 
 
 class Choices(Check):
-    """A non-empty list of distinct options."""
+    """A list of distinct options (non-empty unless `empty_ok`)."""
 
-    def __init__(self, *options: str):
-        self.options = options
+    def __init__(self, *options: str, empty_ok: bool = False):
+        self.options, self.empty_ok = options, empty_ok
 
     def check(self, value, key, ctx) -> None:
-        if not isinstance(value, list) or not value or len(set(map(str, value))) < len(value) \
+        if not isinstance(value, list) or not (value or self.empty_ok) or len(set(map(str, value))) < len(value) \
                 or any(v not in self.options for v in value):
-            raise refuse(key, value, f"must be a non-empty list of distinct values among {', '.join(self.options)}")
+            form = "a list" if self.empty_ok else "a non-empty list"
+            raise refuse(key, value, f"must be {form} of distinct values among {', '.join(self.options)}")
 
 
 class Layout(Check):
@@ -1319,7 +1320,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "pin": Choice("auto", True, False),
         "profile_runs": Count(1),
         "cqil": Variants(**RUN_OPTIONS),
-        "compile": Choices(*COMPILES),
+        "compile": Choices(*(c for c in COMPILES if c != "none"), empty_ok=True),  # eager always runs
         "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
         "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
         "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),

@@ -326,8 +326,14 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
     rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s,
                  cfg.runtime.compile, cfg.startup_timeout_s)
     pad = job.tokenizer.pad_token_id
-    for _ in range(cfg.warmup):  # untimed: first-call costs (allocator, kernels, communicators)
-        rt.generate(*left_pad(job.ids[:1], pad, rt.device), max_new_tokens=2, with_logits=s.temperature > 0)
+    start = time.perf_counter()
+    for _ in range(cfg.warmup):  # untimed first-call costs (allocator, communicators; compiled: the graphs of the
+        token, state, *_ = rt.prefill(*left_pad(job.ids[:cfg.batch_size], pad, rt.device),  # first batch's shape)
+                                      with_logits=s.temperature > 0, max_new_tokens=cfg.max_new_tokens)
+        rt.decode(token, state, with_logits=s.temperature > 0)
+    if cfg.warmup and rt.mode != "none":
+        say(f"warm-up, which compiled the first batch's shape: {time.perf_counter() - start:.1f} s (another batch "
+            "shape compiles during its first prefill and decode step)")
 
     completions: list[Completion] = []
     timings: list[Timing] = []

@@ -501,10 +501,9 @@ class StaticKV:
 
     def __init__(self, kv_heads: dict[int, int], batch: int, length: int, head_dim: int, window: int | None,
                  rotary: nn.Module, dtype: torch.dtype, device: torch.device):
-        self.batch, self.length = batch, length
-        shape = lambda h: (batch, h, length, head_dim)  # noqa: E731
-        self.keys = {i: torch.zeros(shape(h), dtype=dtype, device=device) for i, h in kv_heads.items()}
-        self.values = {i: torch.zeros(shape(h), dtype=dtype, device=device) for i, h in kv_heads.items()}
+        self.length = length
+        self.keys = {i: torch.zeros(batch, h, length, head_dim, dtype=dtype, device=device) for i, h in kv_heads.items()}
+        self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
         self.valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         j = torch.arange(length, device=device)
         self.causal = j[None, :] <= j[:, None]
@@ -513,8 +512,8 @@ class StaticKV:
         cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), j[None])
         self.cos, self.sin = cos[0], sin[0]
         self.slots = j[:1]
-        for t in (*self.keys.values(), *self.values.values(), self.valid):
-            torch._dynamo.mark_static_address(t)  # CUDA graphs: fixed addresses, updated in place
+        for t in (*self.keys.values(), *self.values.values(), self.valid, self.causal, self.cos, self.sin):
+            torch._dynamo.mark_static_address(t)  # CUDA graphs read them where they are (no copy per replay)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """Write this step's keys/values [B, h, q, d] at `slots`; return the whole layer cache (all L slots)."""
@@ -604,12 +603,12 @@ class Runtime:
         self.window = getattr(config, "sliding_window", None) if uses_sliding_window(config) else None
 
         dec = decoder(skel)
-        self._load(skel, dec, reader)
         with torch.device(self.device):  # rotary buffers: computed, not read
             self.rotary = type(dec.rotary_emb)(config=config)
         if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
             raise CqilError(f"rope type {self.rotary.rope_type!r} changes its frequencies with the sequence length; "
                             "the runtime's rotary tables are computed once per cache, so it does not support it")
+        self._load(skel, dec, reader)
         if mesh is not None and mesh.startup is not None:
             dist.barrier(group=mesh.startup)  # every rank has loaded: collectives (short timeout) may start
         self.comms: dict[str, Comm] = {}  # axis -> communicator, for every axis of size > 1

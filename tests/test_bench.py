@@ -133,7 +133,7 @@ def test_bad_protocol_settings_are_one_line_errors():
 
 
 def test_compile_is_a_dimension_of_every_setup(tiny_checkpoint, tmp_path):
-    """`cqil bench compile=[none, default]` on a tiny checkpoint: every setup eager and compiled, paired in the same
+    """`cqil bench compile=[default]` on a tiny checkpoint: every setup eager and compiled, paired in the same
     rounds; compiled rows are paired against (a) compiled and against themselves eager, and carry their first run
     (compile included) and graph count; `ungrouped: auto` runs the layout the latency model ranks first, and
     the CSV says so."""
@@ -146,7 +146,7 @@ def test_compile_is_a_dimension_of_every_setup(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.csv"
     cmd = [sys.executable, "-m", "cqil", "bench", *overrides(tiny_checkpoint, tmp_path), "plan.groups=[[2,3],[4,5]]",
            "prompt_tokens=[8]", "batch_sizes=[1]", "warmup=0", "repeats=2", "new_tokens=3", "profile_runs=1",
-           "compile=[none,default]", "cqil=[{ungrouped: auto}]", "tensor_parallel=[]", f"out={out}",
+           "compile=[default]", "cqil=[{ungrouped: auto}]", "tensor_parallel=[]", f"out={out}",
            f"figure={tmp_path / 'bench.png'}"]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900,
                          cwd=tmp_path)

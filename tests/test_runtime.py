@@ -454,7 +454,7 @@ def test_bench_cli_end_to_end(tmp_path):
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",
-           "repeats=1", "new_tokens=2", "profile_runs=1", f"out={out}", f"figure={fig}", "compile=[none]",
+           "repeats=1", "new_tokens=2", "profile_runs=1", f"out={out}", f"figure={fig}", "compile=[]",
            "cqil=[{comm: shm, ungrouped: rank0}, {comm: torch, lm_head: replicated}]",
            "tensor_parallel=[{comm: torch, lm_head: replicated}]"]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
