@@ -9,6 +9,10 @@ reads from the checkpoint only what each rank runs; `build_setups`):
   (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
                                once per variant in `tensor_parallel` (same LM head treatments as CQIL)
       original, N threads      CPU: one process with the threads of all N ranks
+Every setup runs eagerly and, as a twin (same weights, communicators and static KV cache), compiled in each mode
+of `compile` (cqil.runtime: each rank's whole step under torch.compile; auto = CUDA graphs on GPUs), in the same
+rounds; the N-thread CPU baseline stays eager. `ungrouped: auto` takes the layout the latency model (cqil.costs)
+ranks fastest for the mesh, printed with its ranking against TP on the same devices.
 Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
 rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA
 rank_peak_gpu_mb_max (the largest rank's whole bench process: all the setups it holds at once, plus
@@ -25,11 +29,14 @@ of its steps. Warm-up rounds run until two successive rounds take the same time 
 Reported per setup: the median over rounds (and p90: over rounds for TTFT, over all steps for TPOT);
 the latency reduction against (a) as the median over rounds of the PAIRED reduction
 1 - setup/(a) of the same round, with a bootstrap interval resampling rounds; for CQIL its
-fraction of the plan's ideal reduction g*(P-1)/n. Each rank (and the one-process baselines) is
-pinned to its own cores where the platform allows (`pin`; recorded in the CSV). While rank 0 times
+fraction of the plan's ideal reduction g*(P-1)/n. A compiled setup is paired against (a) compiled in
+the same mode (`baseline`), and against itself eager (`compile_reduction`); its first run at each shape,
+which compiles it, runs before the shape's warm-up and outside the time budget (`compile_s`, `graphs`).
+Each rank (and the one-process baselines) is pinned to its own cores where the platform allows (`pin`;
+recorded in the CSV). While rank 0 times
 (a) and the threads baseline alone, the other ranks wait. Prompts are real text (the data set's evaluation split).
 
-Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
+Profiles, from `profile_runs` extra runs per eager setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
 the head + argmax, and the rest); for every multi-process setup, rank0_*_ms, where rank 0 spends its
 time (layers outside groups, its group members, inside collectives including waiting, head, rest), and
