@@ -48,20 +48,18 @@ the run with its rank named; a live peer that is busy alone (rank 0 timing the b
 model load) is waited for up to `solo_timeout_s`. Collectives inside the runtime time out after
 `timeout_s` (cqil.runtime).
 
-`cqil bench devices=P` launches `torchrun --standalone --nproc_per_node P -m cqil bench ...`
-itself; starting that torchrun line directly works the same.
+`cqil bench devices=P` runs itself on P processes as `torchrun --standalone --nproc_per_node P -m cqil
+bench ...` would (cqil.runtime.launch: Ctrl-C ends every rank; a failing rank's line is the last one);
+starting that torchrun line directly works the same.
 """
 from __future__ import annotations
 
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,8 +74,8 @@ from .plan import Plan, plan_from_config
 from .control import Control
 from .planning import resolve_plan
 from .plots import bench_latency
-from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, write_csv
-from .runtime import Runtime, compile_mode, init_distributed, make_mesh, shutdown, under_torchrun
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, update_table
+from .runtime import Runtime, compile_mode, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
 
 
@@ -95,31 +93,10 @@ def run(cfg: DictConfig) -> None:
     plan_cfg = OmegaConf.to_object(cfg.plan)
     if plan_cfg.get("mode", "manual") != "auto":  # a given plan can be checked before starting processes
         check_devices(plan_from_config(plan_cfg, None), cfg.devices)
-    if len(sys.argv) < 2 or sys.argv[1] != "bench":
-        raise CqilError("cqil bench launches torchrun with its command-line overrides; start it as `cqil bench ...`")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "cqil", *sys.argv[1:]]
     if not str(cfg.model.device).startswith("cuda") and world * cfg.threads_per_rank > (os.cpu_count() or 1):
         print(f"warning: {world} ranks x {cfg.threads_per_rank} threads on {os.cpu_count()} CPUs: ranks share cores, "
               "so the timings say little (fine for checking that it runs)", file=sys.stderr)
-    # each failing rank appends `exit-code line` here (cqil.cli.report_error): its line is repeated last
-    fd, errors = tempfile.mkstemp(prefix="cqil-bench-", suffix=".errors")
-    os.close(fd)
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_rank), CQIL_ERROR_FILE=errors)
-    print("launching:", " ".join(cmd[1:]), flush=True)
-    try:
-        rc = subprocess.run(cmd, env=env).returncode
-        first = (Path(errors).read_text().splitlines() or [""])[0]
-    finally:
-        os.unlink(errors)
-    if rc and first:
-        code, _, line = first.partition(" ")
-        if code == "2":
-            raise CqilError(line)
-        print(f"cqil bench: error: {line}", file=sys.stderr)
-        sys.exit(int(code))
-    if rc:
-        raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
+    launch("bench", world, cfg.threads_per_rank)  # a failing rank's own line is the last one (cqil.runtime.launch)
 
 
 def machine_cpu_s() -> tuple[float, float] | None:
@@ -460,7 +437,7 @@ def worker(cfg: DictConfig) -> None:
                           device_type)
     out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
     figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
-    write_csv(table, out)
+    update_table("bench", table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
 
@@ -548,7 +525,8 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
     All ranks call this together."""
     model_cfg = OmegaConf.to_object(cfg.model)
     path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
-    config, tokenizer = models.load_config(path), models.load_tokenizer(path)
+    trust = model_cfg.get("trust_remote_code", False)
+    config, tokenizer = models.load_config(path, trust), models.load_tokenizer(path, trust)
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
     check_devices(plan, cfg.devices)
@@ -578,19 +556,21 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
     variants, layouts = cqil_variants(cfg, config, plan, device, dtype)
     cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
     for v, how in variants:
-        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,
+                     startup_timeout_s=cfg.startup_timeout_s)
         name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
         add(runtimes, name, rt, {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped,
                                  "ungrouped_by": how, **memory(rt)})
     tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.tensor_parallel:
         v = _variant(options)
-        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,
+                     startup_timeout_s=cfg.startup_timeout_s)
         name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
         add(runtimes, name, rt, {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)})
     originals: dict[str, Runtime] = {}
     if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
-        original = Runtime(path, Plan(), None, Variant(), dtype, device)
+        original = Runtime(path, Plan(), None, Variant(), dtype, device, trust_remote_code=trust)
         whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
                  "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
         add(originals, ORIGINAL, original, whole)

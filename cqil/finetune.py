@@ -25,7 +25,6 @@ loading, so plan=auto is chosen once (cqil.planning) and every rank trains on it
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -47,10 +46,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import CqilError, data, models
 from .distill import make_trainer, teacher_mode
 from .metrics import greedy_agreement, greedy_tokens, teacher_forced_agreement
-from .modeling import apply_plan, get_plan, is_converted_dir, save_converted, write_dir
+from .modeling import apply_plan, get_plan, is_converted_dir, save_converted
+from .outputs import ADAPTER, FINETUNE, FINETUNE_PARTS, claim, write_dir, write_text
 from .plan import Plan
 from .planning import resolve_plan
-from .results import plan_columns, provenance, upsert_csv, write_csv
+from .results import plan_columns, provenance, update_table
 
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
 FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "batch_size", "grad_accum", "seed")
@@ -58,30 +58,30 @@ FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "batch_s
 
 # ---- progress log, checkpoints -----------------------------------------------------------
 class LossCsv(TrainerCallback):
-    """Loss per optimizer step -> CSV, one row per step, appended as training goes.
+    """Loss per optimizer step -> the loss table, one row per (run, step), added as training goes; `run` is
+    the out_dir. Other runs' curves in the same table are kept. A run that starts from scratch replaces
+    its own earlier curve; a resumed one keeps its rows up to the checkpoint (the steps after it are redone)."""
 
-    On (re)start the file is rewritten from the Trainer's log history, which a resumed run
-    restores from its checkpoint: steps after the checkpoint (redone now) are not duplicated.
-    """
+    def __init__(self, path: str | Path, run: str, tokens_per_step: int, columns: dict):
+        self.path, self.run, self.tokens_per_step, self.columns = Path(path), run, tokens_per_step, columns
 
-    def __init__(self, path: str | Path, tokens_per_step: int, columns: dict):
-        self.path, self.tokens_per_step, self.columns = Path(path), tokens_per_step, columns
-
-    def _row(self, log: dict) -> dict:
-        return {"step": log["step"], "tokens": log["step"] * self.tokens_per_step, "loss": log["loss"],
-                "learning_rate": log.get("learning_rate"), "grad_norm": log.get("grad_norm"),
-                "epoch": log.get("epoch"), **self.columns}
+    def _redone(self, old: pd.DataFrame, step: int) -> pd.Series:
+        """This run's rows after `step` (rows of tables from before the run column are other runs')."""
+        if "run" not in old:
+            return pd.Series(False, index=old.index)
+        return (old.run.astype(str) == self.run) & (old.step > step)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            rows = [self._row(h) for h in state.log_history if "loss" in h]
-            write_csv(pd.DataFrame(rows, columns=list(self._row({"step": 0, "loss": 0.0}))), self.path)
+            update_table("finetune loss", [], self.path, drop=lambda old: self._redone(old, state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
-            row = self._row(state.log_history[-1])
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=list(row)).writerow(row)
+            log = state.log_history[-1]
+            row = {"run": self.run, "step": log["step"], "tokens": log["step"] * self.tokens_per_step,
+                   "loss": log["loss"], "learning_rate": log.get("learning_rate"), "grad_norm": log.get("grad_norm"),
+                   "epoch": log.get("epoch"), **self.columns}
+            update_table("finetune loss", [row], self.path)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -128,10 +128,8 @@ def check_fingerprint(out_dir: Path, fingerprint: dict, resuming: bool) -> None:
             raise CqilError(f"{out_dir} holds checkpoints of a different run ({', '.join(diff)} differ: "
                             f"{old.get(diff[0])} vs {fingerprint.get(diff[0])}); set out_dir=<new dir> or delete it")
     if int(os.environ.get("RANK", "0")) == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
-        tmp.replace(path)
+        claim(out_dir, FINETUNE, "finetune", ["run.json", "checkpoints/", *(f"{d}/" for d in FINETUNE_PARTS)])
+        write_text(path, json.dumps(fingerprint, indent=2) + "\n")
 
 
 # ---- model preparation -------------------------------------------------------------------
@@ -166,7 +164,7 @@ def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
         saved = base / "config.json"
         if int(os.environ.get("RANK", "0")) == 0 and not (
                 is_converted_dir(base) and saved.is_file() and json.loads(saved.read_text()).get("cqil_plan") == plan.to_dict()):
-            save_converted(model, tokenizer, base)
+            save_converted(model, tokenizer, base, "finetune")
         model.name_or_path = str(base)  # what peft records as the adapter's base
 
 
@@ -329,7 +327,7 @@ class RecoveryCurve(TrainerCallback):
         row = {**self.columns, "step": state.global_step, "tokens": tokens, "train_seconds": round(train_seconds, 1),
                "tokens_per_s": round(tokens / train_seconds, 1) if state.global_step else float("nan"), **row,
                **provenance(self.columns.get("device", "cpu"))}
-        upsert_csv([row], self.path, ["model", "plan", "recipe", "loss_kind", "lora_layers", "lr", "max_steps", "step"])
+        update_table("recovery curve", [row], self.path)
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -380,7 +378,7 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     layers = cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers))
     columns = {"model": cfg.model.name, **plan_columns(plan), "data": f"{data_cfg.name}/training",
                "recipe": cfg.recipe_name, "loss_kind": cfg.loss.kind, **provenance(str(trainer.args.device))}
-    trainer.add_callback(LossCsv(cfg.loss_csv, tokens_per_step, columns))
+    trainer.add_callback(LossCsv(cfg.loss_csv, str(out_dir), tokens_per_step, columns))
     if cfg.curve.every_steps:
         curve_sets = {prefix: blocks[: cfg.curve.eval_tokens // blocks.shape[1]] for prefix, blocks in sets.items()}
         trainer.add_callback(RecoveryCurve(
@@ -406,13 +404,13 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
     """Save adapter and merged model, measure recovery in and out of domain, write and print the row."""
     out_dir = Path(cfg.out_dir)
     model.eval()
-    adapter = write_dir(out_dir / "adapter", model.save_pretrained)
+    adapter = write_dir(out_dir / "adapter", model.save_pretrained, ADAPTER, "finetune")
 
     measures = recovery(model, teacher, sets, agreement, cfg.eval_batch_size)
     merged_model = model.merge_and_unload()
     # where the original weights are (a later fine-tune of this directory distils from them, not from these)
     merged_model.config.cqil_base_model, merged_model.config.cqil_finetuned = teacher_path, True
-    merged = save_converted(merged_model, tokenizer, out_dir / "merged")
+    merged = save_converted(merged_model, tokenizer, out_dir / "merged", "finetune")
 
     row = {"model": cfg.model.name, **plan_columns(plan), "data": f"{cfg.data.name}/evaluation",
            "eval_tokens": sets[""].numel(), "ood_data": f"{cfg.ood_data.name}/evaluation" if "ood_" in sets else "",
@@ -427,8 +425,7 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
            "adapter": str(adapter), "merged": str(merged)}
     row |= {k: v for k, v in columns.items() if k not in row}  # provenance
     # one row per setting: different tries stay side by side, rerunning the same one replaces its row
-    upsert_csv([row], cfg.out, ["model", "plan", "data", "steps", "block_size", "recipe", "loss_kind", "lora_r",
-                                "lora_layers", "lr", "seed"])
+    update_table("finetune", [row], cfg.out)
     print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
           f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
     print(summary(row, sets, cfg))

@@ -42,14 +42,11 @@ from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import CqilError, costs, models
+from .outputs import write_text
 from .plan import Plan, plan_from_config
-from .results import plan_columns, provenance, upsert_csv
+from .results import plan_columns, provenance, update_table
 from .runtime import Runtime, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
-
-# a rerun of the same setting replaces its row in the results CSV
-RESULT_KEY = ["model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "compile", "n_prompts",
-              "batch_size", "max_new_tokens", "temperature", "top_k", "top_p"]
 
 
 # ---- the prompts (every config value was checked before the job: cqil.checks.CHECKS["generate"]) ----------
@@ -139,7 +136,7 @@ def eos_ids(path: str, config) -> set[int]:
 def prepare(cfg: DictConfig) -> Job:
     """Prompts, model config, plan and token ids, every check that needs no weights (cheap)."""
     prompts = read_prompts(cfg)
-    config = models.load_config(cfg.model.path)
+    config = models.load_config(cfg.model.path, cfg.model.trust_remote_code)
     plan = job_plan(cfg, config)
     device = str(cfg.model.device)
     if device.startswith("cuda"):
@@ -152,7 +149,7 @@ def prepare(cfg: DictConfig) -> Job:
     elif device != "cpu":
         raise CqilError(f"model.device={device!r}: cqil generate runs on cpu or cuda")
     models.dtype_of(cfg.model.dtype)
-    tokenizer = models.load_tokenizer(cfg.model.path)
+    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.chat and not tokenizer.chat_template:
         raise CqilError(f"chat=true but the tokenizer of {cfg.model.path} has no chat template; use chat=false")
     ids = []
@@ -324,7 +321,7 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
         say(layouts["line"])
 
     rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s,
-                 cfg.runtime.compile, cfg.startup_timeout_s)
+                 cfg.model.trust_remote_code, cfg.runtime.compile, cfg.startup_timeout_s)
     pad = job.tokenizer.pad_token_id
     start = time.perf_counter()
     for _ in range(cfg.warmup):  # untimed first-call costs (allocator, communicators; compiled: the graphs of the
@@ -434,10 +431,7 @@ def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion]
           f"({m['new_tokens']} tokens in {m['generate_seconds']:.2f} s)", file=sys.stderr, flush=True)
     if cfg.out:
         path = Path(cfg.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions))
         print(f"completions -> {path}", file=sys.stderr)
     if cfg.results:
         device = torch.cuda.get_device_name(rt.device) if device_type == "cuda" else "cpu"
@@ -452,5 +446,5 @@ def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion]
                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "warmup": cfg.warmup,
                "threads": threads(cfg), **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
                **provenance(device)}
-        upsert_csv([row], cfg.results, RESULT_KEY)
+        update_table("generate", [row], cfg.results)
         print(f"results -> {cfg.results}", file=sys.stderr)

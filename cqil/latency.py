@@ -43,7 +43,7 @@ weights and KV cache per GPU from the schedule's per-rank accounting, against th
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,12 +52,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
-from .checks import bench_command
+from .checks import bench_command, hardware_named
+from .cli import conf_dir
 from .costs import (Comm, Costs, Hardware, Shape, gpu_costs, hardware, memory_gb, original, predict, schedule_of,
                     shape_of, split, terms, total)
 from .plan import Plan, PlanError
 from .plots import latency_hybrid, latency_validation
-from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, write_csv
+from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, update_table
 from .schedule import Schedule, Variant, check_shardable
 
 PHASES = ("prefill", "decode")
@@ -459,7 +460,8 @@ def fit_hardware(ext: dict, models: dict, hw: Hardware) -> Hardware:
 
 def external_summary(table: pd.DataFrame, fitted: Hardware, stated: Hardware, names: list[str]) -> str:
     figures = ", ".join(f"{n} {getattr(stated, n):.3g} -> {getattr(fitted, n):.3g}" for n in names)
-    lines = [f"external validation on {fitted.name}: fitted on the rows marked fit ({figures})"]
+    lines = [f"external validation on {fitted.name}: " + (f"fitted on the rows marked fit ({figures})" if names else
+                                                          "nothing fitted (the rows marked fit are predicted too)")]
     for (role, source), g in table.groupby(["role", "source"], sort=False):
         cells = ", ".join(f"{r.model} N={r.devices}{' ' + r.plan if r.plan else ''}: {r.published:.4g} vs {r.predicted:.4g} "
                           f"({100 * r.error:+.1f}%)" for r in g.itertuples())
@@ -467,6 +469,42 @@ def external_summary(table: pd.DataFrame, fitted: Hardware, stated: Hardware, na
     held = table[table.role != "fit"]
     lines.append(f"  held out, all {len(held)} rows: mean |latency error| {100 * held.error.abs().mean():.1f}%")
     return "\n".join(lines)
+
+
+# ---- the fixed cost of a layer step, measured (cqil.layerstep's table) ------------------------------
+@dataclass(frozen=True)
+class Measured:
+    """Figures of one hardware file taken from a layer-step table (conf/latency.yaml layer_step)."""
+    hardware: str                 # conf/hardware/<name>.yaml
+    figures: dict[str, float]     # layer_overhead_s and/or bw_eff
+    c0_us: float
+    bandwidth_gbs: float
+    source: str                   # the table, the mode and the rows fitted, for people
+
+
+def measured_figures(spec: dict) -> Measured:
+    """t = c0 + bytes / bandwidth fitted (fit_comm: least squares of the relative error, as cqil.layerstep fits
+    its table) to the table's rows of spec['mode'] (and spec['shapes']): layer_overhead_s = c0, bw_eff = bandwidth
+    / the hardware's mem_bw. CqilError where the fit is not a fixed cost and a bandwidth that hardware can have."""
+    path, mode = spec["csv"], spec["mode"]
+    df = read_csv(path)
+    rows = df[(df["mode"] == mode) & (df["shape"].isin(spec["shapes"]) if spec["shapes"] else True)]
+    name = spec["hardware"] if spec["hardware"] != "auto" else hardware_named(str(rows.gpu.iloc[0]), conf_dir())
+    hw = hardware(name)
+    c = fit_comm(rows["bytes"].to_numpy(float), rows.median_us.to_numpy(float))  # alpha in us, beta in bytes / us
+    c0_s, bandwidth = c.alpha * 1e-6, c.beta * 1e6
+    where = f"layer_step.csv={path}: t = c0 + bytes / bandwidth fitted to its {len(rows)} {mode} rows"
+    if not (c0_s >= 0 and 0 < bandwidth < math.inf):
+        raise CqilError(f"{where} gives c0 {c.alpha:.3g} us and bandwidth {bandwidth / 1e9:.3g} GB/s, not a fixed cost "
+                        "and a bandwidth; measure again on an idle device (or fit fewer shapes: layer_step.shapes)")
+    if bandwidth > hw.mem_bw:
+        raise CqilError(f"{where} gives {bandwidth / 1e9:.0f} GB/s, above {hw.name}'s memory bandwidth "
+                        f"({hw.mem_bw / 1e9:.0f} GB/s, conf/hardware/{name}.yaml); was it measured there? "
+                        "set layer_step.hardware")
+    figures = {"layer_overhead_s": c0_s, "bw_eff": bandwidth / hw.mem_bw}
+    shapes = ", ".join(rows["shape"].unique())
+    return Measured(name, {f: figures[f] for f in spec["figures"]}, c.alpha, bandwidth / 1e9,
+                    f"{path} ({rows.gpu.iloc[0]}, {mode}, {shapes}: {len(rows)} rows)")
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -490,14 +528,17 @@ def hybrid_summary(best: pd.DataFrame) -> str:
 
 def run(cfg: DictConfig) -> None:
     """cqil latency: calibrate + validate on measured CPU runs (calibrate=[]: skipped), validate on published
-    numbers (fitting the figures named in external.fit), then the CQIL x TP projection with those figures."""
+    numbers (fitting the figures named in external.fit that a measured layer step, layer_step.csv, does not
+    give), then the CQIL x TP projection with those figures."""
+    ls = OmegaConf.to_container(cfg.layer_step, resolve=True)
+    measured = measured_figures(ls) if ls["csv"] else None  # first: a table the fit refuses stops before any work
     if cfg.calibrate:  # every listed table must exist (cqil.checks); calibrate=[] skips this step
         cal, val = load_bench(list(cfg.calibrate)), load_bench(list(cfg.validate))
         fits, kappa = calibrate(cal)
         table = validate({"calibration": cal, "validation": val}, fits, kappa)
         prov = provenance("cpu")
-        write_csv(table.assign(**prov), cfg.validation_out)
-        write_csv(params_table(fits, kappa, len(cqil_rows(cal))).assign(**prov), cfg.params_out)
+        update_table("latency validation", table.assign(**prov), cfg.validation_out)
+        update_table("latency parameters", params_table(fits, kappa, len(cqil_rows(cal))).assign(**prov), cfg.params_out)
         print(f"latency model fitted on {', '.join(cfg.calibrate)}: "
               + ", ".join(f"kappa[{ph}] = {k:.3f}" for ph, k in kappa.items()))
         for (comm, op), c in fits.items():
@@ -512,19 +553,32 @@ def run(cfg: DictConfig) -> None:
     models = OmegaConf.to_container(cfg.models, resolve=True)
     ext = OmegaConf.to_container(cfg.external, resolve=True)
     stated = hardware(ext["hardware"])
-    fitted = fit_hardware(ext, models, stated)
+    if measured is not None:  # measured > fitted to published numbers > stated
+        print(f"measured layer step on {measured.hardware}: c0 {measured.c0_us:.1f} us, bandwidth "
+              f"{measured.bandwidth_gbs:.0f} GB/s -> " + ", ".join(f"{n} {v:.3g}" for n, v in measured.figures.items())
+              + f" (from {measured.source})")
+        if measured.hardware == ext["hardware"]:
+            stated = replace(stated, **measured.figures)
+    to_fit = [n for n in ext["fit"] if measured is None or measured.hardware != ext["hardware"] or n not in measured.figures]
+    fitted = fit_hardware({**ext, "fit": to_fit}, models, stated) if to_fit else stated
     table = external_table(ext, models, fitted)
     figures = {n: getattr(fitted, n) for n in ext["fit"]}
-    write_csv(table.assign(fitted=", ".join(ext["fit"]), **figures, **provenance("published numbers")), cfg.external_out)
-    print(external_summary(table, fitted, stated, list(ext["fit"])))
+    used = {"layer_step_csv": cfg.layer_step.csv} if measured is not None else {}  # the table the figures came from
+    update_table("latency external", table.assign(fitted=", ".join(to_fit), **figures, **used,
+                                                  **provenance("published numbers")), cfg.external_out)
+    print(external_summary(table, fitted, stated, to_fit))
     print(f"-> {cfg.external_out}")
 
     def hardware_of(name: str) -> Hardware:  # the fitted figures serve every GPU named in external.apply_to
-        return replace(hardware(name), **figures) if name in ext["apply_to"] else hardware(name)
+        hw = replace(hardware(name), **figures) if name in ext["apply_to"] else hardware(name)
+        return replace(hw, **measured.figures) if measured is not None and name == measured.hardware else hw
 
     best, candidates = hybrid(OmegaConf.to_container(cfg.hybrid, resolve=True), models, hardware_of)
     prov = provenance("roofline projection")
-    write_csv(best.assign(**prov), cfg.hybrid_out)
-    write_csv(candidates.assign(**prov), cfg.hybrid_candidates_out)
+    if measured is not None:  # which rows carry the measured constant
+        best, candidates = (t.assign(layer_step_csv=np.where(t.hardware == measured.hardware, cfg.layer_step.csv, ""))
+                            for t in (best, candidates))
+    update_table("latency hybrid", best.assign(**prov), cfg.hybrid_out)
+    update_table("latency hybrid candidates", candidates.assign(**prov), cfg.hybrid_candidates_out)
     print(hybrid_summary(best))
     print(f"-> {cfg.hybrid_out}\n-> {cfg.hybrid_candidates_out}\n-> {latency_hybrid(best, cfg.hybrid_png)}")

@@ -19,20 +19,21 @@ or a plain layer. Masks, rotary embeddings, caches and generate() stay the libra
 Self-contained on purpose (torch, transformers and the sibling plan.py only): `save_converted`
 copies this file next to the weights as `modeling_cqil.py`, so a converted model loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where cqil is not installed.
+cqil itself never imports that copy: it loads converted directories with the classes of this module.
+(transformers refuses a remote-code file with an import statement of a module not shipped beside it,
+even one inside a function; so `save_converted`, which the copy never runs, reaches cqil's own writer,
+cqil.outputs, through importlib. plan.py does the same.)
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
+import importlib
 import inspect
 import json
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -194,11 +195,14 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layers.enabled = was
 
 
-# ---- the saved form: a transformers model class, loaded as remote code -------------------
+# ---- the saved form: a transformers model class --------------------------------------------
+# cqil loads a saved directory with the classes below (cqil.models: its config's `architectures` is
+# ["CqilForCausalLM"]); stock transformers loads the copy saved beside the weights, as remote code.
 # The saved config says model_type "llama" (so AutoTokenizer and AutoConfig read it without remote code,
 # asking nothing and warning nothing) while its auto_map names the classes below. Its weights are saved
-# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded without
-# trust_remote_code=True, the directory fails loudly instead of running silently as the sequential model.
+# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded by stock
+# transformers without trust_remote_code=True, the directory fails loudly instead of running silently as
+# the sequential model.
 WEIGHTS_VARIANT = "cqil"
 
 
@@ -228,88 +232,29 @@ class CqilForCausalLM(LlamaForCausalLM):
         return super().from_pretrained(*args, **kwargs)
 
 
-# ---- writing directories: never half-written, never over a user's files ---------------------
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _remove_stale(out: Path) -> None:
-    """Clear what a killed writer of `out` left: its temporary sibling goes; a previous `out` it had
-    renamed aside (no atomic swap on this OS) goes back in place if nothing replaced it."""
-    for p in sorted(out.parent.glob(f".{out.name}.*")):
-        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)-\w+\.(tmp|old)", p.name)
-        if not m or int(m[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(m[1]), 0)
-            continue  # its writer is still running
-        except PermissionError:  # alive, another user's
-            continue
-        except ProcessLookupError:
-            pass
-        if m[2] == "old" and not out.exists():
-            p.rename(out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def write_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which then replaces `out`.
-
-    A crash at any point leaves the previous `out` whole (where the OS can swap directories in one step,
-    Linux; elsewhere the old one is first renamed aside and removed only after the new one is in place).
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
-    try:
-        write(tmp)
-        if not out.exists():
-            tmp.rename(out)
-        elif _exchange(tmp, out):
-            shutil.rmtree(tmp)  # tmp now holds the previous directory
-        else:
-            aside = tmp.with_suffix(".old")
-            out.rename(aside)
-            tmp.rename(out)
-            shutil.rmtree(aside)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def is_converted_dir(path: str | Path) -> bool:
     """A directory that save_converted wrote (it always holds the modeling code)."""
     return (Path(path) / "modeling_cqil.py").is_file()
 
 
-def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
-    """Save a CQIL model so that standard tools load it with trust_remote_code=True.
+def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: str = "convert") -> Path:
+    """Save a CQIL model: cqil loads it with this module's classes, standard tools with trust_remote_code=True.
 
     Writes weights (the "cqil" variant), tokenizer, config.json (cqil_plan, auto_map) and the modeling code
     (this file as modeling_cqil.py, plus plan.py), atomically (write_dir): an interrupted save leaves
     the previous directory as it was. An existing `out_dir` is replaced only if it is itself such a
-    directory; any other non-empty directory is refused, never deleted.
+    directory, holding nothing its manifest does not list; anything else is refused, never deleted.
     """
+    outputs = importlib.import_module("cqil.outputs")  # not an import statement: see the module docstring
     if model.config.model_type not in ("llama", "cqil"):
         raise PlanError(f"saving a converted {model.config.model_type!r} model is not supported yet; "
                         "only Llama-architecture models can be saved (in-memory conversion works)")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_converted_dir(out))):
-        raise PlanError(f"{out} exists and is not a cqil model directory; cqil never deletes it: choose another out_dir")
     cfg = model.config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(k, None)
     config = CqilConfig(**cfg)
     config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
-    config.architectures = ["CqilForCausalLM"]
+    config.architectures = ["CqilForCausalLM"]  # how cqil.checks.is_converted_config knows the directory
     config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
                        "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
 
@@ -327,4 +272,4 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Pa
         shutil.copy(here / Path(__file__).name, tmp / "modeling_cqil.py")
         shutil.copy(here / "plan.py", tmp / "plan.py")
 
-    return write_dir(out, write)
+    return outputs.write_dir(out_dir, write, outputs.MODEL, job)

@@ -7,27 +7,39 @@ Resolution order of `model.path`:
   3. an existing `.gguf` file;
   4. otherwise a hub id (needs network; offline it fails with a message that says so).
 
+No code that comes with a model runs unless `model.trust_remote_code` is true: a CQIL directory (cqil convert,
+a fine-tune's merged model) is loaded with cqil's own CqilConfig / CqilForCausalLM (its plan from its config), never
+with the modeling_cqil.py stored beside it; any other model whose config names code of its own (auto_map) is
+refused. Nothing loads silently different from what is stored: a config without a key the architecture's shape
+needs, a tensor missing (transformers would initialise it at random), unexpected or of another shape is refused.
+
 Two ways to load: `load` (the whole model in memory, for one-process jobs) and, for the multi-device
 runtime, `skeleton` (the model built on the `meta` device: no weights) + `SafetensorsReader` (partial
 reads of the tensors, or tensor slices, that one rank holds): nothing else leaves disk.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import logging
 import math
 import mmap
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PretrainedConfig
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from . import CqilError, checks
 from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
-from .modeling import SUPPORTED_MODEL_TYPES
+from .modeling import SUPPORTED_MODEL_TYPES, CqilConfig, CqilForCausalLM
 
 DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
 
@@ -39,6 +51,7 @@ class ModelConfig:
     path: str
     dtype: str = "float32"
     device: str = "cpu"  # auto: cuda if available, else cpu
+    trust_remote_code: bool = False  # run code that comes with the model (its auto_map)
 
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
@@ -85,6 +98,13 @@ def resolve(path: str) -> tuple[str, dict]:
     return str(where), {}  # a checkpoint directory, or a hub id such as meta-llama/Llama-2-7b-hf
 
 
+def recorded_path(path: str) -> str:
+    """A model path as a saved config records it: a local directory or file made absolute; a bundled name or
+    hub id as given."""
+    kind, where = checks.locate_model(path)
+    return str(Path(where).resolve()) if kind in ("dir", "gguf") else path
+
+
 def dtype_of(name: str) -> torch.dtype:
     """torch dtype of a `model.dtype` string."""
     if name not in DTYPES:
@@ -92,57 +112,140 @@ def dtype_of(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_config(path: str, trust_remote_code: bool = True):
-    """The model's transformers config (checked: LLaMA family; sdpa attention set)."""
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's transformers config (checked: LLaMA family, complete, no code run unless trusted; sdpa set)."""
     location, extra = resolve(path)
     return _config(path, location, extra, trust_remote_code)
 
 
-def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
+def _raw_config(path: str, location: str, extra: dict) -> dict:
+    """config.json as stored (local, GGUF metadata or the hub's copy): read, nothing imported."""
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+        return PretrainedConfig.get_config_dict(location, **extra)[0]
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(e).lower() or "offline" in str(e).lower()
         why = "the hub is unreachable from here" if offline else str(e).splitlines()[0]
         raise CqilError(f"cannot load model {path!r}: not bundled ({', '.join(BUNDLED)}), not a local "
                         f"directory or .gguf file, and as a hub id it failed ({why}); "
                         "pass model.path=<local dir|file.gguf|bundled name>") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CqilError(f"model {path!r} is a {config.model_type!r} model; cqil supports LLaMA-family "
+
+
+_announced: set[str] = set()
+
+
+def _check_code(path: str, location: str, extra: dict, trust_remote_code: bool, raw: dict) -> None:
+    """Refuse a model that comes with code of its own unless trusted; when trusted, say on stderr (once) that
+    its code runs."""
+    try:
+        tokenizer_config = get_tokenizer_config(location, **extra)
+    except OSError:
+        tokenizer_config = {}  # none, or unreachable: loading the tokenizer says so
+    code = checks.custom_code(raw, tokenizer_config)
+    if code and not trust_remote_code:
+        raise CqilError(checks.remote_code_refusal(f"model {path!r}", code))
+    if code and path not in _announced:
+        _announced.add(path)
+        print(f"cqil: model.trust_remote_code=true: running the code that comes with {path} ({code})", file=sys.stderr)
+
+
+def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
+    raw = _raw_config(path, location, extra)
+    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise CqilError(f"model {path!r} is a {raw.get('model_type')!r} model; cqil supports LLaMA-family "
                         f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}: RMSNorm, rotary, gated MLP)")
+    if checks.incomplete_config(raw):
+        raise CqilError(f"the config of model {path!r} {checks.incomplete_config(raw)}")
+    _check_code(path, location, extra, trust_remote_code, raw)
+    if checks.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
+        config = CqilConfig.from_pretrained(location, **extra)
+    else:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if getattr(config, "_attn_implementation", None) is None:
         config._attn_implementation = "sdpa"  # a bare config otherwise drops the mask silently
     return config
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = True):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer (pad token: eos if it has none)."""
     location, extra = resolve(path)
+    _check_code(path, location, extra, trust_remote_code, _raw_config(path, location, extra))
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load(cfg: ModelConfig | dict, trust_remote_code: bool = True):
-    """Load (model, tokenizer) in eval mode; refuse non-LLaMA-family architectures."""
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers logs a table of missing / unexpected tensors as a warning; cqil refuses such a checkpoint
+    with its own line instead. (A filter, not a higher level: at level ERROR that logger warns about tensor
+    parallelism.)"""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report = logging.Filter()
+    report.filter = lambda record: "LOAD REPORT" not in record.getMessage()
+    logger.addFilter(report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report)
+
+
+def refuse_tensors(path: str, missing: Iterable[str], unexpected: Iterable[str], mismatched: Iterable[str]) -> None:
+    """One line naming the first tensor (sorted) of each kind that would load other than as stored (a renamed
+    tensor is both missing and unexpected); nothing if there is none."""
+    parts = []
+    for names, what in ((missing, "lacks the tensor {} (transformers would initialise it at random)"),
+                        (unexpected, "holds the tensor {}, which the model has no place for"),
+                        (mismatched, "holds the tensor {} in another shape than its config.json gives it")):
+        names = sorted(names)
+        if names:
+            parts.append(what.format(names[0]) + (f" and {len(names) - 1} more like it" if len(names) > 1 else ""))
+    if parts:
+        raise CqilError(f"checkpoint {path} " + "; it ".join(parts) + "; it is not a complete checkpoint of the "
+                        "model its config.json describes (renamed, foreign or missing tensors): re-save or re-download it")
+
+
+def load(cfg: ModelConfig | dict):
+    """Load (model, tokenizer) in eval mode; refuse non-LLaMA-family architectures and any tensor that would load
+    other than as stored."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
     dtype = dtype_of(cfg.dtype)
     location, extra = resolve(cfg.path)
-    config = _config(cfg.path, location, extra, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code, **extra)
-    return model.to(checks.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, trust_remote_code)
+    config = _config(cfg.path, location, extra, cfg.trust_remote_code)
+    kwargs = dict(config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
+    with _without_load_report():
+        if isinstance(config, CqilConfig):
+            model, info = CqilForCausalLM.from_pretrained(location, **kwargs)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    refuse_tensors(cfg.path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
+    return model.to(checks.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, cfg.trust_remote_code)
 
 
 # ---- rank-local loading: a skeleton without weights, then partial reads ---------------------------
-def skeleton(config, cls: type | None = None, trust_remote_code: bool = True) -> torch.nn.Module:
-    """The model (class `cls`, default: the config's) built on the `meta` device: modules, names and
-    shapes, no memory for weights."""
+def skeleton(config, cls: type | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model (class `cls`, default: the config's; cqil's own for a CQIL config) built on the `meta` device:
+    modules, names and shapes, no memory for weights."""
+    cls = cls or (CqilForCausalLM if isinstance(config, CqilConfig) else None)
     with torch.device("meta"):
         model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code)
     return model.eval()
+
+
+def check_checkpoint(path: str, model: torch.nn.Module, reader: "SafetensorsReader") -> None:
+    """The checkpoint's tensors are exactly the model's (names and shapes; a tied head may be absent, as
+    save_pretrained leaves it), as from_pretrained's loading report would have them: the rank-local runtime reads
+    only its own tensors, so this looks at every header once."""
+    expected = model.state_dict(keep_vars=True)
+    found = reader.shapes()
+    shared: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        shared.setdefault(id(t), []).append(name)
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    refuse_tensors(path, [n for n, t in expected.items() if not any(m in found for m in shared[id(t)])],
+                   [n for n in found if n not in expected and not any(p.search(n) for p in ignore)],
+                   [n for n in found if n in expected and found[n] != tuple(expected[n].shape)])
 
 
 class SafetensorsReader:
@@ -185,8 +288,8 @@ class SafetensorsReader:
                 if name != "__metadata__":
                     self._where[name] = (f, self.DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
 
-    def keys(self) -> set[str]:
-        return set(self._where)
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape for name, (_, _, shape, _) in self._where.items()}
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """Tensor `name`, or its [start, stop) along dim 0 or 1, copied out of the file (CPU)."""

@@ -9,6 +9,7 @@ converted model so that `from_pretrained(..., trust_remote_code=True)` works wit
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,10 +151,8 @@ class Plan:
         return cls.from_range(d["start"], d["end"], d["group_size"], bypass, num_layers)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        # cqil's atomic writer, through importlib: this file is also copied into converted directories (cqil.modeling)
+        importlib.import_module("cqil.outputs").write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "Plan":

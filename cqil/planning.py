@@ -61,7 +61,7 @@ from .latency import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
 from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled
 from .plan import Plan, PlanError, plan_from_config
-from .results import plan_columns, provenance, read_csv, write_csv
+from .results import plan_columns, provenance, read_csv, update_table
 
 BUDGETS = ("before", "after_recovery")
 SEARCHES = ("bisect", "all")
@@ -435,7 +435,7 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
         table["within_budget"] = table.ppl_ratio <= budget
         metric, measured_as = "ppl_ratio", "calibration perplexity"
     else:
-        write_csv(table.assign(**prov), cfg["table"])  # the scores so far, in case a probe fails
+        update_table("plan candidates", table.assign(**prov), cfg["table"])  # the scores so far, in case a probe fails
         probes = run_probes(cfg, probe_cfg, recipe, model, tokenizer, dcfg, blocks, candidates, table, key)
         by_plan = probes.set_index("plan")
         table["probe_ppl"] = table.plan.map(by_plan.probe_ppl)
@@ -464,9 +464,9 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
                        f"{b[metric]:.2f} x)")
     if probes is not None:
         probes["chosen"] = probes.plan.isin(table[table.chosen].plan)
-        write_csv(probes.assign(**prov), probe_cfg["table"])
+        update_table("plan probes", probes.assign(**prov), probe_cfg["table"])
     table = table.assign(**prov)
-    write_csv(table, cfg["table"])
+    update_table("plan candidates", table, cfg["table"])
     print(f"plan=auto: {reason}\n  candidate table -> {cfg['table']}"
           + (f"\n  probe table -> {probe_cfg['table']}" if probes is not None else ""))
     if ok.empty:

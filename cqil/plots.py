@@ -17,17 +17,15 @@ import pandas as pd  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from . import CqilError  # noqa: E402
+from .outputs import write_file  # noqa: E402
 from .results import BENCH_BASELINE, read_csv  # noqa: E402
 
 
 def _save(fig: plt.Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:  # the format is given: the temporary name does not end in .png
+        return write_file(out, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 def similarity_heatmap(df: pd.DataFrame, out: str | Path) -> Path:
@@ -202,12 +200,18 @@ def plan_probes(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def finetune_loss(df: pd.DataFrame, out: str | Path) -> Path:
-    """Training loss per optimizer step, raw and smoothed, with tokens seen on the top axis (finetune loss CSV)."""
-    df = df.sort_values("step")
+    """Training loss per optimizer step, raw and smoothed, with tokens seen on the top axis (finetune loss CSV).
+    A table of several runs (its `run` column: each run's out_dir) gets one smoothed line per run."""
+    runs = list(df.groupby(df.run.fillna("") if "run" in df else pd.Series("", index=df.index), sort=False))
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(df.step, df.loss, lw=0.8, alpha=0.45, label="per step")
-    window = max(1, len(df) // 15)
-    ax.plot(df.step, df.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"mean of {window} steps")
+    for name, part in runs:
+        part = part.sort_values("step")
+        window = max(1, len(part) // 15)
+        if len(runs) == 1:
+            ax.plot(part.step, part.loss, lw=0.8, alpha=0.45, label="per step")
+        ax.plot(part.step, part.loss.rolling(window, min_periods=1).mean(), lw=2,
+                label=f"mean of {window} steps" + (f": {name or 'a run before the run column'}" if len(runs) > 1 else ""))
+    df = runs[-1][1].sort_values("step")  # the top axis and the title: the last run written
     ax.set_xlabel("optimizer step")
     ax.set_ylabel({"kl": "KL(original || student)", "ce": "next-token loss",
                    "blockwise": "group output error (relative)"}.get(df.loss_kind.iloc[0], "loss"))

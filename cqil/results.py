@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import platform
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pandas as pd
-import torch
-import transformers
 
-from . import CqilError, __version__
+from . import CqilError, __version__, outputs
 from .plan import Plan
 
 BENCH_BASELINE = "original, 1 device"  # setup (a) of cqil bench: what latency reductions are measured against
@@ -30,7 +31,9 @@ def provenance(device: str = "cpu") -> dict:
     """Columns added to every result row."""
     return {
         "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__, "cqil": __version__,
+        # the installed versions, read without importing them (a table writer need not load torch)
+        "torch": importlib.metadata.version("torch"), "transformers": importlib.metadata.version("transformers"),
+        "cqil": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command(),
     }
@@ -55,14 +58,10 @@ def plan_of(row) -> Plan:
 
 
 def write_csv(rows: pd.DataFrame | list[dict], path: str | Path) -> Path:
-    """Write atomically (temporary file, then rename): a crash never leaves half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a whole CSV atomically (a unique temporary file, then rename; cqil.outputs.write_file): a crash
+    never leaves half a table and a reader never sees one. A job's result tables go through update_table."""
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return outputs.write_file(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -72,13 +71,43 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def upsert_csv(rows: list[dict], path: str | Path, key: list[str]) -> Path:
-    """Add rows to a results table, replacing earlier rows with the same key (a rerun updates its row)."""
-    new = pd.DataFrame(rows)
-    if Path(path).is_file():
-        old = read_csv(path)
-        if set(key) <= set(old.columns):
-            keys = set(map(tuple, new[key].astype(str).to_numpy()))
-            old = old[[tuple(k) not in keys for k in old[key].astype(str).to_numpy()]]
-        new = pd.concat([old, new], ignore_index=True)
-    return write_csv(new, path)
+def _cell(v) -> str:
+    """A key cell as text, the same whether it came from this run or was read back from the CSV (5 and 5.0, None and NaN)."""
+    if pd.isna(v):
+        return ""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _keys(df: pd.DataFrame, key: tuple[str, ...]) -> list[tuple[str, ...]]:
+    return [tuple(map(_cell, row)) for row in df[list(key)].itertuples(index=False, name=None)]
+
+
+def update_table(table: str, rows: pd.DataFrame | list[dict], path: str | Path,
+                 drop: Callable[[pd.DataFrame], pd.Series] | None = None) -> Path:
+    """Add a run's rows to the result table `table` (cqil.outputs.TABLES) at `path`, under the table's lock:
+    earlier rows with the key of a new row are replaced, earlier rows where `drop(old)` is True removed,
+    every other row (other runs') kept. A file there that is not this table (its header lacks the
+    schema's columns) is refused, never overwritten."""
+    schema = outputs.TABLES[table]
+    new = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    with outputs.lock(path):
+        if outputs.through(path).exists():
+            missing = schema.missing(path)
+            if missing != []:
+                why = f"it lacks the column(s) {', '.join(missing[:4])}" if missing else "it is not a readable CSV"
+                raise CqilError(f"{path} is not a cqil {table} table ({why}); cqil never overwrites other files: "
+                                "choose another path, or move that file away")
+            old = pd.read_csv(outputs.through(path))
+            keep = pd.Series(True, index=old.index)
+            if len(new) and set(schema.key) <= set(old.columns):  # rows from before a key column never match
+                mine = set(_keys(new, schema.key))
+                keep &= pd.Series([k not in mine for k in _keys(old, schema.key)], index=old.index)
+            if drop is not None and len(old):
+                keep &= ~drop(old).astype(bool)
+            new = pd.concat([old[keep], new], ignore_index=True) if len(new) and keep.any() else \
+                (new if len(new) else old[keep])
+        elif not len(new):
+            return Path(path)
+        return write_csv(new, path)

@@ -68,25 +68,29 @@ stages with their collectives, head) either eagerly or compiled whole per rank (
     run's communicator, so a setup's eager and compiled rows differ in compilation alone.
 
 Failure: every collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a
-CqilError naming the rank; a dead peer breaks gloo/nccl sockets at once; torchrun ends the other ranks when one
-exits non-zero. No path waits forever.
+CqilError naming the rank; a dead peer breaks gloo/nccl sockets at once; the launcher (`launch`, or torchrun)
+ends the other ranks when one fails. No path waits forever.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import os
 import platform
 import shlex
+import signal
 import socket
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -94,7 +98,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch._library.effects import EffectType
 
-from . import CqilError, models
+from . import CqilError, JobFailed, models
 from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_mlp
 from .plan import Plan
 from .schedule import COMPILES, HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
@@ -109,18 +113,158 @@ def under_torchrun() -> bool:
 
 
 def launch(job: str, world: int, threads_per_rank: int) -> None:
-    """Run this `cqil <job> ...` command again under `torchrun --standalone` with `world` processes on
-    this host (the same command-line overrides, so every rank composes the same config); a CqilError
-    if a rank fails (torchrun has then ended the others and the failing rank's error is above)."""
+    """Run this `cqil <job> ...` command again on `world` processes of this host, as `torchrun --standalone
+    --nproc_per_node <world> -m cqil <job> ...` would (torch's elastic agent, run here in this process), with
+    the same command-line overrides, so every rank composes the same config.
+
+    Ctrl-C, SIGTERM or SIGHUP ends every rank (and what it started) before this returns, so nothing is
+    written after the exit; then KeyboardInterrupt (cqil.cli: one line, exit 130). The first sign of a
+    failure ends the job at once (_Ranks): a rank's own line ($CQIL_ERROR_FILE, cqil.cli.report_error) is
+    raised again here, as CqilError (exit 2) for bad input only a rank could see, else JobFailed (exit 1);
+    a rank that died without a word (killed, crashed) is named with its signal or exit code (JobFailed)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     if len(sys.argv) < 2 or sys.argv[1] != job:
         raise CqilError(f"cqil {job} launches torchrun with its command-line overrides; start it as `cqil {job} ...`")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "cqil", *sys.argv[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank))
-    print("launching:", shlex.join(cmd[1:]), file=sys.stderr, flush=True)
-    rc = subprocess.run(cmd, env=env).returncode
-    if rc:
-        raise CqilError(f"the {world}-process run failed (torchrun exit code {rc}); the failing rank's error is above")
+    print("launching the equivalent of: torchrun --standalone --nproc_per_node", world, "-m cqil",
+          shlex.join(sys.argv[1:]), file=sys.stderr, flush=True)
+    fd, errors = tempfile.mkstemp(prefix=f"cqil-{job}-", suffix=".errors")
+    os.close(fd)
+    ranks = _Ranks(errors)
+    # the ranks inherit os.environ; the agent handles only SIGUSR2 (its own Ctrl-C handling waits 30 s for a
+    # stopped rank): SIGINT/SIGTERM/SIGHUP are this launcher's
+    env = {"OMP_NUM_THREADS": str(threads_per_rank), "CQIL_ERROR_FILE": errors, "TORCHELASTIC_SIGNALS_TO_HANDLE": None}
+    saved_env = {k: os.environ.get(k) for k in env}
+    # the agent's warnings repeat what cqil says in one line (its loggers set their own levels: each is quieted)
+    quiet = {log: log.level for name, log in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed.elastic") and isinstance(log, logging.Logger)}
+
+    def interrupted(signum, frame):
+        ranks.end()
+        raise KeyboardInterrupt
+
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          signals_to_handle="SIGUSR2")
+    agent_saw = None
+    try:
+        for sig in saved_signals:
+            signal.signal(sig, interrupted)
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        for log in quiet:
+            log.setLevel(logging.CRITICAL)
+        ranks.start()
+        elastic_launch(config, sys.executable)("-u", "-m", "cqil", *sys.argv[1:])
+    except ChildFailedError as e:  # a failure the watch did not see first (no /proc, or reaped in between)
+        rank, first = e.get_first_failure()
+        agent_saw = f"1 rank {rank}: {_death(-first.exitcode if first.exitcode < 0 else first.exitcode << 8)}"
+    finally:
+        for sig in saved_signals:  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        ranks.stop()
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        for log, level in quiet.items():
+            log.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.unlink(errors)
+    cause = ranks.cause or agent_saw
+    if cause:
+        code, _, line = cause.partition(" ")
+        raise (CqilError if code == "2" else JobFailed)(line)
+
+
+def _death(status: int) -> str:
+    """A wait status (signal in the low 7 bits, else exit code << 8) in words."""
+    if status & 0x7F:
+        return f"killed by {signal.Signals(status & 0x7F).name} (no cqil error line)"
+    return f"exited with code {status >> 8} without a cqil error line"
+
+
+class _Ranks(threading.Thread):
+    """The processes of one launch (those whose $CQIL_ERROR_FILE is `errors`), watched while they run.
+
+    Every 50 ms: a rank that has exited non-zero without a line (Linux: its status is read from /proc while
+    it waits to be reaped), else the first line in `errors`, is the cause of the failure (`cause`, "code line");
+    the job is then ended at once (`end`: SIGKILL to every rank's process group; a stopped or blocked rank
+    does not hold it up, and no rank prints the C++ frames of a collective whose peer is gone). The agent
+    polls every 0.5 s, so this sees a failure first and the other ranks' consequences are not mistaken for it."""
+
+    def __init__(self, errors: str):
+        super().__init__(daemon=True, name="cqil-ranks")
+        self.errors, self.cause = errors, None
+        self.known: dict[int, int] = {}  # pid -> rank, of every rank seen
+        self._done = threading.Event()
+
+    def procs(self) -> list:
+        import psutil
+
+        mine = []
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                env = p.environ()
+                if env.get("CQIL_ERROR_FILE") == self.errors:
+                    mine.append(p)
+                    if env.get("RANK", "").isdigit():
+                        self.known.setdefault(p.pid, int(env["RANK"]))
+        return mine
+
+    def run(self) -> None:
+        while not self._done.wait(0.05) and self.cause is None:
+            self.procs()
+            silent = [f"1 rank {rank}: {_death(status)}" for pid, rank in sorted(self.known.items(), key=lambda x: x[1])
+                      if (status := _exit_status(pid)) and not self._said(rank)]
+            self.cause = (silent or self._lines() or [None])[0]
+        if self.cause:
+            self.end()
+
+    def _lines(self) -> list[str]:
+        """The lines the ranks wrote ("code rank R: message"), in the order they failed."""
+        try:
+            return Path(self.errors).read_text().splitlines()
+        except OSError:
+            return []
+
+    def _said(self, rank: int) -> bool:
+        return any(line.split(" ")[1:3] == ["rank", f"{rank}:"] for line in self._lines())
+
+    def end(self, wait: bool = False) -> None:
+        """SIGKILL every rank's process group (and any other process of the launch); with `wait`, reap them."""
+        import psutil
+
+        self._done.set()  # what follows is not a failure of the job
+        procs = self.procs()
+        for pid in {*self.known, *(p.pid for p in procs)}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if pid in self.known:  # a rank leads its own process group (the agent starts it in a new session)
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        if wait:
+            psutil.wait_procs(procs, timeout=10)
+
+    def stop(self) -> None:
+        """Stop watching; end and reap whatever of the launch is still alive (the agent has reaped its ranks)."""
+        self._done.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+        self.end(wait=True)
+
+
+def _exit_status(pid: int) -> int:
+    """The wait status of an exited child not yet reaped (Linux /proc: field 52 of stat); 0 if running, gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[49]) if fields[0] == "Z" and len(fields) > 49 else 0
 
 
 def check_world_size(devices: int, tp: int = 1) -> int:
@@ -150,8 +294,29 @@ def init_distributed(devices: int, tp: int = 1, device_type: str = "cpu", startu
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)  # before anything allocates: every rank on its own GPU
     if not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=startup_timeout_s))
+        store, rank, world = join(startup_timeout_s)
+        dist.init_process_group(BACKENDS[device_type], store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=startup_timeout_s))
     return device
+
+
+def join(timeout_s: float) -> tuple[dist.Store, int, int]:
+    """Wait until every rank of the job has reached its key-value store (env://, as init_process_group would);
+    JobFailed naming the ranks that have not within `timeout_s` (stopped, stuck or still loading), instead
+    of a store timeout that names nobody. Returns (store for the default group, rank, world size)."""
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    store.set(f"cqil/joined/{rank}", "1")
+    deadline = time.monotonic() + timeout_s
+    # polled (store.wait's timeout prints C++ warnings)
+    while late := [r for r in range(world) if not store.check([f"cqil/joined/{r}"])]:
+        if time.monotonic() > deadline:
+            raise JobFailed(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} did not join the job "
+                            f"within startup_timeout_s={timeout_s:g} s (stopped, stuck, or still loading); if loading "
+                            "takes longer, raise startup_timeout_s")
+        time.sleep(0.1)
+    return dist.PrefixStore("default_pg", store), rank, world
 
 
 def shutdown() -> None:
@@ -579,7 +744,8 @@ class Runtime:
 
     def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 timeout_s: float = 60.0, compile: str = "none", startup_timeout_s: float = 1800.0):
+                 timeout_s: float = 60.0, trust_remote_code: bool = False, compile: str = "none",
+                 startup_timeout_s: float = 1800.0):
         dtype = models.dtype_of(dtype) if isinstance(dtype, str) else dtype
         if isinstance(source, nn.Module):
             check_supported(source)
@@ -587,10 +753,11 @@ class Runtime:
             skel = models.skeleton(config, type(source))
             self.dtype = dtype or next(source.parameters()).dtype
         else:
-            config = models.load_config(source)
+            config = models.load_config(source, trust_remote_code)
             reader = models.SafetensorsReader(source)
-            skel = models.skeleton(config)
+            skel = models.skeleton(config, trust_remote_code=trust_remote_code)
             check_supported(skel)
+            models.check_checkpoint(source, skel, reader)
             self.dtype = dtype or torch.float32
         self.device = mesh.device if mesh is not None else torch.device(device or "cpu")
         self.config, self.mesh = config, mesh

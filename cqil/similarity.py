@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import data, models
-from .modeling import decoder
-from .results import provenance, write_csv
+from .modeling import decoder, plan_disabled
+from .results import provenance, update_table
 
 
 class LayerInputs:
@@ -71,14 +71,16 @@ class SimilarityAccumulator:
 
 @torch.no_grad()
 def layer_similarity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> pd.DataFrame:
-    """Long-format similarity table over token blocks [n_blocks, block_size]."""
+    """Long-format similarity table over token blocks [n_blocks, block_size], of the sequential stack (a converted
+    model's plan is switched off: inside a group every member reads the same input)."""
     capture = LayerInputs(model)
     acc = SimilarityAccumulator(len(capture.states))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(blocks.split(batch_size), desc="analyze", unit="batch"):
-            model.model(input_ids=batch.to(device))  # the decoder only: logits are not needed
-            acc.update(capture.states)
+        with plan_disabled(model):
+            for batch in tqdm(blocks.split(batch_size), desc="analyze", unit="batch"):
+                model.model(input_ids=batch.to(device))  # the decoder only: logits are not needed
+                acc.update(capture.states)
     finally:
         capture.remove()
     return acc.table()
@@ -105,7 +107,7 @@ def run(cfg: DictConfig) -> None:
     table["seconds"] = round(seconds, 2)
     for k, v in provenance(cfg.model.device).items():
         table[k] = v
-    write_csv(table, cfg.out)
+    update_table("similarity", table, cfg.out)
     adj = adjacent(table)
     print(f"{cfg.model.name}: {blocks.numel()} calibration tokens in {seconds:.1f} s -> {cfg.out}")
     print("adjacent similarity cos(x_i, x_{i+1}) (x_i = input of layer i, 0-based; x_%d = last output):" % n_layers)

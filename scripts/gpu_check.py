@@ -8,6 +8,12 @@ results/gpu_check/gpu_check_<gpu>.csv, with the GPU name and provenance, after e
              formula's own bf16 error (both measured against the fp32 reference)
   runtime    cqil.runtime in one process: greedy tokens (fp32) equal transformers' generate() of the
              converted model; bf16 logits within twice the converted model's own bf16 error
+  layer_step the layer-step microbenchmark (cqil/layerstep.py): one decode step of a LLaMA-2-7B and a 70B
+             decoder layer (random bf16 weights, 512-token KV cache, batch 1), whole and as the 1/2, 1/4, 1/8
+             shards TP=2/4/8 run per GPU, eager and compiled (CUDA graphs); fits the fixed cost per layer step
+             t = c0 + bytes / bandwidth -> results/gpu_check/layer_step_<gpu>.csv, which `cqil latency
+             layer_step.csv=...` projects with; the compiled step must equal the eager one, without graph
+             breaks or CUDA-graph skips
   finetune   4 steps of `cqil finetune` in bf16 with gradient checkpointing (train.bf16=true,
              train.gradient_checkpointing=true)
   generate   `cqil generate` in bf16, one GPU: TTFT and tokens/s
@@ -118,8 +124,8 @@ class Check:
 
         self.gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         self.gpus = torch.cuda.device_count() if device == "cuda" else 0
-        slug = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
-        self.path = out / f"gpu_check_{slug}.csv"
+        self.slug = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
+        self.path = out / f"gpu_check_{self.slug}.csv"
         self.common = {"gpu": self.gpu, "gpus": self.gpus, "model": label, **provenance(self.gpu)}
         self.rows: list[dict] = []
 
@@ -211,6 +217,47 @@ def step_runtime(check: Check, ckpt: str, device: str, plan, forward: dict) -> l
     check.add("runtime", "bf16: mean |runtime - cqil fp32|", err, round(2 * budget, 5), err <= 2 * budget, seconds,
               detail=f"the converted model in bf16: {budget:.4g}")
     return expected
+
+
+# The compiled step against the eager one: max |difference| / max |eager output| (bf16: a few rounding steps)
+STEP_AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+def step_layer_step(check: Check, device: str, *, timeout: float) -> None:
+    """The layer-step microbenchmark (cqil.layerstep) -> layer_step_<gpu>.csv beside the check's CSV: on a GPU the
+    LLaMA-2-7B and 70B layer shapes in bf16, TP shards 1, 2, 4, 8; the dry run: the tiny shape in fp32, few steps.
+    Rows: c0 and bandwidth per shape and mode, and the compiled step's checks."""
+    from cqil import layerstep
+    from cqil.results import write_csv
+
+    start = time.perf_counter()
+    if device == "cuda":
+        d = layerstep.DEFAULTS["cuda"]
+        shapes, dtype, depth, shards, reps = d["shapes"], torch.bfloat16, d["depth"], None, (10, 20, 10)
+    else:
+        shapes, dtype, depth, shards, reps = ("tiny",), torch.float32, 2, [1, 2, 4], (2, 3, 3)
+    planned = sum(len(shards or layerstep.default_shards(layerstep.SHAPES[s], device)) for s in shapes) * 2
+    warmup, blocks, steps = reps
+    df = layerstep.run(list(shapes), device, dtype, shards, depth=depth, warmup=warmup, blocks=blocks, steps=steps,
+                       deadline=time.monotonic() + timeout - 30)  # the slowest shard's compile and timing fit in 30 s
+    if df.empty:
+        check.add("layer_step", "measured rows", f"0/{planned}", ok=False, detail="out of time before the first shard")
+        return
+    path = write_csv(df, check.path.with_name(f"layer_step_{check.slug}.csv"))
+    seconds = time.perf_counter() - start
+    check.add("layer_step", "measured rows", f"{len(df)}/{planned}", ok=len(df) == planned, seconds=seconds,
+              detail=f"depth {depth}, {blocks} blocks of {steps} steps -> {path.name}")
+    for (shape, mode), g in df.groupby(["shape", "mode"], sort=False):
+        r = g.iloc[0]
+        check.add("layer_step", f"{shape} {mode}: fixed cost c0 (us)", float(r.fit_c0_us),
+                  detail=f"bandwidth {r.fit_bandwidth_gbs:.1f} GB/s over shards {','.join(map(str, g['shard']))}; "
+                         f"largest |residual| {g.fit_residual_us.abs().max():.1f} us")
+    compiled = df[df["mode"] == "compiled"]
+    diff = float(compiled.max_rel_diff_vs_eager.max())
+    check.add("layer_step", "compiled vs eager: max rel diff", diff, STEP_AGREEMENT[dtype], diff <= STEP_AGREEMENT[dtype],
+              detail=f"{dtype}, {compiled.compile_mode.iloc[0]}")
+    breaks, skips = int(compiled.graph_breaks.sum()), int(compiled.cudagraph_skips.sum())
+    check.add("layer_step", "graph breaks, CUDA-graph skips", f"{breaks}, {skips}", ok=breaks == 0 and skips == 0)
 
 
 def cqil_job(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -359,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
         forward = run_step("forward", step_forward, check, ckpt, args.device, plan)
         expected = run_step("runtime", step_runtime, check, ckpt, args.device, plan, forward) if forward else None
+        run_step("layer_step", step_layer_step, check, args.device, limit_s=200)
         run_step("finetune", step_finetune, check, ckpt, args.device, plan, work, limit_s=240)
         run_step("generate", step_generate, check, ckpt, args.device, plan, work, limit_s=150)
         if check.gpus >= 2:

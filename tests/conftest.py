@@ -65,10 +65,9 @@ def tiny_llama():
     return make_tiny_llama
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> dict:
-    """A saved tiny 8-layer model + tokenizer and three small text files: {'model': dir, 'files': [...]}."""
-    model_dir = tmp_path / "tiny-model"
+def write_tiny_checkpoint(root: Path) -> dict:
+    """A saved tiny 8-layer model + tokenizer and three small text files under root: {'model': dir, 'files': [...]}."""
+    model_dir = root / "tiny-model"
     make_tiny_llama(layers=8).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     words = "the cat sat on a mat while two dogs ran past the old mill and birds sang".split()
@@ -76,10 +75,16 @@ def tiny_checkpoint(tmp_path: Path) -> dict:
     for k in range(3):
         g = torch.Generator().manual_seed(k)
         text = " ".join(words[i] for i in torch.randint(0, len(words), (1500,), generator=g).tolist())
-        path = tmp_path / f"doc{k}.txt"
+        path = root / f"doc{k}.txt"
         path.write_text(text)
         files.append(str(path))
     return {"model": str(model_dir), "files": files}
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> dict:
+    """write_tiny_checkpoint in the test's tmp_path."""
+    return write_tiny_checkpoint(tmp_path)
 
 
 # ---- jobs on the tiny checkpoint -------------------------------------------------------------
@@ -110,3 +115,28 @@ def auto_overrides(ckpt: dict, tmp_path, *extra: str) -> list[str]:
 def model_and_tokenizer(ckpt: dict):
     """(model, tokenizer) of a tiny checkpoint, loaded as the jobs load it."""
     return models.load({"name": "tiny", "path": ckpt["model"]})
+
+
+def synthetic_layer_steps(c0_us: float, bandwidth_gbs: float, gpu: str = "NVIDIA A100-SXM4-80GB", noise: float = 0.0,
+                          seed: int = 0, modes: tuple[str, ...] = ("compiled",),
+                          shapes: tuple[str, ...] = ("llama-2-7b", "llama-2-70b")):
+    """A layer-step table (cqil.layerstep's schema, with its fits) of bf16 LLaMA shards at TP = 1, 2, 4, 8 whose
+    times follow t = c0 + bytes / bandwidth, times (1 + noise x a standard normal draw)."""
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from cqil import layerstep
+
+    rng, rows = np.random.default_rng(seed), []
+    for name in shapes:
+        shape = layerstep.SHAPES[name]
+        for count in layerstep.default_shards(shape, "cuda"):
+            weight = 2 * sum(math.prod(s) for s in layerstep.shard_shapes(shape, count).values())
+            nbytes = weight + 2 * 512 * shape.hd * 2 * (shape.kv_heads // count)  # + the keys and values read
+            for mode in modes:
+                t = (c0_us + nbytes / (bandwidth_gbs * 1e3)) * (1 + noise * rng.standard_normal())
+                rows.append({"gpu": gpu, "shape": name, "shard": count, "mode": mode, "bytes": nbytes,
+                             "median_us": t, "p10_us": 0.98 * t, "p90_us": 1.02 * t})
+    return layerstep.with_fits(pd.DataFrame(rows)).assign(torch=torch.__version__, command="synthetic")

@@ -78,3 +78,28 @@ def test_the_cycle_check_sees_lazy_and_absolute_imports(tmp_path, source, cycle)
     for name, text in source.items():
         (tmp_path / f"{name}.py").write_text(text + "\n")
     assert find_cycle(graph(tmp_path)) == cycle
+
+
+def trusting_calls(path: Path) -> list[int]:
+    """Lines of `path` that pass trust_remote_code=True (a keyword or a dict entry) to anything."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        pairs = [(k.arg, k.value) for k in node.keywords] if isinstance(node, ast.Call) else \
+            [(k.value if isinstance(k, ast.Constant) else None, v) for k, v in zip(node.keys, node.values)] \
+            if isinstance(node, ast.Dict) else []
+        lines += [v.lineno for k, v in pairs if k == "trust_remote_code" and isinstance(v, ast.Constant) and v.value is True]
+    return lines
+
+
+def test_no_code_runs_from_a_model_unless_the_user_asks():
+    """No call in cqil/ or scripts/ trusts a model's code by itself: trust_remote_code is model.trust_remote_code,
+    the user's choice (cqil.models), never a literal True."""
+    files = [*PACKAGE.glob("*.py"), *(PACKAGE.parent / "scripts").glob("*.py")]
+    found = {f.name: lines for f in files if (lines := trusting_calls(f))}
+    assert not found, f"trust_remote_code=True in {found}"
+
+
+def test_the_trust_check_sees_keywords_and_dicts(tmp_path):
+    (tmp_path / "a.py").write_text("f(x, trust_remote_code=True)\nd = {'trust_remote_code': True}\n"
+                                   "g(trust_remote_code=cfg.trust)\n# trust_remote_code=True in a comment\n")
+    assert trusting_calls(tmp_path / "a.py") == [1, 2]

@@ -30,9 +30,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import checks, cli, models
-from cqil.modeling import apply_plan, save_converted, write_dir
-from cqil.plan import Plan, PlanError
+from cqil import CqilError, checks, cli, models
+from cqil.modeling import apply_plan, save_converted
+from cqil.outputs import MODEL, PROVENANCE, write_dir
+from cqil.plan import Plan
 
 from conftest import char_tokenizer, make_tiny_llama
 
@@ -136,6 +137,11 @@ def make_world(root: Path) -> tuple[Path, Path]:
     (w / "user_dir").mkdir()
     (w / "user_dir" / "notes.txt").write_text("my notes\n")
     (w / "user_dir" / "data.csv").write_text("a,b\n1,2\n")
+    (w / "commands.csv").write_text("when,command\nmonday,make\n")
+    for d, name in (("looks_converted", "modeling_cqil.py"), ("looks_finetuned", "run.json")):  # names anyone may use
+        (w / d).mkdir()
+        (w / d / name).write_text("{}\n")
+        (w / d / "mine.txt").write_text("the user's\n")
     (w / "notes.txt").write_text("not a directory\n")
     (w / "good.txt").write_text("Some real text. " * 2000)
     (w / "binary.txt").write_bytes(b"text\x00\x01\x02" * 100)
@@ -148,6 +154,13 @@ def make_world(root: Path) -> tuple[Path, Path]:
     (w / "user.json").write_text('{"my": "settings"}\n')
     (w / "user.png").write_text("not an image\n")
     (w / "corrupt.csv").write_text("layer_i,layer_j,cos_mean\n0,1,0.5\n1,2,0.4,9,9\n")
+    for name, gpu, mode, sizes in [("good", "NVIDIA A100-SXM4-80GB", "compiled", (4e8, 1e8)),
+                                   ("eager", "NVIDIA A100-SXM4-80GB", "eager", (4e8, 1e8)),
+                                   ("cpu", "cpu", "compiled", (4e8, 1e8)), ("one", "NVIDIA H100", "compiled", (4e8,))]:
+        rows = [dict(gpu=gpu, shape="llama-2-7b", shard=1, mode=mode, bytes=b, median_us=20 + b / 1.6e6, p10_us=1,
+                     p90_us=1e4, fit_c0_us=20, fit_bandwidth_gbs=1600, torch="2", command="x") for b in sizes]
+        (w / f"layer_step_{name}.csv").write_text(",".join(checks.LAYER_STEP_COLUMNS) + "\n" + "".join(
+            ",".join(str(r[c]) for c in checks.LAYER_STEP_COLUMNS) + "\n" for r in rows))
     (w / "wrongcols.csv").write_text("x,y\n1,2\n")
     (w / "empty.csv").write_text("")
     (w / "header_only.csv").write_text(",".join(checks.SIMILARITY_COLUMNS + ("n_layers",)) + "\n")
@@ -160,13 +173,25 @@ def make_world(root: Path) -> tuple[Path, Path]:
     weights = w / "corrupt_ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (w / "fake.gguf").write_text("not gguf\n")
+    # models that would load other than as stored (issue 22): code of their own, a config without its depth,
+    # a converted directory (converting it again would drop its plan)
+    config = json.loads((tiny / "config.json").read_text())
+    for name, edited in (("remote", config | {"auto_map": {"AutoModelForCausalLM": "evil.Model"}}),
+                         ("shapeless", {k: v for k, v in config.items() if k != "num_hidden_layers"})):
+        shutil.copytree(tiny, w / name)
+        (w / name / "config.json").write_text(json.dumps(edited))
+    (w / "remote" / "evil.py").write_text("raise SystemExit('imported')\n")
+    converted = apply_plan(make_tiny_llama(layers=30), Plan.from_range(12, 24, 2))
+    converted.config.cqil_base_model = str(tiny)
+    save_converted(converted, char_tokenizer(), w / "converted")
     # the results the baselines read (jobs are stubbed: only their form matters): the analyze table of
     # plan=auto, the plan of plan=file, the bench tables cqil latency reads by default
     (w / "results" / "analyze").mkdir(parents=True)
     n = 30
-    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},cqil analyze" for i in range(n + 1) for j in range(i + 1, n + 1)]
+    prov = "cpu,2.13.0,5.23.0,0.1.0,2026-01-01T00:00:00Z,cqil analyze"  # the provenance columns every table has
+    rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},{prov}" for i in range(n + 1) for j in range(i + 1, n + 1)]
     (w / "results" / "analyze" / "similarity_smollm2-135m_english.csv").write_text(
-        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", "command")) + "\n" + "\n".join(rows) + "\n")
+        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", *PROVENANCE)) + "\n" + "\n".join(rows) + "\n")
     (w / "results" / "convert").mkdir()
     Plan.from_range(12, 24, 2).save(w / "results" / "convert" / "plan_smollm2-135m.json")
     bench = {"model": "smollm2-135m", "plan": "S12 E24 P2 D0", "device": "cpu", "setup": "original", "phase": "prefill",
@@ -177,6 +202,7 @@ def make_world(root: Path) -> tuple[Path, Path]:
     for table in [*latency.calibrate, *latency.validate]:
         (w / table).parent.mkdir(parents=True, exist_ok=True)
         (w / table).write_text(",".join(bench) + "\n" + ",".join(map(str, bench.values())) + "\n")
+    (w / "blank_S12E24P2D0.csv").write_text(",".join(bench) + "\n" + ",".join(map(str, (bench | {"median_ms": ""}).values())) + "\n")
     return w, cache
 
 
@@ -196,7 +222,8 @@ def checksums(*roots: Path) -> dict[str, str]:
 
 # ---- bad values, by kind of check ----------------------------------------------------------------
 W = "{W}"  # the world's working directory, filled in when the cases run
-OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir"],
+OUT_FILE = {".csv": [f"{W}/user_dir/data.csv", f"{W}/notes.txt/x.csv", f"{W}/out.txt", f"{W}/user_dir",
+                     f"{W}/commands.csv"],  # a `command` column is not a cqil table's header
             ".png": [f"{W}/user.png", f"{W}/notes.txt/x.png", f"{W}/out.jpg"],
             ".json": [f"{W}/user.json", f"{W}/notes.txt/x.json", f"{W}/out.txt", f"{W}/list.json"],
             ".jsonl": [f"{W}/bad.jsonl", f"{W}/notext.jsonl", f"{W}/notes.txt/x.jsonl", f"{W}/out.json"]}
@@ -243,11 +270,14 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.Variants: lambda c: (["[]"] if c.nonempty else []) + ["[{comm: x}]", "[{bogus: shm}]", "abc"],
     checks.InCSV: lambda c: CSV_TRAPS + ([] if c.optional else [f"{W}/missing.csv", f"{W}/user_dir"]),
     checks.FigureCSV: lambda c: CSV_TRAPS,  # figures=[] (every figure): every table is read
+    checks.LayerStepTable: lambda c: CSV_TRAPS + [f"{W}/missing.csv", f"{W}/user_dir", f"{W}/layer_step_eager.csv",
+                                                  f"{W}/layer_step_cpu.csv", f"{W}/layer_step_one.csv"],
     checks.BenchTables: lambda c: [f"[{W}/missing_S12E24P2D0.csv]", f"[{W}/corrupt.csv]", "abc"]
                                   + (["[]"] if c.nonempty_with else []),
     checks.Dirs: lambda c: [f"[{W}/missing_dir]", f"[{W}/notes.txt]", "abc"],
     checks.OutFile: lambda c: OUT_FILE[c.suffix],
-    checks.OutDir: lambda c: ([f"{W}/user_dir"] if c.marker else []) + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
+    checks.OutDir: lambda c: ([f"{W}/user_dir", f"{W}/looks_converted", f"{W}/looks_finetuned"] if c.kind else [])
+                             + [f"{W}/notes.txt", f"{W}/notes.txt/sub", "''"],
     checks.EvalModels: lambda c: ["[]", "[{label: a},{label: a}]", "[{label: a, bogus: 1}]", f"[{W}/missing_model]",
                                   "[{label: a, path: smollm2-135m, plan: {start: 0, end: 99, group_size: 2}}]",
                                   f"[{{label: a, path: {W}/corrupt_ckpt}}]", "[{path: smollm2-135m}]"],
@@ -342,6 +372,8 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
     ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
     ("latency", ["validate=[]"], "is empty while calibrate is not"),
+    ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv"], "give layer_step.hardware=<name>"),
+    ("latency", [f"layer_step.csv={W}/layer_step_good.csv", "layer_step.shapes=[llama-2-70b]"], "has no rows of mode"),
     ("eval", ["models=[{label: x, path: smollm2-135m, plan: {mode: file, file: nope.json}}]"], "does not exist"),
     ("plot", ["figures=[similarity_heatmap]", f"similarity_csv={W}/corrupt.csv"], "row 2 has 5 fields"),
     ("plot", [f"bench_csv={W}/wrongcols.csv"], "lacks the column"),
@@ -352,6 +384,10 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("analyze", ["no_such_key=1"], "bad override"),
     ("analyze", ["+n_token=1024"], "n_token is not a setting of `cqil analyze`"),
     ("analyze", ["~model.dtype"], "removing a setting is not supported"),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x"], "set model.trust_remote_code=true"),
+    ("analyze", ["model=hf", f"model.path={W}/shapeless", "model.name=x"], "lacks num_hidden_layers"),
+    ("convert", ["model=hf", f"model.path={W}/converted", "model.name=x"], "convert its base instead: model.path=/"),
+    ("latency", [f"calibrate=[{W}/blank_S12E24P2D0.csv]"], "row 1, column median_ms: '' is not a finite number"),
 ]
 ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("finetune", ["~ood_data"]), ("finetune", ["ood_data=null"]),  # an optional group, removed
@@ -363,6 +399,11 @@ ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("generate", ["prompt=hi", "sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9"]),
     ("generate", ["prompt=hi", "plan=manual", "devices=2", "runtime.ungrouped=tp", f"out={W}/out.jsonl"]),
     ("bench", ["warmup=3", "repeats=5", "tensor_parallel=[]", "cqil=[{ungrouped: tp}]"]),
+    ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x", "model.trust_remote_code=true",
+                 "data.block_size=256"]),
+    ("analyze", ["model=hf", f"model.path={W}/converted", "model.name=x", "data.block_size=256"]),  # cqil's own class
+    ("latency", [f"layer_step.csv={W}/layer_step_good.csv"]), ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv",
+                                                                          "layer_step.hardware=a100"]),
 ]
 
 
@@ -561,7 +602,7 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    with pytest.raises(PlanError, match="never deletes"):
+    with pytest.raises(CqilError, match="never deletes"):
         save_converted(model, tok, user)
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
 
@@ -569,7 +610,7 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
         (tmp / "config.json").write_text("{half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        write_dir(out, crash)  # the old directory stays whole, no temporary sibling is left
+        write_dir(out, crash, MODEL, "convert")  # the old directory stays whole, no temporary sibling is left
     assert json.loads((out / "config.json").read_text())["cqil_plan"]["groups"] == [[2, 3]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "user"]
     (tmp_path / ".conv.999999999-x.tmp").mkdir()  # left by a writer that was killed

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py (`make gpu-check`): without CUDA it says so and exits 0; `--device cpu` runs the one-GPU
-steps' code on the CPU (tiny model: the same overrides, subprocesses and CSV as on a GPU); its forward check fails
-for a forward that is not the plan's."""
+steps' code on the CPU (tiny model: the same overrides, subprocesses and CSV as on a GPU; the layer-step
+microbenchmark on a tiny shape, whose table cqil latency must accept); its forward check fails for a forward that
+is not the plan's."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,14 +32,36 @@ def test_dry_run_on_cpu(gpu_check, tmp_path):
 
     assert gpu_check.main(["--device", "cpu", "--model", "tiny", "--out", str(tmp_path)]) == 0
     df = read_csv(tmp_path / "gpu_check_cpu.csv")
-    assert list(dict.fromkeys(df.step)) == ["forward", "runtime", "finetune", "generate"]
+    assert list(dict.fromkeys(df.step)) == ["forward", "runtime", "layer_step", "finetune", "generate"]
     checked = df[df.ok.notna()]
-    assert len(checked) == 6 and checked.ok.astype(bool).all(), df[["step", "check", "value", "detail"]]
+    assert len(checked) == 9 and checked.ok.astype(bool).all(), df[["step", "check", "value", "detail"]]
     row = df.set_index("check")
     assert float(row.loc["fp32: max |cqil - reference| / scale", "value"]) < 1e-4
     assert row.loc["optimizer steps", "value"] == "4" or int(row.loc["optimizer steps", "value"]) == 4
     assert float(row.loc["TTFT median (ms)", "value"]) > 0
     assert (df.gpu == "cpu").all() and df.command.notna().all() and df.torch.notna().all()
+    check_layer_step_table(tmp_path / "layer_step_cpu.csv")
+
+
+def check_layer_step_table(path):
+    """The layer-step microbenchmark's dry run (tiny shape, eager and compiled, TP shards 1/2/4): the table has the
+    schema cqil latency reads, one row per shard and mode, its fits are the fit of its rows, and cqil latency's
+    checks accept it."""
+    from cqil import checks, cli, layerstep
+    from cqil.results import read_csv
+
+    ls = read_csv(path)
+    assert set(checks.LAYER_STEP_COLUMNS) <= set(ls.columns) and (ls.gpu == "cpu").all()
+    assert sorted(zip(ls["shard"], ls["mode"])) == [(c, m) for c in (1, 2, 4) for m in ("compiled", "eager")]
+    assert (ls.p10_us <= ls.median_us).all() and (ls.median_us <= ls.p90_us).all() and (ls.median_us > 0).all()
+    assert (ls.graph_breaks == 0).all() and (ls.depth == 2).all() and ls.command.notna().all()
+    whole = ls[ls["shard"] == 1].weight_bytes.iloc[0]
+    assert (ls[ls["shard"] == 4].weight_bytes < whole / 3).all()  # a quarter of the matrices, whole norms
+    for _, g in ls.groupby("mode"):
+        c0, bandwidth, residual = layerstep.fit_step(g["bytes"].to_numpy(), g.median_us.to_numpy())
+        assert g.fit_c0_us.to_numpy() == pytest.approx(c0) and g.fit_residual_us.to_numpy() == pytest.approx(residual)
+    cfg = cli.compose("latency", [f"layer_step.csv={path}", "layer_step.hardware=a100"])
+    checks.validate("latency", cfg, cli.conf_dir())
 
 
 def test_the_forward_check_fails_for_another_forward(gpu_check, tmp_path, monkeypatch):

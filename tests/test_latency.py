@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
-from conftest import auto_overrides, model_and_tokenizer
+from conftest import auto_overrides, model_and_tokenizer, synthetic_layer_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cqil import cli, latency, planning
@@ -330,6 +330,77 @@ def test_job_end_to_end(tmp_path, capsys):
         cli.main(["latency", f"calibrate=[{tmp_path}/old.csv]", f"validate=[{val}]", *outs])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "lacks the columns layer_ms, allreduce_ms" in err and len(err.splitlines()) == 1
+
+
+def layer_step_run(tmp_path, table, *extra: str) -> list[str]:
+    """`cqil latency` on 7B/70B, A100 and H100, with `table` as layer_step.csv (no CPU calibration)."""
+    path = tmp_path / "layer_step.csv"
+    table.to_csv(path, index=False)
+    return ["latency", "calibrate=[]", f"layer_step.csv={path}", f"external_out={tmp_path}/ext.csv",
+            f"hybrid_out={tmp_path}/h.csv", f"hybrid_candidates_out={tmp_path}/hc.csv", f"hybrid_png={tmp_path}/h.png",
+            "hybrid.models=[llama-2-7b,llama-2-70b]", "hybrid.prefill_tokens=[128]", *extra]
+
+
+def test_a_measured_layer_step_sets_the_fixed_cost_and_bandwidth(tmp_path, capsys):
+    """cqil latency layer_step.csv=<the microbenchmark's table>: c0 -> layer_overhead_s and bandwidth / mem_bw ->
+    bw_eff of the GPU it names, not fitted to gpt-fast (the rest of external.fit is); the projection follows c0."""
+    cli.main(layer_step_run(tmp_path, synthetic_layer_steps(30.0, 1600.0, noise=0.01)))
+    out = capsys.readouterr().out
+    assert "measured layer step on a100: c0 3" in out and "compiled, llama-2-7b, llama-2-70b: 8 rows" in out
+    c0_us, bw = latency.measured_figures({"csv": str(tmp_path / "layer_step.csv"), "hardware": "auto",
+                                         "mode": "compiled", "shapes": [], "figures": ["layer_overhead_s", "bw_eff"]}
+                                        ).figures.values()
+    assert c0_us == pytest.approx(30e-6, rel=0.1) and bw == pytest.approx(1600e9 / 2.039e12, rel=0.03)
+    h = pd.read_csv(tmp_path / "h.csv")
+    a100 = h[h.hardware == "a100"]
+    assert a100.layer_overhead_s.to_numpy() == pytest.approx(c0_us) and a100.bw_eff.to_numpy() == pytest.approx(bw)
+    assert (a100.layer_step_csv == str(tmp_path / "layer_step.csv")).all() and h[h.hardware == "h100"].layer_step_csv.isna().all()
+    assert h[h.hardware == "h100"].layer_overhead_s.to_numpy() == pytest.approx(c0_us)  # carried over (apply_to)
+    ext = pd.read_csv(tmp_path / "ext.csv")
+    assert (ext.fitted == "comm_alpha_s").all() and (ext.layer_overhead_s == c0_us).all()
+
+    # one shape's rows: the fit is the table's own (cqil.layerstep fits the same way)
+    one = synthetic_layer_steps(12.0, 1500.0, noise=0.02, seed=4, shapes=("llama-2-7b",))
+    one.to_csv(tmp_path / "one.csv", index=False)
+    m = latency.measured_figures({"csv": str(tmp_path / "one.csv"), "hardware": "a100", "mode": "compiled",
+                                  "shapes": ["llama-2-7b"], "figures": ["layer_overhead_s", "bw_eff"]})
+    assert (m.c0_us, m.bandwidth_gbs) == pytest.approx((one.fit_c0_us.iloc[0], one.fit_bandwidth_gbs.iloc[0]))
+
+    # all-reduce cost as stated (nothing left to fit): the gain over TP=8 shrinks with the fixed cost per step
+    def speedup(c0: float) -> float:
+        cli.main(layer_step_run(tmp_path, synthetic_layer_steps(c0, 1600.0), "external.fit=[bw_eff,layer_overhead_s]",
+                                "hybrid.hardware=[a100]"))
+        h = pd.read_csv(tmp_path / "h.csv")  # the table keeps the h100 rows of the run above (another key)
+        h = h[h.hardware == "a100"].set_index(["model", "phase", "devices"])
+        return h.loc[("llama-2-7b", "decode", 8), "speedup_vs_tp"]
+
+    assert speedup(60.0) > speedup(5.0) > 1
+    assert "nothing fitted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "does not exist; make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"),
+    ("eager only", "has no rows of mode compiled (it has: llama-2-70b eager, llama-2-7b eager)"),
+    ("cpu", "was measured on cpu, which names none of conf/hardware/ (a100, h100); give layer_step.hardware=<name>"),
+    ("one size", "at one size only"),
+    ("lacks columns", "lacks the column(s) median_us"),
+    ("too fast", "above A100-SXM4-80GB + NVLink3's memory bandwidth (2039 GB/s"),
+])
+def test_a_bad_layer_step_table_is_refused_in_one_line(tmp_path, capsys, case, words):
+    table = {"missing": None, "eager only": synthetic_layer_steps(30.0, 1600.0, modes=("eager",)),
+             "cpu": synthetic_layer_steps(30.0, 10.0, gpu="cpu"),
+             "one size": synthetic_layer_steps(30.0, 1600.0, shapes=("llama-2-7b",)).query("shard == 1"),
+             "lacks columns": synthetic_layer_steps(30.0, 1600.0).drop(columns="median_us"),
+             "too fast": synthetic_layer_steps(30.0, 5000.0)}[case]
+    argv = layer_step_run(tmp_path, table if table is not None else synthetic_layer_steps(30.0, 1600.0))
+    if table is None:
+        (tmp_path / "layer_step.csv").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("cqil latency: error: layer_step.csv")
+    assert words in err
+    assert not (tmp_path / "h.csv").exists()  # refused before any work
 
 
 def test_help_and_figures_registered(capsys):
