@@ -213,9 +213,9 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
 
 # ---- the layout a run uses by default ----------------------------------------------------------------
 def hardware_for(device: str) -> str:
-    """The conf/hardware figures that stand for a device ("cpu", or a GPU's name): the file its name contains
-    (cqil.checks.hardware_named), and for a GPU without one A100's, a stand-in the ranking line names."""
-    return hardware_named(device, conf_dir()) or ("cpu" if device == "cpu" else "a100")
+    """The conf/hardware figures that stand for a device ("cpu", or a GPU's name): cpu-core for CPU ranks; for a
+    GPU the file its name contains (cqil.checks.hardware_named), else A100's, a stand-in the ranking line names."""
+    return "cpu-core" if device == "cpu" else hardware_named(device, conf_dir()) or "a100"
 
 
 def rank_layouts(config, plan: Plan, P: int, T: int, hw: Hardware, lm_head: str, batch: int = 1,

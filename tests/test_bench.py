@@ -153,7 +153,7 @@ def test_compile_is_a_dimension_of_every_setup(tiny_checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     df = read_csv(out)
     ranked = costs.rank_layouts(models.load_config(tiny_checkpoint["model"]), Plan(((2, 3), (4, 5))),
-                                2, 1, costs.hardware("cpu"), "sharded", 1, 8 + 3, 4)
+                                2, 1, costs.hardware(costs.hardware_for("cpu")), "sharded", 1, 8 + 3, 4)
     best = ranked[0]["ungrouped"]
     cqil = f"cqil (shm, head sharded, ungrouped {best})"
     assert list(dict.fromkeys(df.setup)) == [BENCH_BASELINE, f"{BENCH_BASELINE}, compiled (default)", "original, 2 threads",

@@ -381,7 +381,7 @@ def test_a_measured_layer_step_sets_the_fixed_cost_and_bandwidth(tmp_path, capsy
 @pytest.mark.parametrize("case, words", [
     ("missing", "does not exist; make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"),
     ("eager only", "has no rows of mode compiled (it has: llama-2-70b eager, llama-2-7b eager)"),
-    ("cpu", "was measured on cpu, which names none of conf/hardware/ (a100, h100); give layer_step.hardware=<name>"),
+    ("cpu", "was measured on cpu, which names none of conf/hardware/ (a100, cpu-core, h100); give layer_step.hardware=<name>"),
     ("one size", "at one size only"),
     ("lacks columns", "lacks the column(s) median_us"),
     ("too fast", "above A100-SXM4-80GB + NVLink3's memory bandwidth (2039 GB/s"),
