@@ -210,9 +210,19 @@ class Timing:
     first_tokens: int
 
 
-def left_pad(ids: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A left-padded batch [B, T] and its mask (None when no row is padded)."""
-    width = max(map(len, ids))
+PROMPT_BLOCK = 32  # compiled runtime: prompts left-padded to a multiple of this share a prefill graph (cqil.runtime)
+
+
+def prompt_block(rt: Runtime) -> int:
+    """What prompts are padded to a multiple of: PROMPT_BLOCK for a compiled runtime (few prefill graphs), else 1."""
+    return PROMPT_BLOCK if rt.mode != "none" else 1
+
+
+def left_pad(ids: list[list[int]], pad: int, device: torch.device,
+             block: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch [B, T] left-padded to its longest prompt, rounded up to a multiple of `block`, and its mask (None
+    when no row is padded)."""
+    width = -(-max(map(len, ids)) // block) * block
     batch = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
     if all(len(row) == width for row in ids):
         return batch, None
@@ -230,7 +240,7 @@ def decode_batch(rt: Runtime, ids: list[list[int]], max_new_tokens: int, eos: se
     `sync_every` steps, to stream them (`on_tokens(rows)` per step, outside the timed regions) and to stop once
     every row has finished (steps past that in the last chunk are dropped). Sampling draws on the host (the same
     draws on every rank and device), so it reads the logits every step."""
-    batch, mask = left_pad(ids, pad, rt.device)
+    batch, mask = left_pad(ids, pad, rt.device, prompt_block(rt))
     out: list[list[int]] = [[] for _ in ids]
     done = [False] * len(ids)
     stops = torch.tensor(sorted(eos), dtype=torch.long, device=rt.device)
@@ -313,19 +323,19 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
     s = cfg.sampling
     how = "greedy" if s.temperature == 0 else f"sampling (temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed})"
     world = cfg.devices * cfg.tp
+    if layouts["line"]:  # the latency model's ranking behind ungrouped=auto, before the run's own line
+        say(layouts["line"])
     say(f"cqil generate: {cfg.model.name}, plan {job.plan.describe()}, {cfg.devices} x {cfg.tp} mesh: {world} "
         f"process{'es' if world > 1 else ''} on {device_type} ({cfg.model.dtype}); {how}; {len(job.prompts)} "
         f"prompt{'s' if len(job.prompts) > 1 else ''}, at most {cfg.max_new_tokens} new tokens each; "
         f"ungrouped {variant.ungrouped} ({layouts['by']}), compile {cfg.runtime.compile}")
-    if layouts["line"]:
-        say(layouts["line"])
 
     rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s,
                  cfg.model.trust_remote_code, cfg.runtime.compile, cfg.startup_timeout_s)
     pad = job.tokenizer.pad_token_id
     start = time.perf_counter()
-    for _ in range(cfg.warmup):  # untimed first-call costs (allocator, communicators; compiled: the graphs of the
-        token, state, *_ = rt.prefill(*left_pad(job.ids[:cfg.batch_size], pad, rt.device),  # first batch's shape)
+    for _ in range(cfg.warmup):  # untimed first-call costs (allocator, communicators; compiled: the first batch's graphs)
+        token, state, *_ = rt.prefill(*left_pad(job.ids[:cfg.batch_size], pad, rt.device, prompt_block(rt)),
                                       with_logits=s.temperature > 0, max_new_tokens=cfg.max_new_tokens)
         rt.decode(token, state, with_logits=s.temperature > 0)
     if cfg.warmup and rt.mode != "none":

@@ -61,8 +61,7 @@ stages with their collectives, head) either eagerly or compiled whole per rank (
     cache and indexed by slot and position. tests: equal to transformers' DynamicCache and generate().
   - torch.compile(fullgraph=True) of the whole step: a graph break raises instead of slowing down silently;
     static shapes (a graph per batch size and cache length for decode, per batch size and prompt length for
-    prefill; prompts left-padded to a multiple of PROMPT_BLOCK tokens); mode "reduce-overhead" replays CUDA
-    graphs. Collectives stay inside the graph: torch's go through the functional collectives dynamo traces
+    prefill: callers bucket prompt lengths by left padding); mode "reduce-overhead" replays CUDA graphs. Collectives stay inside the graph: torch's go through the functional collectives dynamo traces
     (gloo and nccl); the shm communicator's spin-wait cannot be traced, so its collectives are torch custom
     ops (opaque to dynamo, ordered effects: never dropped, merged or reordered). Compiled runs keep the eager
     run's communicator, so a setup's eager and compiled rows differ in compilation alone.
@@ -651,8 +650,7 @@ class _ModuleReader:
 
 
 # ---- the static KV cache ------------------------------------------------------------------------
-CACHE_BLOCK = 64   # cache slots are rounded up to a multiple of this: runs of nearby lengths share a cache and a graph
-PROMPT_BLOCK = 32  # compiled: prompts are left-padded to a multiple of this, so prompt lengths share prefill graphs
+CACHE_BLOCK = 64  # cache slots are rounded up to a multiple of this: runs of nearby lengths share a cache and a graph
 
 
 class StaticKV:
@@ -738,8 +736,8 @@ class Runtime:
     the head), eager or compiled whole per rank (`compile`: none | default | reduce-overhead | auto;
     `compiled(mode)` gives a twin sharing weights, communicators and caches). Compiled: fullgraph (a graph
     break is an error, not a slowdown), static shapes (what CUDA graphs replay): a decode graph per batch size
-    and cache length (CACHE_BLOCK), a prefill graph per batch size and prompt length, prompts left-padded to a
-    multiple of PROMPT_BLOCK tokens so that a run's graphs stay few (padding is masked: the same tokens).
+    and cache length (CACHE_BLOCK), a prefill graph per batch size and prompt length (callers with prompts of
+    many lengths bucket them by left padding, which is masked: cqil generate pads to a multiple of 32 tokens).
     """
 
     def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
@@ -995,8 +993,6 @@ class Runtime:
         (this first one and max_new_tokens - 1 decode steps): (first new token [B], state[, logits [B, V]])."""
         if max_new_tokens < 1:
             raise CqilError(f"max_new_tokens={max_new_tokens}: a run makes at least one new token")
-        if self.mode != "none":
-            input_ids, attention_mask = pad_left(input_ids, attention_mask, PROMPT_BLOCK)
         B, T = input_ids.shape
         kv = self.cache(B, T + max_new_tokens - 1)
         kv.reset(attention_mask, T)
@@ -1031,16 +1027,6 @@ class Runtime:
             logits += [out[2]] if with_logits else []
         new = torch.stack(tokens, 1)
         return (new, torch.stack(logits, 1)) if with_logits else new
-
-
-def pad_left(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, block: int):
-    """The batch left-padded (id 0, masked) to a multiple of `block` tokens, and its mask (None: no padding)."""
-    pad = -input_ids.shape[1] % block
-    if not pad:
-        return input_ids, attention_mask
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return nn.functional.pad(input_ids, (pad, 0)), nn.functional.pad(attention_mask, (pad, 0))
 
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
