@@ -1027,6 +1027,35 @@ class LoraLayers(Check):
                          + (f" below {n}" if n else ""))
 
 
+class FullLayers(LoraLayers):
+    """lora.full_layers: null (none), or the layers whose weights train fully: groups, from_plan or indices (not all:
+    that would be a second copy of the whole model)."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if value == "all":
+            raise refuse(key, value, "would train a second copy of the whole model; name the layers (groups, from_plan "
+                                     "or 0-based indices), or use lora.layers=all for LoRA everywhere")
+        super().check(value, key, ctx)
+
+
+class LoraRanks(Check):
+    """lora.ranks: null (lora.r everywhere), or {layer set: rank}, a layer set being groups, from_plan, all or one
+    0-based layer index."""
+    null_ok = True
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict):
+            raise refuse(key, value, f"must map layer sets to ranks, e.g. {key}={{groups: 64}} or {key}={{7: 64}}")
+        n = ctx.num_layers()
+        for where, r in value.items():
+            index = int(where) if isinstance(where, int) or str(where).isdigit() else None
+            if where not in ("groups", "from_plan", "all") and (index is None or (n is not None and index >= n)):
+                raise refuse(key, value, f"{_show(where)} is not a layer set: groups, from_plan, all or a 0-based layer "
+                                         "index" + (f" below {n}" if n else ""))
+            Count(1, what="a LoRA rank")(r, f"{key}.{where}", ctx)
+
+
 class Schedule(Check):
     """train.schedule: a transformers scheduler name (checked after the cheap checks: it imports transformers)."""
 
@@ -1246,7 +1275,7 @@ class MeshDevices(Count):
 
 
 class KlFrom(Number):
-    """loss.kl_from: null, or the fraction of max_steps after which loss.kind=blockwise turns into kl alone."""
+    """loss.kl_from: null, or the fraction of max_steps after which loss.kind=blockwise turns into loss.then alone."""
 
     def __init__(self):
         super().__init__(0, 1, lo_open=True, hi_open=True, null_ok=True, what="a fraction of train.max_steps")
@@ -1256,6 +1285,73 @@ class KlFrom(Number):
         if ctx.get("loss.kind") != "blockwise":
             raise refuse(key, value, f"applies to loss.kind=blockwise only (loss.kind={ctx.get('loss.kind')}); "
                                      "set loss.kl_from=null")
+
+
+class Then(Choice):
+    """loss.then: the logit loss after the blockwise phase (kl or onpolicy); read only with loss.kl_from set."""
+
+    def __init__(self):
+        super().__init__("kl", "onpolicy")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        if value != "kl" and ctx.get("loss.kl_from") is None:
+            raise refuse(key, value, "is the loss after loss.kl_from, which is null; set loss.kl_from (e.g. 0.5, with "
+                                     "loss.kind=blockwise) or use loss.kind=onpolicy")
+
+
+class LossKind(Choice):
+    """loss.kind (cqil.distill.LOSS_KINDS; that module imports torch); onpolicy reads the on-policy keys."""
+
+    def __init__(self):
+        super().__init__("kl", "ce", "mix", "blockwise", "onpolicy")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        if "onpolicy" in (value, ctx.get("loss.then") if ctx.get("loss.kl_from") is not None else None):
+            missing = [k for k in ("lmbda", "beta", "max_new_tokens") if ctx.get(f"loss.{k}") is None]
+            if missing:
+                raise refuse(key, value, f"on-policy distillation needs loss.{missing[0]}, which this recipe lacks; use "
+                                         "recipe=onpolicy or recipe=blockwise_onpolicy")
+
+
+class MaxNewTokens(Count):
+    """loss.max_new_tokens: tokens the student writes at the end of each training block; the rest is its prompt."""
+
+    def __init__(self):
+        super().__init__(1, what="tokens the student writes per block")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        block = ctx.get("train.block_size")
+        if _is_int(block) and value >= block:
+            raise refuse(key, value, f"leaves no prompt in a train.block_size={block} block; use at most {block - 1}")
+
+
+class Shares(Check):
+    """teacher_text.kinds: {continuation, instruction, arithmetic: share >= 0}, summing to 1."""
+    KINDS = ("continuation", "instruction", "arithmetic")
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, dict) or set(value) - set(self.KINDS) or \
+                not all(_is_number(v) and v >= 0 for v in value.values()) or abs(sum(value.values()) - 1) > 1e-6:
+            raise refuse(key, value, f"must give shares >= 0 of {', '.join(self.KINDS)} that sum to 1, e.g. "
+                                     f"{key}={{continuation: 0.5, instruction: 0.25, arithmetic: 0.25}}")
+
+
+class PromptTokens(Count):
+    """teacher_text.prompt_tokens: a continuation prompt's training-split tokens, shorter than a training block (when
+    teacher_text.samples > 0, which reads it)."""
+
+    def __init__(self):
+        super().__init__(1, what="training-split tokens per continuation prompt")
+
+    def check(self, value, key, ctx) -> None:
+        super().check(value, key, ctx)
+        block = ctx.get("train.block_size")
+        if _is_int(block) and value > block - 8 and ctx.get("teacher_text.samples"):  # read only with samples
+            raise refuse(key, value, f"leaves the teacher under 8 tokens of a train.block_size={block} block; lower it "
+                                     f"to at most {block - 8}")
 
 
 class Texts(Check):
@@ -1388,13 +1484,17 @@ RECIPE = {
     "recipe_name": Label(),
     "lora.r": Count(1), "lora.alpha": Number(0, lo_open=True), "lora.dropout": Number(0, 1, hi_open=True),
     "lora.target_modules": StrList(), "lora.layers": LoraLayers(),
-    "loss.kind": Choice("kl", "ce", "mix", "blockwise"),  # cqil.distill.LOSS_KINDS (that module imports torch)
+    "lora.ranks": LoraRanks(), "lora.full_layers": FullLayers(), "lora.full_lr": Number(0, lo_open=True),
+    "loss.kind": LossKind(),
     "loss.temperature": Number(0, lo_open=True), "loss.kl_weight": Number(0, 1), "loss.kl_from": KlFrom(),
+    "loss.then": Then(), "loss.lmbda": Number(0, 1, what="share of student-written steps"),
+    "loss.beta": Number(0, 1, what="0: forward KL, 1: reverse KL"), "loss.score_prompt": Flag(),
     "train.max_steps": Count(1), "train.block_size": BlockSize(), "train.batch_size": Count(1),
     "train.grad_accum": Count(1), "train.lr": Number(0, lo_open=True), "train.schedule": Schedule(),
     "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
     "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
     "train.gradient_checkpointing": Choice("auto", True, False),
+    "loss.max_new_tokens": MaxNewTokens(),  # after train.block_size, which it reads
 }
 PROBE = "plan.budget", "after_recovery"  # plan=auto reads plan.probe.* only then
 PLAN = {
@@ -1469,7 +1569,11 @@ CHECKS: dict[str, dict[str, Check]] = {
         "agreement.new_tokens": Count(1),
         "curve.every_steps": Count(1, null_ok=True, what="null: no recovery curve"),
         "curve.eval_tokens": Tokens(("data.block_size", "ood_data.block_size")),
+        "curve.greedy": Flag(),
         "curve.out": OutFile(".csv", table="recovery curve"),
+        "teacher_text.samples": Count(0, what="0: no teacher-written text"), "teacher_text.kinds": Shares(),
+        "teacher_text.prompt_tokens": PromptTokens(), "teacher_text.temperature": Number(0, what="0: greedy"),
+        "teacher_text.seed": Int(), "teacher_text.batch_size": Count(1),
         **THREADS,
         "out_dir": OutDir(FINETUNE),
         "loss_csv": OutFile(".csv", table="finetune loss"), "out": OutFile(".csv", table="finetune"),
@@ -1560,8 +1664,10 @@ CHECKS: dict[str, dict[str, Check]] = {
         "finetune_loss_csv": FigureCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), "finetune_loss",
                                        numeric=("step", "tokens", "loss")),
         "recovery_curve_csv": FigureCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
-                                         "ppl_finetuned", "top1_finetuned"), "recovery_curve",
-                                        numeric=("tokens", "ppl_finetuned", "top1_finetuned")),
+                                         "ppl_finetuned", "top1_finetuned", "train_seconds", "gap_recovered", "device"),
+                                        "recovery_curve", "recovery_time",
+                                        numeric=("tokens", "ppl_finetuned", "top1_finetuned", "train_seconds",
+                                                 "gap_recovered")),
         "bench_csv": FigureCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
                                 "p90_ms", "ideal_reduction"), "bench_latency",
                                numeric=("prompt_tokens", "batch_size", "median_ms", "reduction", "ideal_reduction")),

@@ -17,6 +17,7 @@ from every document.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -94,3 +95,22 @@ def token_blocks(cfg: DataConfig | dict, tokenizer, split: str, max_tokens: int 
                             f"{block_size}-token blocks ({len(order) * block_size}); lower it or add text")
         order = order[:n]
     return torch.stack(order)
+
+
+def addition_problems(digits: list[int], questions: int, shots: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The held-out addition set of the cqil_arithmetic task (cqil/tasks/cqil_arithmetic.yaml's metadata.build), one
+    seeded draw: `shots` few-shot examples, then `questions` questions per digit count, none repeating a shot or
+    another question; digit counts take turns. Rows {"a", "b", "answer"}. Here (not in the eval job) because the
+    teacher-written training text (cqil.teacher_text) must leave exactly these questions out."""
+    rng, seen = random.Random(seed), set()
+
+    def draw(d: int) -> dict:
+        while True:
+            a, b = rng.randint(10 ** (d - 1), 10 ** d - 1), rng.randint(10 ** (d - 1), 10 ** d - 1)
+            if (a, b) not in seen:
+                seen.add((a, b))
+                return {"a": a, "b": b, "answer": str(a + b)}
+
+    examples = [draw(digits[k % len(digits)]) for k in range(shots)]  # drawn first: the test never repeats them
+    test = [draw(digits[k % len(digits)]) for k in range(questions * len(digits))]  # interleaved: `limit` sees all
+    return examples, test

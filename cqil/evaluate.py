@@ -147,21 +147,11 @@ def cloze_jsonl(out: Path, source: str, items: int, context_words: int, min_leng
 
 
 def arithmetic_jsonl(out: Path, part: str, digits: list[int], questions: int, shots: int, seed: int) -> Path:
-    """Addition questions {"a", "b", "answer"}: part="shots" the few-shot examples, part="test" `questions` per
-    digit count, none repeating a shot or another question; digit counts take turns. Deterministic (seed)."""
+    """Addition questions {"a", "b", "answer"} (cqil.data.addition_problems): part="shots" the few-shot examples,
+    part="test" the questions."""
     if part not in ("shots", "test"):
         raise CqilError(f"arithmetic part {part!r}: use shots or test")
-    rng, seen = random.Random(seed), set()
-
-    def draw(d: int) -> dict:
-        while True:
-            a, b = rng.randint(10 ** (d - 1), 10 ** d - 1), rng.randint(10 ** (d - 1), 10 ** d - 1)
-            if (a, b) not in seen:
-                seen.add((a, b))
-                return {"a": a, "b": b, "answer": str(a + b)}
-
-    examples = [draw(digits[k % len(digits)]) for k in range(shots)]  # drawn first: the test never repeats them
-    test = [draw(digits[k % len(digits)]) for k in range(questions * len(digits))]  # interleaved: `limit` sees all
+    examples, test = data.addition_problems(digits, questions, shots, seed)
     return _write_jsonl(examples if part == "shots" else test, out)
 
 

@@ -10,6 +10,10 @@ output), the loss curve CSV and one row of held-out perplexities (original / con
 fine-tuned) on the evaluation split, which training never sees, in the same windows as every other
 job (cqil.metrics; training itself uses `train.block_size`-token blocks).
 
+Training data: the training split of `data`, plus, with `teacher_text.samples=N`, what the original model writes
+from N prompts (training-split prefixes, instructions, arithmetic), packed into `train.block_size` blocks
+(cqil.teacher_text, cached with its provenance under $CQIL_CACHE/teacher_text; the same for every recipe).
+
 Recovery is reported in domain (the evaluation split of `data`) and out of domain (`ood_data`, a
 source training never sees, default conf/data/english_ood.yaml): perplexity of original, converted
 and fine-tuned, and the agreement of converted and fine-tuned with the original (teacher-forced
@@ -43,7 +47,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import CqilError, data, models
+from . import CqilError, data, models, teacher_text
 from .distill import make_trainer, teacher_mode
 from .metrics import greedy_agreement, greedy_tokens, teacher_forced_agreement
 from .modeling import apply_plan, get_plan, is_converted_dir, save_converted
@@ -53,7 +57,8 @@ from .planning import resolve_plan
 from .results import plan_columns, provenance, update_table
 
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
-FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "batch_size", "grad_accum", "seed")
+FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "teacher_text", "batch_size", "grad_accum",
+                    "seed")
 
 
 # ---- progress log, checkpoints -----------------------------------------------------------
@@ -291,13 +296,15 @@ def recovery(model: nn.Module, teacher: nn.Module | None, sets: dict[str, torch.
 
 
 class RecoveryCurve(TrainerCallback):
-    """The teacher-forced recovery measures (fine-tuned against the original: perplexities, top-1, KL; no greedy
-    decoding) before training and every `every` optimizer steps, one CSV row each: the recovery curve against
-    training tokens. Rank 0 measures; the time it takes is left out of train_seconds."""
+    """The teacher-forced recovery measures (fine-tuned against the original: perplexities, top-1, KL; greedy
+    agreement too when `agreement` asks for prompts) before training and every `every` optimizer steps, one CSV
+    row each: the recovery curve against training tokens and seconds. Rank 0 measures; the time it takes is left
+    out of train_seconds."""
 
     def __init__(self, every: int, path: str | Path, teacher: nn.Module | None, sets: dict, batch_size: int,
-                 tokens_per_step: int, columns: dict):
+                 tokens_per_step: int, columns: dict, agreement: dict | None = None):
         self.every, self.path, self.teacher, self.sets = every, Path(path), teacher, sets
+        self.agreement = agreement or {"prompts": 0}
         self.batch_size, self.tokens_per_step, self.columns = batch_size, tokens_per_step, columns
         self.started, self.measuring, self.converted = 0.0, 0.0, {}
 
@@ -315,7 +322,7 @@ class RecoveryCurve(TrainerCallback):
             return
         begin = time.perf_counter()
         train_seconds = begin - self.started - self.measuring
-        row = recovery(model, self.teacher, self.sets, {"prompts": 0}, self.batch_size, ("finetuned",))
+        row = recovery(model, self.teacher, self.sets, self.agreement, self.batch_size, ("finetuned",))
         if state.global_step == 0:  # the adapter starts at zero: the converted model
             self.converted = {k: v for k, v in row.items() if k.endswith("ppl_finetuned")}
         for key, ppl in self.converted.items():
@@ -328,6 +335,18 @@ class RecoveryCurve(TrainerCallback):
                "tokens_per_s": round(tokens / train_seconds, 1) if state.global_step else float("nan"), **row,
                **provenance(self.columns.get("device", "cpu"))}
         update_table("recovery curve", [row], self.path)
+
+
+def options(cfg: DictConfig, written: dict | None) -> str:
+    """What a run adds to its recipe, for the tables (runs of one recipe differ in it): teacher-written text,
+    LoRA ranks per layer set, fully trained layers; '' for none."""
+    lora = OmegaConf.to_object(cfg.lora)
+    parts = [f"teacher_text={written['samples']} ({written['key'][:8]})"] if written else []
+    if lora.get("ranks"):
+        parts.append("ranks " + ",".join(f"{k}:{v}" for k, v in lora["ranks"].items()))
+    if lora.get("full_layers") is not None:
+        parts.append(f"full {lora['full_layers']} lr {lora['full_lr']:g}")
+    return "; ".join(parts)
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -352,6 +371,11 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     plan = choose_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
     block = cfg.train.block_size
     train_blocks = data.token_blocks(data_cfg, tokenizer, "training", cfg.train.train_tokens, block, "train.train_tokens")
+    written = None
+    if cfg.teacher_text.samples:  # the original model's own text beside the training split's
+        written = teacher_text.blocks(OmegaConf.to_object(cfg.teacher_text), block, model, teacher, tokenizer, data_cfg,
+                                      teacher_path)
+        train_blocks = torch.cat([train_blocks, written[0]])
     sets = {"": data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")}
     if cfg.get("ood_data") is not None:
         sets["ood_"] = data.token_blocks(data.DataConfig(**OmegaConf.to_object(cfg.ood_data)), tokenizer,
@@ -366,7 +390,8 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     recipe = {k: OmegaConf.to_object(cfg[k]) for k in ("lora", "loss", "train")}
     fingerprint = {"model": cfg.model.path, "teacher": teacher_path, "plan": plan.to_dict(), "lora": recipe["lora"],
                    "loss": recipe["loss"], "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                   "seed": cfg.train.seed, "block_size": block, "data": OmegaConf.to_object(cfg.data)}
+                   "seed": cfg.train.seed, "block_size": block, "data": OmegaConf.to_object(cfg.data),
+                   "teacher_text": written[1]["key"] if written else None}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
     name_adapter_base(model, tokenizer, plan, out_dir)
 
@@ -377,14 +402,15 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size * block
     layers = cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers))
     columns = {"model": cfg.model.name, **plan_columns(plan), "data": f"{data_cfg.name}/training",
-               "recipe": cfg.recipe_name, "loss_kind": cfg.loss.kind, **provenance(str(trainer.args.device))}
+               "recipe": cfg.recipe_name, "options": options(cfg, written[1] if written else None),
+               "loss_kind": cfg.loss.kind, **provenance(str(trainer.args.device))}
     trainer.add_callback(LossCsv(cfg.loss_csv, str(out_dir), tokens_per_step, columns))
     if cfg.curve.every_steps:
         curve_sets = {prefix: blocks[: cfg.curve.eval_tokens // blocks.shape[1]] for prefix, blocks in sets.items()}
         trainer.add_callback(RecoveryCurve(
             cfg.curve.every_steps, cfg.curve.out, teacher, curve_sets, cfg.eval_batch_size, tokens_per_step,
             {**columns, "lora_layers": layers, "lr": cfg.train.lr, "max_steps": trainer.args.max_steps,
-             "teacher": teacher_path}))
+             "teacher": teacher_path}, agreement if cfg.curve.greedy else None))
     if resume is not None:
         print(f"resuming from {resume}")
     start = time.perf_counter()
@@ -395,6 +421,8 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     return report(cfg, trainer.model, tokenizer, plan, teacher, teacher_path, sets, agreement, columns, {
         "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
         "train_tokens": trainer.state.global_step * tokens_per_step, "train_blocks_available": len(train_blocks),
+        "teacher_text_blocks": len(written[0]) if written else 0,
+        "teacher_text_key": written[1]["key"] if written else "",
         "block_size": block, "ppl_window": data_cfg.block_size, "train_seconds": round(train_seconds, 1),
         "lora_layers": layers}, started)
 
@@ -416,7 +444,9 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
            "eval_tokens": sets[""].numel(), "ood_data": f"{cfg.ood_data.name}/evaluation" if "ood_" in sets else "",
            "ood_tokens": sets["ood_"].numel() if "ood_" in sets else 0, **training, "recipe": cfg.recipe_name,
            "loss_kind": cfg.loss.kind, "kl_weight": cfg.loss.kl_weight, "kl_from": cfg.loss.kl_from,
-           "temperature": cfg.loss.temperature, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
+           "temperature": cfg.loss.temperature, "then": cfg.loss.get("then", "kl"),
+           **{k: cfg.loss.get(k) for k in ("lmbda", "beta", "max_new_tokens", "score_prompt")},
+           "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
            "lora_targets": ",".join(cfg.lora.target_modules), "lr": cfg.train.lr, "schedule": cfg.train.schedule,
            "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
            "weight_decay": cfg.train.weight_decay, "seed": cfg.train.seed, "teacher": teacher_path,

@@ -115,19 +115,31 @@ def teacher_forced_agreement(reference: nn.Module | LogitsFn | torch.Tensor, mod
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batch_size: int | None = None) -> torch.Tensor:
-    """[B, new_tokens] greedy continuation of prompts [B, T] (transformers' generate, KV cache, no early stop),
-    batch_size prompts at a time (None: all at once)."""
+def continue_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.0,
+                    attention_mask: torch.Tensor | None = None, batch_size: int | None = None,
+                    stop_at_eos: bool = False) -> torch.Tensor:
+    """[B, new_tokens] continuation of prompts [B, T] (transformers' generate, KV cache): greedy at temperature 0,
+    else sampled from the model's own distribution at that temperature (no top-k, no top-p), with torch's global
+    generator; batch_size prompts at a time (None: all at once). attention_mask: for left-padded prompts (0 on the
+    padding). No early stop unless stop_at_eos (then a row ends at the model's EOS and the rest is its pad id)."""
     config = copy.deepcopy(model.generation_config)
     # no EOS: every continuation has new_tokens tokens (min_new_tokens would instead mask EOS, changing argmax)
-    config.update(do_sample=False, eos_token_id=None, max_new_tokens=new_tokens,
-                  pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
+    config.update(do_sample=temperature > 0, eos_token_id=config.eos_token_id if stop_at_eos else None,
+                  max_new_tokens=new_tokens, pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
+    if temperature > 0:  # the distribution itself: top_k=0 and top_p=1 switch those filters off
+        config.update(temperature=temperature, top_k=0, top_p=1.0)
+    mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     out = []
-    for batch in prompts.split(batch_size or len(prompts)):
+    for batch, batch_mask in zip(prompts.split(batch_size or len(prompts)), mask.split(batch_size or len(prompts))):
         batch = batch.to(_device(model))
-        ids = model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config)
-        out.append(ids[:, batch.shape[1]:].cpu())
+        ids = model.generate(batch, attention_mask=batch_mask.to(batch.device), generation_config=config)[:, batch.shape[1]:]
+        out.append(torch.nn.functional.pad(ids.cpu(), (0, new_tokens - ids.shape[1]), value=config.pad_token_id))
     return torch.cat(out)
+
+
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batch_size: int | None = None) -> torch.Tensor:
+    """[B, new_tokens] greedy continuation of prompts [B, T] (continue_tokens at temperature 0)."""
+    return continue_tokens(model, prompts, new_tokens, batch_size=batch_size)
 
 
 def greedy_agreement(reference_tokens: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:

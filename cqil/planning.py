@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from . import CqilError, data
 from .cli import conf_dir
-from .distill import make_trainer
+from .distill import make_trainer, unload_original
 from .latency import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
 from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled
@@ -315,7 +315,7 @@ def probe(model: nn.Module, plan: Plan, recipe: dict, train_blocks: torch.Tensor
             peft_model = trainer.model.eval()
             ppl = perplexity(peft_model, cal_blocks, batch_size, desc="probe perplexity")
         finally:
-            trainer.model.unload()  # the Linear modules of `model` are its own again, weights untouched
+            unload_original(trainer.model)  # the modules of `model` are its own again, weights untouched
             del trainer
     if model.is_activation_checkpointing and not was_checkpointing:  # a recipe may switch it on (on GPUs)
         model.activation_checkpointing_disable()
@@ -435,7 +435,8 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
         table["within_budget"] = table.ppl_ratio <= budget
         metric, measured_as = "ppl_ratio", "calibration perplexity"
     else:
-        update_table("plan candidates", table.assign(**prov), cfg["table"])  # the scores so far, in case a probe fails
+        # the scores so far, in case a probe fails (nothing chosen yet: the table's schema has the column)
+        update_table("plan candidates", table.assign(chosen=False, **prov), cfg["table"])
         probes = run_probes(cfg, probe_cfg, recipe, model, tokenizer, dcfg, blocks, candidates, table, key)
         by_plan = probes.set_index("plan")
         table["probe_ppl"] = table.plan.map(by_plan.probe_ppl)

@@ -256,6 +256,38 @@ def recovery_curve(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+def recovery_time(df: pd.DataFrame, out: str | Path) -> Path:
+    """Recovery per wall-clock second of training, one line per run (recipe and its options: teacher-written text,
+    ranks, fully trained layers; lr, steps; finetune curve CSV): share of the perplexity gap recovered, top-1
+    agreement with the original and, when the curve measured it (curve.greedy=true), the median first divergence
+    of greedy continuations; solid in domain, dashed out of domain. Runs of recipes with different step costs
+    compare at equal x."""
+    df = df.assign(options=df["options"].fillna("") if "options" in df else "")
+    panels = [("gap_recovered", "share of the perplexity gap recovered"),
+              ("top1_finetuned", "top-1 agreement with the original")]
+    if df.get("first_divergence_finetuned") is not None and df["first_divergence_finetuned"].notna().any():
+        panels.append(("first_divergence_finetuned", "greedy: median first divergence (tokens)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), layout="constrained", squeeze=False)
+    for (recipe, options, layers, lr, steps), run in df.groupby(["recipe", "options", "lora_layers", "lr", "max_steps"],
+                                                                sort=False):
+        run = run.sort_values("train_seconds")
+        label = f"{recipe}{f' ({options})' if options else ''}, {steps} steps, lr {lr:g}"
+        color = None
+        for ax, (column, _) in zip(axes[0], panels):
+            line, = ax.plot(run.train_seconds, run[column], marker=".", color=color, label=label)
+            color = line.get_color()
+            if f"ood_{column}" in run:
+                ax.plot(run.train_seconds, run[f"ood_{column}"], marker=".", ls="--", color=color)
+    for ax, (_, name) in zip(axes[0], panels):
+        ax.set_xlabel("training wall-clock seconds (measurements excluded)")
+        ax.set_ylabel(f"{name}\n(solid: in domain, dashed: out of domain)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{df.model.iloc[0]} {df.plan.iloc[0]}: recovery per second of training ({df.data.iloc[0]}; "
+                 f"device {df.device.iloc[0]})", fontsize=10)
+    return _save(fig, out)
+
+
 def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
     """Top: median latency per setup and (T, B), with its bootstrap interval (whisker) and CQIL's ideal marked.
     Bottom: the paired reduction against (a) (median over rounds) with its interval, the ideal as a line."""
@@ -396,6 +428,7 @@ FIGURES = {
     "plan_probes": (plan_probes, "plan_probes_csv", "plan_probes_png"),
     "finetune_loss": (finetune_loss, "finetune_loss_csv", "finetune_loss_png"),
     "recovery_curve": (recovery_curve, "recovery_curve_csv", "recovery_curve_png"),
+    "recovery_time": (recovery_time, "recovery_curve_csv", "recovery_time_png"),
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
     "latency_hybrid": (latency_hybrid, "latency_hybrid_csv", "latency_hybrid_png"),

@@ -284,6 +284,14 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.BatchSize: lambda c: [0, "big", 1.5],
     checks.Limit: lambda c: [0, 1.5, "abc"],
     checks.LoraLayers: lambda c: ["some", "[99]", "[]", "[-1]"],
+    checks.FullLayers: lambda c: ["some", "[99]", "[]", "[-1]", "all"],
+    checks.LoraRanks: lambda c: ["abc", "{bogus: 4}", "{groups: 0}", "{99: 4}", "{groups: abc}"],
+    checks.LossKind: lambda c: ["bogus", 1, "onpolicy"],  # onpolicy: recipe=kl has no loss.lmbda
+    checks.Then: lambda c: ["bogus", 1],
+    checks.MaxNewTokens: lambda c: [0, 2.5, 100000],
+    checks.Shares: lambda c: ["abc", "{continuation: 2}", "{continuation: 0.5}", "{bogus: 1}",
+                              "{continuation: -1, instruction: 2}"],
+    checks.PromptTokens: lambda c: [0, 2.5],  # (a long one is refused with teacher_text.samples > 0: EXTRA)
     checks.Schedule: lambda c: [1],  # a string that is no scheduler name: HEADLINE (the check imports transformers)
     checks.Figures: lambda c: ["[nope]", "abc"],
     checks.Unused: lambda c: [],
@@ -384,6 +392,11 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("analyze", ["no_such_key=1"], "bad override"),
     ("analyze", ["+n_token=1024"], "n_token is not a setting of `cqil analyze`"),
     ("analyze", ["~model.dtype"], "removing a setting is not supported"),
+    ("finetune", ["teacher_text.samples=8", "teacher_text.prompt_tokens=250"], "at most 248"),
+    ("finetune", ["recipe=blockwise_onpolicy", "loss.kl_from=null"], "is the loss after loss.kl_from"),
+    ("finetune", ["recipe=kl", "lora.ranks={groups: 0}"], "lora.ranks.groups=0"),
+    ("convert", ["plan=auto", "plan.probe.recipe=onpolicy", "plan.probe.overrides=['loss.max_new_tokens=128']"],
+     "the probe's recipe onpolicy"),
     ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x"], "set model.trust_remote_code=true"),
     ("analyze", ["model=hf", f"model.path={W}/shapeless", "model.name=x"], "lacks num_hidden_layers"),
     ("convert", ["model=hf", f"model.path={W}/converted", "model.name=x"], "convert its base instead: model.path=/"),
@@ -392,6 +405,9 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
 ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("finetune", ["~ood_data"]), ("finetune", ["ood_data=null"]),  # an optional group, removed
     ("finetune", ["recipe=blockwise_kl", "data@ood_data=english"]),
+    ("finetune", ["teacher_text.prompt_tokens=250"]),  # unread without teacher_text.samples
+    ("finetune", ["recipe=blockwise_onpolicy", "teacher_text.samples=64", "lora.ranks={groups: 64, 7: 8}",
+                  "lora.full_layers=[12,13]", "curve.greedy=true"]),
     ("convert", ["plan=auto", "plan.budget=before", "plan.probe.recipe=nope"]),  # plan.probe.* unread
     ("convert", ["plan=auto", "plan.rank_by=latency", "plan.devices=4", "plan.group_sizes=[2,3]",
                  "plan.probe.overrides=['train.lr=3e-3','lora.layers=from_plan']"]),
