@@ -9,6 +9,10 @@ reads from the checkpoint only what each rank runs; `build_setups`):
   (c) tensor parallel TP=N     the original model tensor parallel over the same N = devices x tp ranks,
                                once per variant in `tensor_parallel` (same LM head treatments as CQIL)
       original, N threads      CPU: one process with the threads of all N ranks
+Every setup runs eagerly and, as a twin (same weights, communicators and static KV cache), compiled in each mode
+of `compile` (cqil.runtime: each rank's whole step under torch.compile; auto = CUDA graphs on GPUs), in the same
+rounds; the N-thread CPU baseline stays eager. `ungrouped: auto` takes the layout the latency model (cqil.costs)
+ranks fastest for the mesh, printed with its ranking against TP on the same devices.
 Memory columns: model_weight_mb (all parameters), rank_weight_mb_max / _min (the largest / smallest
 rank's materialized parameters + buffers in that setup), rank_peak_rss_mb_max and on CUDA
 rank_peak_gpu_mb_max (the largest rank's whole bench process: all the setups it holds at once, plus
@@ -25,11 +29,14 @@ of its steps. Warm-up rounds run until two successive rounds take the same time 
 Reported per setup: the median over rounds (and p90: over rounds for TTFT, over all steps for TPOT);
 the latency reduction against (a) as the median over rounds of the PAIRED reduction
 1 - setup/(a) of the same round, with a bootstrap interval resampling rounds; for CQIL its
-fraction of the plan's ideal reduction g*(P-1)/n. Each rank (and the one-process baselines) is
-pinned to its own cores where the platform allows (`pin`; recorded in the CSV). While rank 0 times
+fraction of the plan's ideal reduction g*(P-1)/n. A compiled setup is paired against (a) compiled in
+the same mode (`baseline`), and against itself eager (`compile_reduction`); its first run at each shape,
+which compiles it, runs before the shape's warm-up and outside the time budget (`compile_s`, `graphs`).
+Each rank (and the one-process baselines) is pinned to its own cores where the platform allows (`pin`;
+recorded in the CSV). While rank 0 times
 (a) and the threads baseline alone, the other ranks wait. Prompts are real text (the data set's evaluation split).
 
-Profiles, from `profile_runs` extra runs per setup after the timed rounds (medians; cqil.latency's inputs):
+Profiles, from `profile_runs` extra runs per eager setup after the timed rounds (medians; cqil.latency's inputs):
 layer_ms / head_ms / rest_ms, where a run of (a) spends its time (timers around every decoder layer,
 the head + argmax, and the rest); for every multi-process setup, rank0_*_ms, where rank 0 spends its
 time (layers outside groups, its group members, inside collectives including waiting, head, rest), and
@@ -59,15 +66,16 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
-from . import CqilError, data, models
+from . import CqilError, costs, data, models
 from .plan import Plan, plan_from_config
 from .control import Control
 from .planning import resolve_plan
 from .plots import bench_latency
 from .results import BENCH_BASELINE as ORIGINAL, plan_columns, provenance, update_table
-from .runtime import Runtime, init_distributed, launch, make_mesh, shutdown, under_torchrun
+from .runtime import Runtime, compile_mode, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
 
 
@@ -271,7 +279,7 @@ def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
     """One run: TTFT (prefill + first token) and the time of each of `new_tokens` decode steps, in ms."""
     sync = device_sync(ids.device)
     start = time.perf_counter()
-    token, state = rt.prefill(ids)
+    token, state = rt.prefill(ids, max_new_tokens=new_tokens + 1)
     sync()
     ttft = (time.perf_counter() - start) * 1e3
     steps = []
@@ -300,7 +308,9 @@ def worker(cfg: DictConfig) -> None:
     control = Control(cfg.timeout_s, cfg.solo_timeout_s)
 
     built = build_setups(cfg, device, control)
-    original, setups, variants, plan, prompts = built.original, built.runtimes, built.columns, built.plan, built.prompts
+    originals, setups, variants, plan, prompts = built.originals, built.runtimes, built.columns, built.plan, built.prompts
+    if lead:
+        print(built.layouts, flush=True)
 
     control.barrier("the start (ranks load at their own speed)", busy=True)
 
@@ -310,19 +320,22 @@ def worker(cfg: DictConfig) -> None:
             fn()
         control.barrier("rank 0's one-process section", busy=not lead)
 
-    threads_name = f"original, {world} threads"
+    # The CPU baseline with the threads of all ranks runs eager only: inductor's CPU kernels take their thread
+    # count when they are compiled, so a compiled twin would run the 1-thread graphs of (a).
+    threads_name = threads_setup(world)
 
     def one_round(ids: torch.Tensor, i: int) -> dict[str, tuple[float, list[float]]]:
         """Every setup once, back to back, the order rotated by i: {setup: (TTFT, decode steps)} (rank 0's clock)."""
         out = {}
 
         def baselines() -> None:
-            out[ORIGINAL] = timed_run(original, ids, cfg.new_tokens)
+            for name, rt in originals.items():
+                out[name] = timed_run(rt, ids, cfg.new_tokens)
             if device_type == "cpu":  # (c) on CPU: one process using the threads (and cores) of all P ranks
                 torch.set_num_threads(world * cfg.threads_per_rank)
                 if all_cores:
                     pin(all_cores)
-                out[threads_name] = timed_run(original, ids, cfg.new_tokens)
+                out[threads_name] = timed_run(originals[ORIGINAL], ids, cfg.new_tokens)
                 if cores:
                     pin(cores)
                 torch.set_num_threads(cfg.threads_per_rank)
@@ -336,7 +349,25 @@ def worker(cfg: DictConfig) -> None:
                 out[name] = timed_run(setups[name], ids, cfg.new_tokens)
         return out
 
-    headline = cfg.stop.headline or next(iter(setups))
+    def compile_shape(ids: torch.Tensor) -> dict[str, dict]:
+        """The first run of every compiled setup at this shape, untimed by the rounds: it compiles the prefill and
+        decode graphs. {setup: {compile_s: its seconds (compile included), graphs: graphs dynamo made}}."""
+        first = {}
+
+        def run(name: str, rt: Runtime) -> None:
+            graphs = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            timed_run(rt, ids, cfg.new_tokens)
+            first[name] = {"compile_s": time.perf_counter() - start, "graphs": counters["stats"]["unique_graphs"] - graphs}
+
+        solo(lambda: [run(name, rt) for name, rt in originals.items() if rt.mode != "none"])
+        for name, rt in setups.items():
+            if rt.mode != "none":
+                control.barrier(f"the start of compiling {name}", busy=True)
+                run(name, rt)
+        return first
+
+    headline = cfg.stop.headline or next(iter(setups))  # the first cqil setup, eager
     if headline not in setups:
         raise CqilError(f"bench stop.headline={headline!r} is not one of the setups: {', '.join(setups)}")
     stop = {**OmegaConf.to_object(cfg.stop), "profile_rounds": cfg.profile_runs}
@@ -345,11 +376,18 @@ def worker(cfg: DictConfig) -> None:
     protocol: dict[tuple, dict] = {}      # (T, B) -> warm-up rounds, what ended the rounds
     load: dict[tuple, dict] = {}
     parts: dict[tuple, dict] = {}  # (setup, phase, T, B) -> latency-model inputs
-    run_start = time.perf_counter()
+    compiling: dict[tuple, dict] = {}  # (T, B) -> compile_shape's figures
+    run_start, compile_s = time.perf_counter(), 0.0
     for j, (t, b) in enumerate(tqdm(grid, desc="bench", unit="shape", disable=not lead)):
         ids = prompts[:b, :t]
+        c0 = time.perf_counter()
+        compiling[t, b] = compile_shape(ids)  # outside the time budget: compile cost is reported, not timed
+        compile_s += time.perf_counter() - c0
+        if lead and compiling[t, b]:
+            print(f"T={t} B={b} compiled: " + ", ".join(f"{name} {c['compile_s']:.1f} s ({c['graphs']} graphs)"
+                                                       for name, c in compiling[t, b].items()), flush=True)
         start = (time.perf_counter(), machine_cpu_s(), time.process_time())
-        share = (cfg.stop.budget_s - (start[0] - run_start)) / (len(grid) - j)  # what is left, shared evenly
+        share = (cfg.stop.budget_s - (start[0] - run_start - compile_s)) / (len(grid) - j)  # what is left, shared evenly
         warm: list[float] = []  # rank 0's time of each warm-up round (all its setups' runs)
         warmed = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, 0.0, share)  # warmup=0: none
         while not warmed:
@@ -377,12 +415,14 @@ def worker(cfg: DictConfig) -> None:
 
         def profile_original() -> None:  # (a)'s parts: the latency model's inputs
             n = built.config.num_hidden_layers
-            for phase, v in profile(original, ids, cfg.new_tokens, cfg.profile_runs).items():
+            for phase, v in profile(originals[ORIGINAL], ids, cfg.new_tokens, cfg.profile_runs).items():
                 parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
                                                 "rest_ms": v["rest"]}
 
         solo(profile_original)
-        for name, rt in setups.items():  # each CQIL setup: member 0's profile and its collectives alone
+        for name, rt in setups.items():  # each eager multi-process setup: member 0's profile and its collectives alone
+            if rt.mode != "none":  # timers between the stages of a compiled graph would break it apart
+                continue
             control.barrier(f"the start of a profile of {name}")
             prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
             comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, device) if rt.comm else {}
@@ -392,8 +432,8 @@ def worker(cfg: DictConfig) -> None:
     control.close()
     if not lead:
         return
-    names = [ORIGINAL, *([threads_name] if device_type == "cpu" else []), *setups]
-    table = results_table(timings, protocol, load, parts, variants, names, pinning, cfg, plan, built, memory,
+    names = [*originals, *([threads_name] if device_type == "cpu" else []), *setups]
+    table = results_table(timings, protocol, load, parts, compiling, variants, names, pinning, cfg, plan, built, memory,
                           device_type)
     out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
     figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
@@ -408,14 +448,17 @@ MB = 2 ** 20  # the *_mb columns are MiB
 @dataclass
 class Setups:
     """What the bench times: (a) (built on rank 0 only, else None), the multi-process setups by name, and
-    every setup's CSV columns (runtime options, mesh, memory)."""
-    original: Runtime | None
+    every setup's CSV columns (runtime options, compile mode, mesh, memory). A compiled setup is a twin of its
+    eager setup (`eager_of`: the same weights, communicators and caches; cqil.runtime.Runtime.compiled)."""
+    originals: dict[str, Runtime]   # rank 0: (a) eager and compiled; elsewhere empty
     runtimes: dict[str, Runtime]
     columns: dict[str, dict]
+    eager_of: dict[str, str]        # compiled setup -> its eager twin
     plan: Plan
     config: object
     dtype: torch.dtype
     prompts: torch.Tensor
+    layouts: str                    # the latency model's ranking of the layouts (what `ungrouped: auto` chose)
 
 
 def bench_plan(cfg: DictConfig, config, tokenizer, data_cfg: data.DataConfig, control: Control) -> Plan:
@@ -440,10 +483,45 @@ def _variant(options) -> Variant:
     return Variant(**v)
 
 
+def compiled_name(name: str, mode: str) -> str:
+    """The setup name of `name` run in compile `mode` (eager: the name itself)."""
+    return name if mode == "none" else f"{name}, compiled ({mode})"
+
+
+def cqil_variants(cfg: DictConfig, config, plan: Plan, device: torch.device,
+                  dtype: torch.dtype) -> tuple[list[tuple[Variant, str]], str]:
+    """The CQIL setups' variants ([(variant, how its layout was chosen)]) and the latency model's ranking line:
+    `ungrouped: auto` takes the layout the model (cqil.costs) ranks fastest for this mesh (a decode step at
+    batch 1 with the run's longest cache); a layout this model cannot be cut for on the mesh is left out (said
+    in the log); setups that come out alike run once."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    hw = costs.hardware(costs.hardware_for(name))
+    context = max(cfg.prompt_tokens) + cfg.new_tokens
+    out: list[tuple[Variant, str]] = []
+    lines = []
+    for options in cfg.cqil:
+        v = dict(options)
+        ranked = costs.rank_layouts(config, plan, cfg.devices, cfg.tp, hw, v.get("lm_head", "sharded"), 1, context,
+                                    dtype.itemsize)
+        lines.append(costs.describe_layouts(ranked, hw, cfg.devices, cfg.tp) + f" [head {v.get('lm_head', 'sharded')}]")
+        how = "given"
+        if v.get("ungrouped", "replicated") == "auto":
+            v["ungrouped"], how = ranked[0]["ungrouped"], "latency model"
+        if v.get("ungrouped", "replicated") not in {r["ungrouped"] for r in ranked}:
+            lines.append(f"  setup {dict(options)} left out: the model's heads cannot be cut over the "
+                         f"{cfg.devices * cfg.tp} ranks of ungrouped {v['ungrouped']}")
+            continue
+        variant = Variant(**v)
+        if variant not in [w for w, _ in out]:
+            out.append((variant, how))
+    return out, "\n".join(dict.fromkeys(lines))
+
+
 def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Setups:
     """Every setup with its own rank-local weights, read from the checkpoint (nothing shared between
     setups, nothing re-sharded): (a) the original on rank 0 alone; CQIL on the devices x tp mesh once per
-    variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`.
+    variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`; each also
+    compiled in every mode of `compile` (a twin: no second copy of the weights).
     All ranks call this together."""
     model_cfg = OmegaConf.to_object(cfg.model)
     path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
@@ -456,8 +534,10 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
         raise CqilError(f"prompt_tokens up to {max(cfg.prompt_tokens)} exceed data.block_size={data_cfg.block_size}")
     prompts = data.token_blocks(data_cfg, tokenizer, "evaluation", max(cfg.batch_sizes) * data_cfg.block_size)
     world = dist.get_world_size()
+    modes = list(dict.fromkeys(["none", *(compile_mode(m, device.type) for m in cfg.compile)]))  # eager always
     runtimes: dict[str, Runtime] = {}
     columns: dict[str, dict] = {}
+    eager_of: dict[str, str] = {}
 
     def memory(rt: Runtime) -> dict:
         sizes = control.gather(str(rt.weight_bytes()), "the weight accounting")  # on rank 0 (the CSV's), else None
@@ -465,27 +545,42 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
                 **({"rank_weight_mb_max": max(map(int, sizes)) / MB, "rank_weight_mb_min": min(map(int, sizes)) / MB}
                    if sizes else {})}
 
+    def add(into: dict[str, Runtime], name: str, rt: Runtime, cols: dict) -> None:
+        """The setup eager and compiled in every mode of `compile`."""
+        for mode in modes:
+            twin = compiled_name(name, mode)
+            into[twin] = rt if mode == "none" else rt.compiled(mode)
+            columns[twin] = {**cols, "compile": mode}
+            eager_of[twin] = name
+
+    variants, layouts = cqil_variants(cfg, config, plan, device, dtype)
     cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
-    for options in cfg.cqil:
-        v = _variant(options)
-        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust)
+    for v, how in variants:
+        rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,
+                     startup_timeout_s=cfg.startup_timeout_s)
         name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
-        runtimes[name] = rt
-        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped, **memory(rt)}
+        add(runtimes, name, rt, {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped,
+                                 "ungrouped_by": how, **memory(rt)})
     tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
     for options in cfg.tensor_parallel:
         v = _variant(options)
-        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust)
+        rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,
+                     startup_timeout_s=cfg.startup_timeout_s)
         name = f"tensor parallel TP={world} ({rt.comm.name}, head {v.lm_head})"
-        runtimes[name] = rt
-        columns[name] = {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)}
-    original = None
+        add(runtimes, name, rt, {"comm": rt.comm.name, "lm_head": v.lm_head, **memory(rt)})
+    originals: dict[str, Runtime] = {}
     if dist.get_rank() == 0:  # (a) and the threads baseline: the whole model, rank 0 alone
         original = Runtime(path, Plan(), None, Variant(), dtype, device, trust_remote_code=trust)
         whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
                  "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
-        columns[ORIGINAL] = columns[f"original, {world} threads"] = whole
-    return Setups(original, runtimes, columns, plan, config, dtype, prompts.to(device))
+        add(originals, ORIGINAL, original, whole)
+        columns[threads_setup(world)] = {**whole, "compile": "none"}  # eager only: see worker()
+    return Setups(originals, runtimes, columns, eager_of, plan, config, dtype, prompts.to(device), layouts)
+
+
+def threads_setup(world: int) -> str:
+    """The name of the CPU baseline: the original in one process with the threads of all ranks."""
+    return f"original, {world} threads"
 
 
 def peak_memory(device: torch.device, control: Control) -> dict:
@@ -538,7 +633,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
     rt.stages = [timed(k, s) if (k := kind(s)) else s for s in stages]
     rt.greedy = timed("head", rt.greedy)
     for comm in comms:
-        for op in ("all_reduce_", "broadcast_", "all_gather"):
+        for op in ("all_reduce", "broadcast", "all_gather"):
             setattr(comm, op, timed("collective", getattr(comm, op)))
     try:
         result = {}
@@ -546,7 +641,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
             acc.clear()
             t0 = time.perf_counter()
             if phase == "prefill":
-                token, state = rt.prefill(ids)
+                token, state = rt.prefill(ids, max_new_tokens=new_tokens + 1)
                 steps = 1
             else:
                 for _ in range(new_tokens):
@@ -561,7 +656,7 @@ def profile_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> dict[str, di
         rt.stages = stages
         del rt.greedy
         for comm in comms:
-            for op in ("all_reduce_", "broadcast_", "all_gather"):
+            for op in ("all_reduce", "broadcast", "all_gather"):
                 delattr(comm, op)
 
 
@@ -575,7 +670,7 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
     for phase, tokens in (("prefill", t), ("decode", 1)):
         x = torch.zeros(b, tokens, hidden, dtype=dtype, device=device)
         row = {"comm_bytes": x.numel() * x.element_size()}
-        for key, op in (("allreduce_ms", comm.all_reduce_), ("broadcast_ms", comm.broadcast_)):
+        for key, op in (("allreduce_ms", comm.all_reduce), ("broadcast_ms", comm.broadcast)):
             ms = []
             for i in range(repeats + 3):  # 3 untimed
                 sync()
@@ -588,13 +683,15 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
     return result
 
 
-def results_table(timings: dict, protocol: dict, load: dict, parts: dict, variants: dict, names: list[str],
-                  pinning: str, cfg: DictConfig, plan: Plan, built: "Setups", memory: dict,
+def results_table(timings: dict, protocol: dict, load: dict, parts: dict, compiling: dict, variants: dict,
+                  names: list[str], pinning: str, cfg: DictConfig, plan: Plan, built: "Setups", memory: dict,
                   device_type: str) -> pd.DataFrame:
-    """One row per (setup, phase, T, B): median over rounds (its interval), p90, the paired reduction
-    against (a) (median over rounds, its interval), fraction of ideal, the protocol (rounds, warm-up,
-    what ended the rounds, pinning), the latency model's inputs (the original's components on every
-    row; the setup's collectives), and memory."""
+    """One row per (setup, phase, T, B): median over rounds (its interval), p90, the paired reduction against
+    the original on one device run the same way (`baseline`: (a) eager for eager rows, (a) compiled in the same
+    mode for compiled rows; median over rounds, its interval), for compiled rows the paired reduction against
+    the same setup eager (`compile_reduction`) and the first run's seconds (`compile_s`, compile included) and
+    graphs; fraction of ideal, the protocol (rounds, warm-up, what ended the rounds, pinning), the latency
+    model's inputs (the original's eager components on every row; the setup's collectives), and memory."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
     n = built.config.num_hidden_layers
@@ -602,13 +699,19 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, varian
     level, resamples = cfg.confidence, cfg.bootstrap_resamples
     rows = []
     for (t, b), rounds in timings.items():
-        base = round_figures([r[ORIGINAL] for r in rounds])
+        figures = {setup: round_figures([r[setup] for r in rounds]) for setup in names}
         for setup in names:
             runs = [r[setup] for r in rounds]
-            figures = round_figures(runs)
-            for phase, per_round in figures.items():
+            mode = variants[setup]["compile"]
+            baseline = compiled_name(ORIGINAL, mode)
+            for phase, per_round in figures[setup].items():
                 raw = [ttft for ttft, _ in runs] if phase == "prefill" else [s for _, steps in runs for s in steps]
                 lo, hi = bootstrap_ci(per_round, level, resamples)
+                compiled = {}
+                if mode != "none":
+                    c = reduction_stats(figures[built.eager_of[setup]][phase], per_round, level, resamples)
+                    compiled = {"compile_reduction": c["reduction"], "compile_reduction_ci_low": c["reduction_ci_low"],
+                                "compile_reduction_ci_high": c["reduction_ci_high"], **compiling[t, b].get(setup, {})}
                 rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
                              "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                              "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
@@ -616,9 +719,10 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, varian
                              "repeats": cfg.repeats,
                              "stopped_by": protocol[t, b]["stopped_by"], "samples": len(raw),
                              "median_ms": float(np.median(per_round)), "median_ci_low_ms": lo, "median_ci_high_ms": hi,
-                             "p90_ms": float(np.percentile(raw, 90)),
-                             **reduction_stats(base[phase], per_round, level, resamples), **load[t, b], **sizes,
-                             **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b], **parts.get((setup, phase, t, b), {})})
+                             "p90_ms": float(np.percentile(raw, 90)), "baseline": baseline,
+                             **reduction_stats(figures[baseline][phase], per_round, level, resamples), **compiled,
+                             **load[t, b], **sizes, **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b],
+                             **parts.get((setup, phase, t, b), {})})
     df = pd.DataFrame(rows)
     df["ideal_reduction"] = ideal = plan.ideal_latency_reduction(n)
     df["fraction_of_ideal"] = np.where(df.setup.str.startswith("cqil"), df.reduction / ideal, np.nan)
@@ -629,6 +733,7 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, varian
     df["backend"] = dist.get_backend()
     df["cpus"] = os.cpu_count()
     df["threads_per_rank"] = cfg.threads_per_rank
+    df["layouts"] = built.layouts  # the latency model's ranking behind `ungrouped: auto`
     for k, v in prov.items():
         df[k] = v
     return df
@@ -639,12 +744,14 @@ def _points(lo: float, hi: float) -> str:
 
 
 def summary(df: pd.DataFrame) -> str:
-    """The human table: median ms per setup, and the paired reduction [interval] (fraction of ideal) for the others."""
+    """The human table: median ms per setup; the paired reduction [interval] (fraction of ideal) against the
+    original run the same way (eager or compiled); for compiled setups also against themselves eager."""
     r0 = df.iloc[0]
     lines = [f"{r0.model}, plan {r0.plan} ({r0.groups} groups of {r0.n_layers} layers), "
              f"ideal latency reduction {r0.ideal_reduction:.1%}; {r0.device}, backend {r0.backend}; pinning: {r0.pinning}",
-             f"reductions: median over rounds of the paired reduction against {ORIGINAL} "
-             f"[{r0.confidence:.0%} bootstrap interval, points]"]
+             f"reductions: median over rounds of the paired reduction against {ORIGINAL} run the same way (eager, or "
+             f"compiled in the same mode) [{r0.confidence:.0%} bootstrap interval, points]; compiled: also against "
+             "the same setup eager"]
     for (phase, t, b), g in df.groupby(["phase", "prompt_tokens", "batch_size"], sort=False):
         busy = g.other_cpu_load.iloc[0] + g.steal.iloc[0]
         warn = f"  (WARNING: other processes took {busy:.0%} of the CPUs meanwhile)" if busy > 0.05 else ""
@@ -653,9 +760,12 @@ def summary(df: pd.DataFrame) -> str:
                      f"  (a) = {c.n_layers} layers x {c.layer_ms:.2f} ms + head {c.head_ms:.2f} ms + rest {c.rest_ms:.2f} ms")
         for r in g.itertuples():
             frac = f", {r.fraction_of_ideal:.0%} of ideal" if r.setup.startswith("cqil") else ""
-            red = ("" if r.setup == ORIGINAL else
+            red = ("" if r.setup == r.baseline else
                    f"  reduction {r.reduction:+.1%}{_points(r.reduction_ci_low, r.reduction_ci_high)}{frac}")
+            if r.compile != "none":
+                red += (f"  vs eager {r.compile_reduction:+.1%}"
+                        f"{_points(r.compile_reduction_ci_low, r.compile_reduction_ci_high)}")
             comm = (f"  member 0: outside groups {r.rank0_ungrouped_ms:.1f}, in groups {r.rank0_group_ms:.1f}, "
-                    f"collectives {r.rank0_collective_ms:.2f} ms" if r.setup.startswith("cqil") else "")
-            lines.append(f"    {r.setup:48s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}{comm}")
+                    f"collectives {r.rank0_collective_ms:.2f} ms" if r.setup.startswith("cqil") and r.compile == "none" else "")
+            lines.append(f"    {r.setup:60s} median {r.median_ms:8.2f} ms  p90 {r.p90_ms:8.2f} ms{red}{comm}")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .plan import Plan, PlanError
-from .schedule import COMMS, LM_HEADS, UNGROUPED
+from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
 
 @dataclass(frozen=True)
@@ -1211,15 +1211,16 @@ class Keys(Check):
 
 
 class Choices(Check):
-    """A non-empty list of distinct options."""
+    """A list of distinct options (non-empty unless `empty_ok`)."""
 
-    def __init__(self, *options: str):
-        self.options = options
+    def __init__(self, *options: str, empty_ok: bool = False):
+        self.options, self.empty_ok = options, empty_ok
 
     def check(self, value, key, ctx) -> None:
-        if not isinstance(value, list) or not value or len(set(map(str, value))) < len(value) \
+        if not isinstance(value, list) or not (value or self.empty_ok) or len(set(map(str, value))) < len(value) \
                 or any(v not in self.options for v in value):
-            raise refuse(key, value, f"must be a non-empty list of distinct values among {', '.join(self.options)}")
+            form = "a list" if self.empty_ok else "a non-empty list"
+            raise refuse(key, value, f"must be {form} of distinct values among {', '.join(self.options)}")
 
 
 class Layout(Check):
@@ -1588,6 +1589,8 @@ def data_checks(reads: tuple[str, ...], group: str = "data") -> dict[str, Check]
 
 DATA_NAME_ONLY = {"data.name": Label(), "data.*": UNUSED}
 RUNTIME = {"comm": COMMS, "lm_head": LM_HEADS, "ungrouped": UNGROUPED}  # cqil/schedule.py's Variant
+# what bench and generate accept for their runtime: ungrouped auto (the latency model's best layout), compile
+RUN_OPTIONS = {**RUNTIME, "ungrouped": (*UNGROUPED, "auto")}
 # A recovery recipe (conf/recipe/<name>.yaml): cqil finetune's, and plan=auto's probe's (ProbeOverrides)
 RECIPE = {
     "recipe_name": Label(),
@@ -1707,7 +1710,8 @@ CHECKS: dict[str, dict[str, Check]] = {
         "bootstrap_resamples": Count(1),
         "pin": Choice("auto", True, False),
         "profile_runs": Count(1),
-        "cqil": Variants(**RUNTIME),
+        "cqil": Variants(**RUN_OPTIONS),
+        "compile": Choices(*(c for c in COMPILES if c != "none"), empty_ok=True),  # eager always runs
         "tensor_parallel": Variants(nonempty=False, comm=RUNTIME["comm"], lm_head=RUNTIME["lm_head"]),
         "timeout_s": SECONDS, "startup_timeout_s": SECONDS, "solo_timeout_s": SECONDS,
         "out": OutFile(".csv", null_ok=True, table="bench"), "figure": OutFile(".png", null_ok=True),
@@ -1806,8 +1810,9 @@ CHECKS: dict[str, dict[str, Check]] = {
         "sampling.top_p": Sampled(Number(0, 1, lo_open=True, what="1: off"), 1.0),
         "sampling.seed": Count(0),
         "devices": Count(1, what="the plan's group size P, or 1"), "tp": Count(1),
-        **{f"runtime.{k}": Choice(*v) for k, v in RUNTIME.items()},
+        **{f"runtime.{k}": Choice(*v) for k, v in RUN_OPTIONS.items()}, "runtime.compile": Choice(*COMPILES),
         "threads": Count(1, null_ok=True, what="torch CPU threads per process; null: the CPUs shared out"),
+        "sync_every": Count(1, what="decode steps between two reads of the tokens"),
         "warmup": Count(0), "timeout_s": SECONDS, "startup_timeout_s": SECONDS,
         "out": OutFile(".jsonl", null_ok=True), "results": OutFile(".csv", null_ok=True, table="generate"),
     },

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from . import CqilError, models
+from . import CqilError, costs, models
 from .outputs import write_text
 from .plan import Plan, plan_from_config
 from .results import plan_columns, provenance, update_table
@@ -201,16 +201,28 @@ class Completion:
 
 @dataclass
 class Timing:
-    """One batch's timings (seconds): TTFT, every decode step, and the new tokens each step kept."""
+    """One batch's timings (seconds): TTFT, and per chunk of decode steps its time, its steps and the new tokens
+    it kept (the host reads the tokens once a chunk; the steps of a chunk are timed together)."""
     ttft: float
-    steps: list[float]
-    step_tokens: list[int]
+    chunks: list[float]
+    chunk_steps: list[int]
+    chunk_tokens: list[int]
     first_tokens: int
 
 
-def left_pad(ids: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A left-padded batch [B, T] and its mask (None when no row is padded)."""
-    width = max(map(len, ids))
+PROMPT_BLOCK = 32  # compiled runtime: prompts left-padded to a multiple of this share a prefill graph (cqil.runtime)
+
+
+def prompt_block(rt: Runtime) -> int:
+    """What prompts are padded to a multiple of: PROMPT_BLOCK for a compiled runtime (few prefill graphs), else 1."""
+    return PROMPT_BLOCK if rt.mode != "none" else 1
+
+
+def left_pad(ids: list[list[int]], pad: int, device: torch.device,
+             block: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch [B, T] left-padded to its longest prompt, rounded up to a multiple of `block`, and its mask (None
+    when no row is padded)."""
+    width = -(-max(map(len, ids)) // block) * block
     batch = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
     if all(len(row) == width for row in ids):
         return batch, None
@@ -219,14 +231,19 @@ def left_pad(ids: list[list[int]], pad: int, device: torch.device) -> tuple[torc
 
 
 def decode_batch(rt: Runtime, ids: list[list[int]], max_new_tokens: int, eos: set[int], pad: int,
-                 sampler: Sampler | None, on_tokens=None) -> tuple[list[list[int]], Timing]:
+                 sampler: Sampler | None, sync_every: int = 8, on_tokens=None) -> tuple[list[list[int]], Timing]:
     """New tokens of a batch of prompts (each up to its EOS or max_new_tokens) and the batch's timings.
 
-    Every rank calls this with the same arguments (the runtime's calls are collectives); `on_tokens(rows)`
-    gets the tokens each step kept (rank 0 streams them), outside the timed regions."""
-    batch, mask = left_pad(ids, pad, rt.device)
+    Every rank calls this with the same arguments (the runtime's calls are collectives). Greedy decoding never
+    waits for the device between steps: which rows have finished is kept on the device (a finished row decodes
+    padding from then on, as transformers' generate() does), and the host reads the new tokens once every
+    `sync_every` steps, to stream them (`on_tokens(rows)` per step, outside the timed regions) and to stop once
+    every row has finished (steps past that in the last chunk are dropped). Sampling draws on the host (the same
+    draws on every rank and device), so it reads the logits every step."""
+    batch, mask = left_pad(ids, pad, rt.device, prompt_block(rt))
     out: list[list[int]] = [[] for _ in ids]
     done = [False] * len(ids)
+    stops = torch.tensor(sorted(eos), dtype=torch.long, device=rt.device)
 
     def keep(tokens: list[int]) -> int:
         kept = [None if done[b] else t for b, t in enumerate(tokens)]
@@ -238,27 +255,32 @@ def decode_batch(rt: Runtime, ids: list[list[int]], max_new_tokens: int, eos: se
             on_tokens(kept)
         return sum(t is not None for t in kept)
 
-    def step(call, *args):
-        """One runtime call (prefill or decode): the next tokens (device, host) and the decoding state, timed."""
-        start = time.perf_counter()
+    def step(call, *args, **kwargs):
+        """One runtime call (prefill or decode): the next tokens [B] on the device and the decoding state."""
         if sampler is None:
-            token, state = call(*args)
-        else:
-            _, state, logits = call(*args, with_logits=True)
-            token = sampler(logits)
-        host = token.tolist()  # waits for the device: the tokens are on the host
-        return token, host, state, time.perf_counter() - start
+            return call(*args, **kwargs)
+        _, state, logits = call(*args, with_logits=True, **kwargs)
+        return sampler(logits), state
 
-    token, host, state, ttft = step(rt.prefill, batch, mask)
-    timing = Timing(ttft, [], [], keep(host))
-    for _ in range(max_new_tokens - 1):
-        if all(done):
-            break
-        if any(done):  # finished rows decode padding, as transformers' generate() does
-            token = token.masked_fill(torch.tensor(done, device=token.device), pad)
-        token, host, state, seconds = step(rt.decode, token, state)
-        timing.steps.append(seconds)
-        timing.step_tokens.append(keep(host))
+    start = time.perf_counter()
+    token, state = step(rt.prefill, batch, mask, max_new_tokens=max_new_tokens)
+    first = token.tolist()  # waits for the device: TTFT ends with the first tokens on the host
+    timing = Timing(time.perf_counter() - start, [], [], [], keep(first))
+    finished = torch.isin(token, stops)
+    left = max_new_tokens - 1
+    while left and not all(done):
+        start, chunk = time.perf_counter(), []
+        for _ in range(min(sync_every, left)):
+            token = token.masked_fill(finished, pad)  # finished rows decode padding, as transformers' generate() does
+            token, state = step(rt.decode, token, state)
+            finished |= torch.isin(token, stops)
+            chunk.append(token)
+        host = torch.stack(chunk, 1).tolist()  # the one wait for the device in this chunk
+        seconds, left = time.perf_counter() - start, left - len(chunk)
+        kept = [keep([row[i] for row in host]) for i in range(len(chunk)) if not all(done)]
+        timing.chunks.append(seconds)
+        timing.chunk_steps.append(len(chunk))
+        timing.chunk_tokens.append(sum(kept))
     return out, timing
 
 
@@ -291,25 +313,34 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
     torch.set_num_threads(threads(cfg))
     dtype = models.dtype_of(cfg.model.dtype)
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
-    variant = Variant(**cfg.runtime)
     mesh = None
     if under_torchrun():
         device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
         mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
+    variant, layouts = job_variant(cfg, job, mesh.device if mesh is not None else torch.device(cfg.model.device), dtype)
     lead = mesh is None or mesh.rank == 0
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if lead else (lambda *a: None)
     s = cfg.sampling
     how = "greedy" if s.temperature == 0 else f"sampling (temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed})"
     world = cfg.devices * cfg.tp
+    if layouts["line"]:  # the latency model's ranking behind ungrouped=auto, before the run's own line
+        say(layouts["line"])
     say(f"cqil generate: {cfg.model.name}, plan {job.plan.describe()}, {cfg.devices} x {cfg.tp} mesh: {world} "
         f"process{'es' if world > 1 else ''} on {device_type} ({cfg.model.dtype}); {how}; {len(job.prompts)} "
-        f"prompt{'s' if len(job.prompts) > 1 else ''}, at most {cfg.max_new_tokens} new tokens each")
+        f"prompt{'s' if len(job.prompts) > 1 else ''}, at most {cfg.max_new_tokens} new tokens each; "
+        f"ungrouped {variant.ungrouped} ({layouts['by']}), compile {cfg.runtime.compile}")
 
     rt = Runtime(cfg.model.path, job.plan, mesh, variant, dtype, cfg.model.device, cfg.timeout_s,
-                 cfg.model.trust_remote_code)
+                 cfg.model.trust_remote_code, cfg.runtime.compile, cfg.startup_timeout_s)
     pad = job.tokenizer.pad_token_id
-    for _ in range(cfg.warmup):  # untimed: first-call costs (allocator, kernels, communicators)
-        rt.generate(*left_pad(job.ids[:1], pad, rt.device), max_new_tokens=2, with_logits=s.temperature > 0)
+    start = time.perf_counter()
+    for _ in range(cfg.warmup):  # untimed first-call costs (allocator, communicators; compiled: the first batch's graphs)
+        token, state, *_ = rt.prefill(*left_pad(job.ids[:cfg.batch_size], pad, rt.device, prompt_block(rt)),
+                                      with_logits=s.temperature > 0, max_new_tokens=cfg.max_new_tokens)
+        rt.decode(token, state, with_logits=s.temperature > 0)
+    if cfg.warmup and rt.mode != "none":
+        say(f"warm-up, which compiled the first batch's shape: {time.perf_counter() - start:.1f} s (another batch "
+            "shape compiles during its first prefill and decode step)")
 
     completions: list[Completion] = []
     timings: list[Timing] = []
@@ -321,7 +352,7 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
             print(_shown(job.prompts[rows[0]], cfg.chat), end="", flush=True)
             stream = TextStreamer(job.tokenizer, skip_special_tokens=True)
         new, timing = decode_batch(rt, [job.ids[i] for i in rows], cfg.max_new_tokens, job.eos, pad, sampler,
-                                   stream and (lambda kept: stream.put(torch.tensor(kept))))
+                                   cfg.sync_every, stream and (lambda kept: stream.put(torch.tensor(kept))))
         timings.append(timing)
         for i, tokens in zip(rows, new):
             text = job.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -336,8 +367,25 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
     if mesh is not None:
         check_agreement(completions, mesh)
     if lead:
-        report(cfg, job, rt, completions, timings, device_type)
+        report(cfg, job, rt, completions, timings, device_type, layouts["by"])
     return completions
+
+
+def job_variant(cfg: DictConfig, job: Job, device: torch.device, dtype: torch.dtype) -> tuple[Variant, dict]:
+    """The runtime variant of `runtime.*`; ungrouped=auto: the layout the latency model (cqil.costs) ranks fastest
+    for this plan on the devices x tp mesh (a decode step at batch_size with the longest prompt's cache), with
+    {"by": how it was chosen, "line": the model's ranking (empty where there is nothing to choose)}."""
+    options = {k: cfg.runtime[k] for k in ("comm", "lm_head", "ungrouped")}
+    if options["ungrouped"] != "auto":
+        return Variant(**options), {"by": "given", "line": ""}
+    if not job.plan.groups or cfg.devices == 1:  # one member: the three layouts coincide (tensor parallelism or one process)
+        return Variant(**{**options, "ungrouped": "replicated"}), {"by": "one member: all layouts alike", "line": ""}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    hw = costs.hardware(costs.hardware_for(name))
+    ranked = costs.rank_layouts(job.config, job.plan, cfg.devices, cfg.tp, hw, options["lm_head"], cfg.batch_size,
+                                max(map(len, job.ids)) + cfg.max_new_tokens, dtype.itemsize)
+    return Variant(**{**options, "ungrouped": ranked[0]["ungrouped"]}), \
+        {"by": "latency model", "line": costs.describe_layouts(ranked, hw, cfg.devices, cfg.tp)}
 
 
 def _shown(prompt: str, chat: bool) -> str:
@@ -364,22 +412,25 @@ def compare_ranks(tokens: list[list[list[int]]]) -> None:
 
 
 def summary(timings: list[Timing]) -> dict:
-    """TTFT (median, mean over batches), decode ms per step (median), tokens/s per sequence and in all."""
-    steps = [t for tm in timings for t in tm.steps]
-    step_tokens = sum(n for tm in timings for n in tm.step_tokens)
+    """TTFT (median, mean over batches), decode ms per step (median over chunks of a chunk's time per step),
+    tokens/s per sequence and in all."""
+    per_step = [c / n for tm in timings for c, n in zip(tm.chunks, tm.chunk_steps)]
+    steps = sum(n for tm in timings for n in tm.chunk_steps)
+    decode_s = sum(c for tm in timings for c in tm.chunks)
+    step_tokens = sum(n for tm in timings for n in tm.chunk_tokens)
     tokens = step_tokens + sum(tm.first_tokens for tm in timings)
-    seconds = sum(tm.ttft + sum(tm.steps) for tm in timings)
-    tpot = statistics.median(steps) * 1e3 if steps else float("nan")
+    seconds = sum(tm.ttft for tm in timings) + decode_s
+    tpot = statistics.median(per_step) * 1e3 if per_step else float("nan")
     return {"ttft_ms_median": statistics.median(tm.ttft for tm in timings) * 1e3,
             "ttft_ms_mean": statistics.fmean(tm.ttft for tm in timings) * 1e3,
-            "decode_steps": len(steps), "tpot_ms_median": tpot,
-            "tokens_per_s_per_sequence": 1e3 / tpot if steps else float("nan"),
-            "decode_tokens_per_s": step_tokens / sum(steps) if steps else float("nan"),
+            "decode_steps": steps, "tpot_ms_median": tpot,
+            "tokens_per_s_per_sequence": 1e3 / tpot if per_step else float("nan"),
+            "decode_tokens_per_s": step_tokens / decode_s if per_step else float("nan"),
             "new_tokens": tokens, "generate_seconds": seconds, "e2e_tokens_per_s": tokens / seconds}
 
 
 def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion], timings: list[Timing],
-           device_type: str) -> None:
+           device_type: str, ungrouped_by: str) -> None:
     """Rank 0: the timing summary (stderr), the completions (.jsonl) and the results row (CSV) if asked."""
     m = summary(timings)
     lengths = [c.prompt_tokens for c in completions]
@@ -398,7 +449,8 @@ def report(cfg: DictConfig, job: Job, rt: Runtime, completions: list[Completion]
         row = {"model": cfg.model.name, **plan_columns(job.plan, job.config.num_hidden_layers), "devices": cfg.devices,
                "tp": cfg.tp, "dtype": cfg.model.dtype, "backend": dist.get_backend() if dist.is_initialized() else "none",
                "comm": rt.comm.name if rt.comm is not None else "none", "lm_head": cfg.runtime.lm_head,
-               "ungrouped": cfg.runtime.ungrouped, "n_prompts": len(completions),
+               "ungrouped": rt.variant.ungrouped, "ungrouped_by": ungrouped_by, "compile": rt.mode,
+               "sync_every": cfg.sync_every, "n_prompts": len(completions),
                "batch_size": cfg.batch_size, "prompt_tokens_mean": statistics.fmean(lengths),
                "max_new_tokens": cfg.max_new_tokens, "ignore_eos": cfg.ignore_eos, "chat": cfg.chat,
                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "warmup": cfg.warmup,

@@ -275,7 +275,7 @@ TABLES = _tables(
                     "median_ms"), key=("model", "plan_json", "devices", "tp", "device")),
     Table("eval", ("model", "label", "task", "dataset", "metric", "value"), key=("model", "label", "task", "dataset")),
     Table("generate", ("model", "plan", "plan_json", "devices", "tp", "n_prompts", "ttft_ms_median", "tpot_ms_median"),
-          key=("model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "n_prompts",
+          key=("model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "compile", "n_prompts",
                "batch_size", "max_new_tokens", "temperature", "top_k", "top_p")),
     Table("latency validation", ("role", "kind", "source", "model", "plan", "setup", "phase", "measured_ms",
                                  "predicted_ms"), key=("role", "source")),

@@ -291,7 +291,8 @@ def recovery_time(df: pd.DataFrame, out: str | Path) -> Path:
 
 def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
     """Top: median latency per setup and (T, B), with its bootstrap interval (whisker) and CQIL's ideal marked.
-    Bottom: the paired reduction against (a) (median over rounds) with its interval, the ideal as a line."""
+    Bottom: the paired reduction against (a) run the same way, eager or compiled (median over rounds) with its
+    interval, the ideal as a line."""
     setups = list(dict.fromkeys(df.setup))
     colors = dict(zip(setups, plt.get_cmap("tab10")(np.arange(len(setups)) % 10)))
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), layout="constrained")
@@ -324,7 +325,7 @@ def bench_latency(df: pd.DataFrame, out: str | Path) -> Path:
             a.grid(axis="y", alpha=0.3)
         ax.set_ylabel(label)
         ax.set_title(phase)
-        ax_r.set_ylabel(f"reduction vs {BENCH_BASELINE} (%)")
+        ax_r.set_ylabel(f"reduction vs {BENCH_BASELINE}, same compile (%)")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     axes[1, 0].legend(fontsize=7, loc="upper left")
     r = df.iloc[0]

@@ -8,7 +8,7 @@ one code path, only the backend and the device differ.
     launch(job, world, threads_per_rank)                        re-run `cqil <job> ...` under torchrun
     init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
     make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
-    Runtime(checkpoint or model, plan, mesh, variant)           this rank's weights and stages
+    Runtime(checkpoint or model, plan, mesh, variant, compile)  this rank's weights and stages; rt.compiled(mode): its twin
     rt.prefill / rt.decode / rt.generate / rt.forward           (every rank calls the same, in the same order)
     shutdown()                                                  destroy the process groups (call in a finally)
 
@@ -50,15 +50,30 @@ works on any process group (it sets itself up with that group's own collectives)
 x86-64 host with gloo, else torch; "shm" is refused elsewhere (nccl tensors live on GPUs; weaker memory
 orders than x86's would need fences).
 
-Masks: causal, or sliding-window for models whose layers all use a window (Mistral, Qwen2 with
-use_sliding_window): the same mask functions and KV-cache layers transformers uses. Failure: every
-collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a CqilError
-naming the rank; a dead peer breaks gloo/nccl sockets at once; the launcher (`launch`, or torchrun) ends
-the other ranks when one fails. No path waits forever.
+GPU-grade execution (what gpt-fast does; DESIGN.md "Scale"). At batch-1 decode an eager step is mostly host
+time (~40 small ops a layer), so every setup runs one step function (`Runtime._step`: embedding, this rank's
+stages with their collectives, head) either eagerly or compiled whole per rank (`compile`):
+  - static KV cache (StaticKV): keys/values of every layer this rank runs, preallocated for the run's prompt +
+    new tokens (rounded up to CACHE_BLOCK slots, reused by later runs of the same shape), written in place at
+    the step's slots; the slot and the next positions live on the device, so a decode step reads no host value
+    and a caller syncs only when it reads the tokens. The mask (causal, left padding, sliding window for models
+    whose layers all use one: Mistral, Qwen2 with use_sliding_window) and the rotary tables are made once per
+    cache and indexed by slot and position. tests: equal to transformers' DynamicCache and generate().
+  - torch.compile(fullgraph=True) of the whole step: a graph break raises instead of slowing down silently;
+    static shapes (a graph per batch size and cache length for decode, per batch size and prompt length for
+    prefill: callers bucket prompt lengths by left padding); mode "reduce-overhead" replays CUDA graphs. Collectives stay inside the graph: torch's go through the functional collectives dynamo traces
+    (gloo and nccl); the shm communicator's spin-wait cannot be traced, so its collectives are torch custom
+    ops (opaque to dynamo, ordered effects: never dropped, merged or reordered). Compiled runs keep the eager
+    run's communicator, so a setup's eager and compiled rows differ in compilation alone.
+
+Failure: every collective times out after `timeout_s` (shm: the spin-wait has the same deadline) with a
+CqilError naming the rank; a dead peer breaks gloo/nccl sockets at once; the launcher (`launch`, or torchrun)
+ends the other ranks when one fails. No path waits forever.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -71,20 +86,21 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from torch._library.effects import EffectType
 
 from . import CqilError, JobFailed, models
 from .modeling import _Group, bypass_input, check_supported, decoder, member_attention, member_mlp
 from .plan import Plan
-from .schedule import HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
+from .schedule import COMPILES, HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -350,7 +366,10 @@ def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s:
 
 # ---- communicators ---------------------------------------------------------------------------
 class TorchComm:
-    """all_reduce_ / broadcast_ / all_gather over one process group with torch.distributed (gloo or nccl)."""
+    """all_reduce / broadcast / all_gather over one process group with torch.distributed (gloo or nccl).
+
+    Eager: the in-place torch.distributed calls (error messages name the rank). Inside a compiled step:
+    torch's functional collectives, which dynamo traces into the graph (no graph break; gloo and nccl)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
@@ -360,16 +379,23 @@ class TorchComm:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return CqilError(f"rank {dist.get_rank()}: {op} failed: {first} (if another rank died or timed out, its error is above)")
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` over the group in place."""
+    def set_timeout(self, seconds: float) -> None:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), self.group)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the group (eager: in place, so `t` holds it too)."""
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(t, "sum", self.group)
         try:
             dist.all_reduce(t, group=self.group)
         except (RuntimeError, dist.DistError) as e:
             raise self._fail("all_reduce", e) from None
         return t
 
-    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Overwrite `t` with group rank src's `t`."""
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Group rank src's `t` (eager: written into `t`)."""
+        if torch.compiler.is_compiling():
+            return funcol.broadcast(t, src, self.group)
         try:
             dist.broadcast(t, group=self.group, group_src=src)
         except (RuntimeError, dist.DistError) as e:
@@ -378,6 +404,8 @@ class TorchComm:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`, in rank order."""
+        if torch.compiler.is_compiling():
+            return funcol.all_gather_tensor(t.contiguous().view(1, *t.shape), 0, self.group)
         out = t.new_empty(self.size * t.numel())  # flat: gloo wants the concatenated form
         try:
             dist.all_gather_single(out, t.contiguous().view(-1), group=self.group)
@@ -418,6 +446,11 @@ class ShmComm:
         self.seq = 0
         dist.barrier(group=group)
         self._peers = [p * self.FLAG_STRIDE for p in range(self.size) if p != self.rank]
+        self.handle = id(self)  # how the compiled step's custom ops find it
+        _SHM[self.handle] = self
+
+    def set_timeout(self, seconds: float) -> None:
+        self.timeout_s = seconds
 
     def _wait(self, op: str) -> None:
         """Spin until every peer has posted collective number self.seq; then yield, then time out."""
@@ -450,14 +483,20 @@ class ShmComm:
     def _chunks(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return flat.split(self.slot_bytes // flat.element_size())
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` (contiguous) over the group in place."""
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the group (eager: in place if `t` is contiguous)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.cqil.shm_all_reduce(t, self.handle)
+        t = t.contiguous()
         for chunk in self._chunks(t.view(-1)):
             torch.sum(self._exchange(chunk, "all_reduce"), dim=0, out=chunk)
         return t
 
-    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Overwrite `t` (contiguous) with group rank src's `t`."""
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Group rank src's `t` (eager: written into `t` if it is contiguous)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.cqil.shm_broadcast(t, src, self.handle)
+        t = t.contiguous()
         for chunk in self._chunks(t.view(-1)):
             slots = self._exchange(chunk, "broadcast", contribute=self.rank == src)
             if self.rank != src:
@@ -466,12 +505,55 @@ class ShmComm:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`, in rank order."""
+        if torch.compiler.is_compiling():
+            return torch.ops.cqil.shm_all_gather(t, self.handle)
         out = t.new_empty((self.size, t.numel()))
         offset = 0
         for chunk in self._chunks(t.contiguous().view(-1)):
             out[:, offset:offset + chunk.numel()] = self._exchange(chunk, "all_gather")
             offset += chunk.numel()
         return out.view(self.size, *t.shape)
+
+
+# The shm collectives inside a compiled step. The spin-wait on numpy flags cannot be traced, so each collective
+# is a torch custom op: opaque to dynamo (no graph break), called from the compiled graph as one extern call,
+# which runs the eager method above. Registered as ORDERED effects: the compiler keeps them in program order
+# and never drops or merges one (every rank must post the same collectives in the same order, or they deadlock).
+_SHM: "weakref.WeakValueDictionary[int, ShmComm]" = weakref.WeakValueDictionary()  # handle -> communicator
+
+
+@torch.library.custom_op("cqil::shm_all_reduce", mutates_args=())
+def _shm_all_reduce(t: torch.Tensor, handle: int) -> torch.Tensor:
+    return _SHM[handle].all_reduce(t.clone(memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("cqil::shm_broadcast", mutates_args=())
+def _shm_broadcast(t: torch.Tensor, src: int, handle: int) -> torch.Tensor:
+    return _SHM[handle].broadcast(t.clone(memory_format=torch.contiguous_format), src)
+
+
+@torch.library.custom_op("cqil::shm_all_gather", mutates_args=())
+def _shm_all_gather(t: torch.Tensor, handle: int) -> torch.Tensor:
+    return _SHM[handle].all_gather(t)
+
+
+@_shm_all_reduce.register_fake
+def _(t, handle):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@_shm_broadcast.register_fake
+def _(t, src, handle):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@_shm_all_gather.register_fake
+def _(t, handle):
+    return t.new_empty((_SHM[handle].size, *t.shape))
+
+
+for _op in (_shm_all_reduce, _shm_broadcast, _shm_all_gather):
+    _op.register_effect(EffectType.ORDERED)
 
 
 Comm = TorchComm | ShmComm
@@ -502,10 +584,10 @@ class _LayerStage:
     def __call__(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         attn = member_attention(self.layer, x, **attn_kwargs)
         if self.comm is not None:
-            self.comm.all_reduce_(attn)
+            attn = self.comm.all_reduce(attn)
         mlp = member_mlp(self.layer, x, attn)  # MLP(norm(x + a)): the decoder layer's second half
         if self.comm is not None:
-            self.comm.all_reduce_(mlp)
+            mlp = self.comm.all_reduce(mlp)
         return x + attn + mlp
 
 
@@ -520,19 +602,20 @@ class _GroupStage:
 
     def __call__(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         if self.layer is None:  # no member here: zeros into the member-axis and world exchanges
-            if self.gather is not None:
-                self.gather.all_gather(torch.zeros_like(x))
-            return x + self.total.all_reduce_(torch.zeros_like(x))
+            part = torch.zeros_like(x)
+            if self.gather is not None:  # my own zeros back from the gather: the all-reduce then depends on it,
+                part = self.gather.all_gather(part)[self.k]  # so no compiler can run the two out of order
+            return x + self.total.all_reduce(part)
         attn = member_attention(self.layer, x, **attn_kwargs)
         if self.attn is not None:  # o_proj partial sums of the member's T ranks: a_k whole on each
-            self.attn.all_reduce_(attn)
+            attn = self.attn.all_reduce(attn)
         bypass_in = None
         if self.gather is not None:  # bypass: the MLP of member k reads the attention of k-D..k-1
             bypass_in = bypass_input(list(self.gather.all_gather(attn).unbind(0)), self.k, self.bypass)
         part = member_mlp(self.layer, x, attn, bypass_in)  # down_proj partial sums
         if self.t == 0:
             part = part + attn  # a_k once per member, inside the one all-reduce of the group
-        return x + self.total.all_reduce_(part)
+        return x + self.total.all_reduce(part)
 
 
 class _StateStage:
@@ -543,7 +626,7 @@ class _StateStage:
         self.comm = comm
 
     def __call__(self, x: torch.Tensor, **_) -> torch.Tensor:
-        return self.comm.broadcast_(x.contiguous())
+        return self.comm.broadcast(x.contiguous())
 
 
 def uses_sliding_window(config) -> bool:
@@ -566,12 +649,80 @@ class _ModuleReader:
         return part.clone(memory_format=torch.contiguous_format)
 
 
+# ---- the static KV cache ------------------------------------------------------------------------
+CACHE_BLOCK = 64  # cache slots are rounded up to a multiple of this: runs of nearby lengths share a cache and a graph
+
+
+class StaticKV:
+    """This rank's KV cache for batches of one shape: keys and values [B, its KV heads, L, head_dim] of every
+    layer it runs, allocated once and written in place; and the tables a step reads, also made once:
+        valid  [B, L]   which slots hold real tokens (left padding: False); set by each prefill
+        causal [L, L]   slot i may attend to slot j: j <= i (and j > i - window for sliding-window models)
+        cos, sin [L, head_dim]  rotary tables of positions 0..L-1 (a position never exceeds its slot)
+    transformers' attention modules call `update(k, v, layer_idx)` (all of the cache interface they use) and
+    attend over all L slots under `mask(slots)`; `slots` (on the device) says where this step's tokens go."""
+
+    def __init__(self, kv_heads: dict[int, int], batch: int, length: int, head_dim: int, window: int | None,
+                 rotary: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.length = length
+        self.keys = {i: torch.zeros(batch, h, length, head_dim, dtype=dtype, device=device) for i, h in kv_heads.items()}
+        self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
+        self.valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        j = torch.arange(length, device=device)
+        self.causal = j[None, :] <= j[:, None]
+        if window is not None:
+            self.causal &= j[None, :] > j[:, None] - window
+        cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), j[None])
+        self.cos, self.sin = cos[0], sin[0]
+        self.slots = j[:1]
+        for t in (*self.keys.values(), *self.values.values(), self.valid, self.causal, self.cos, self.sin):
+            torch._dynamo.mark_static_address(t)  # CUDA graphs read them where they are (no copy per replay)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        """Write this step's keys/values [B, h, q, d] at `slots`; return the whole layer cache (all L slots)."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, self.slots, key)
+        v.index_copy_(2, self.slots, value)
+        return k, v
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """[B, 1, q, L] boolean: the queries at `slots` see the real tokens of earlier slots (window), and
+        themselves (a padding slot sees only itself: an empty row is NaN in some attention kernels)."""
+        own = torch.arange(self.length, device=slots.device)[None, :] == slots[:, None]
+        return (self.causal[slots][None] & (self.valid[:, None, :] | own[None]))[:, None]
+
+    def reset(self, attention_mask: torch.Tensor | None, prompt: int) -> None:
+        """A new batch: zero keys and values (stale slots stay masked, but must hold no NaN), mark its padding."""
+        for t in (*self.keys.values(), *self.values.values()):
+            t.zero_()
+        self.valid.fill_(True)
+        if attention_mask is not None:
+            self.valid[:, :prompt] = attention_mask.bool()
+
+
 @dataclass
 class Sequences:
-    """Decoding state of a batch: this rank's KV cache, the 2-D mask (None: no padding), next positions."""
-    cache: DynamicCache
-    attention_mask: torch.Tensor | None
-    next_position: torch.Tensor  # [B, 1]
+    """Decoding state of a batch, on the device (a decode step reads no host value): this rank's cache, the
+    slot the next token goes to (0-d), the tokens' next positions [B, 1]; and, on the host, the steps left."""
+    cache: StaticKV
+    slot: torch.Tensor
+    next_position: torch.Tensor
+    room: int
+
+
+# ---- compiling ----------------------------------------------------------------------------------
+COMPILE_MODES = COMPILES[1:]  # none (eager) or a torch.compile mode; reduce-overhead: + CUDA graphs
+RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default 8 is shared by every Runtime of a process)
+
+
+def compile_mode(mode: str, device_type: str) -> str:
+    """The torch.compile mode of `runtime.compile`: "auto" is reduce-overhead (CUDA graphs) on CUDA and on the
+    CPU "default" (measured here: compiled decode beats eager; reduce-overhead has no graphs to capture on a CPU)."""
+    if mode == "auto":
+        return "reduce-overhead" if device_type == "cuda" else "default"
+    if mode not in COMPILE_MODES:
+        raise CqilError(f"runtime compile={mode!r} is not one of auto, {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 class Runtime:
@@ -580,11 +731,19 @@ class Runtime:
     `source`: a checkpoint (bundled name or safetensors directory: rank-local partial reads) or an
     in-memory model (its slices are copied). mesh=None: one process. Every rank builds a Runtime with
     the same arguments and then calls the same methods in the same order (they contain collectives).
+
+    One step function runs every setup (`_step`: embedding, this rank's stages with their collectives,
+    the head), eager or compiled whole per rank (`compile`: none | default | reduce-overhead | auto;
+    `compiled(mode)` gives a twin sharing weights, communicators and caches). Compiled: fullgraph (a graph
+    break is an error, not a slowdown), static shapes (what CUDA graphs replay): a decode graph per batch size
+    and cache length (CACHE_BLOCK), a prefill graph per batch size and prompt length (callers with prompts of
+    many lengths bucket them by left padding, which is masked: cqil generate pads to a multiple of 32 tokens).
     """
 
     def __init__(self, source: str | nn.Module, plan: Plan, mesh: Mesh | None = None, variant: Variant = Variant(),
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 timeout_s: float = 60.0, trust_remote_code: bool = False):
+                 timeout_s: float = 60.0, trust_remote_code: bool = False, compile: str = "none",
+                 startup_timeout_s: float = 1800.0):
         dtype = models.dtype_of(dtype) if isinstance(dtype, str) else dtype
         if isinstance(source, nn.Module):
             check_supported(source)
@@ -606,12 +765,15 @@ class Runtime:
         self.schedule: Schedule = make_schedule(plan, config.num_hidden_layers, P, T, variant)
         check_shardable(self.schedule, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
         self.plan, self.variant = plan, variant
-        self._mask = create_sliding_window_causal_mask if uses_sliding_window(config) else create_causal_mask
+        self.window = getattr(config, "sliding_window", None) if uses_sliding_window(config) else None
 
         dec = decoder(skel)
-        self._load(skel, dec, reader)
         with torch.device(self.device):  # rotary buffers: computed, not read
             self.rotary = type(dec.rotary_emb)(config=config)
+        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            raise CqilError(f"rope type {self.rotary.rope_type!r} changes its frequencies with the sequence length; "
+                            "the runtime's rotary tables are computed once per cache, so it does not support it")
+        self._load(skel, dec, reader)
         if mesh is not None and mesh.startup is not None:
             dist.barrier(group=mesh.startup)  # every rank has loaded: collectives (short timeout) may start
         self.comms: dict[str, Comm] = {}  # axis -> communicator, for every axis of size > 1
@@ -624,6 +786,11 @@ class Runtime:
         head = next(st for st in self.schedule.stages if st.kind == "head")
         self.head_split = head.split
         self.head_comm = self.comms[head.collectives[0].axis] if head.collectives else None
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_heads = {i: dec.layers[i].self_attn.k_proj.weight.shape[0] // self.head_dim for i in self.layer_ids}
+        self.caches: dict[tuple[int, int], StaticKV] = {}  # (batch, slots) -> cache, reused run after run
+        self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
+        self._set_compile(compile)
 
     # ---- building ------------------------------------------------------------------------
     def _load(self, skel: nn.Module, dec: nn.Module, reader) -> None:
@@ -671,7 +838,7 @@ class Runtime:
     def _stage(self, st: Stage, layers: list[nn.Module]):
         """This rank's computation of one schedule stage (None: it takes no part)."""
         if self.k not in st.members or st.kind in ("embed", "head"):
-            return None  # embed and head run in hidden() / greedy() / logits()
+            return None  # embed and head run in _step()
         comms = {c.role: self.comms[c.axis] for c in st.collectives}
         if st.kind == "layer":
             return _LayerStage(layers[st.layers[0]], comms.get("attention"))
@@ -682,6 +849,23 @@ class Runtime:
         mine = st.layers[self.k] if self.k < len(st.layers) else None
         return _GroupStage(layers[mine] if mine is not None else None, self.k, self.t, self.plan.bypass,
                            comms.get("attention"), comms.get("bypass"), comms["group"])
+
+    def _set_compile(self, mode: str) -> None:
+        """Eager steps (none), or steps compiled whole with torch.compile in `mode` (see the class docstring)."""
+        self.mode = compile_mode(mode, self.device.type)
+        self._prefill_fn, self._decode_fn = self._prefill_step, self._decode_step
+        self._shapes: set[tuple] = set()  # (step, shapes) this twin has run: a new one compiles first
+        if self.mode != "none":
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            options = dict(fullgraph=True, mode=self.mode)
+            self._prefill_fn = torch.compile(self._prefill_step, dynamic=False, **options)
+            self._decode_fn = torch.compile(self._decode_step, dynamic=False, **options)
+
+    def compiled(self, mode: str) -> "Runtime":
+        """A twin of this runtime (the same weights, communicators and caches) that runs its steps in `mode`."""
+        twin = copy.copy(self)
+        twin._set_compile(mode)
+        return twin
 
     @property
     def comm(self) -> Comm | None:
@@ -695,21 +879,73 @@ class Runtime:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
         return sum(storages.values())
 
-    # ---- the forward ------------------------------------------------------------------
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-               cache: DynamicCache | None) -> torch.Tensor:
-        """Hidden states [B, T, H] after the last layer (before the final norm) on the ranks that run the head."""
+    def cache(self, batch: int, slots: int) -> StaticKV:
+        """This rank's cache for `batch` sequences of up to `slots` tokens (rounded up to CACHE_BLOCK), made once."""
+        slots = -(-slots // CACHE_BLOCK) * CACHE_BLOCK
+        if (batch, slots) not in self.caches:
+            self.caches[batch, slots] = StaticKV(self.kv_heads, batch, slots, self.head_dim, self.window, self.rotary,
+                                                 self.dtype, self.device)
+        return self.caches[batch, slots]
+
+    # ---- the step: one function for every setup, eager or compiled ------------------------
+    def _hidden(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: StaticKV) -> torch.Tensor:
+        """Hidden states [B, q, H] after the last layer (before the final norm) of tokens [B, q] at cache
+        `slots` [q] and rotary `positions` [B, q], on the ranks that run the head."""
+        kv.slots = slots
         if self.embed is not None:
-            x = self.embed(input_ids)
+            x = self.embed(tokens)
         else:  # filled by member 0's broadcast before this rank's first stage
-            x = torch.empty(*input_ids.shape, self.config.hidden_size, dtype=self.dtype, device=input_ids.device)
-        mask = self._mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=cache,
-                          position_ids=position_ids, layer_idx=self.layer_ids[0])
-        kwargs = dict(attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=self.rotary(x, position_ids))
+            x = torch.zeros(*tokens.shape, self.config.hidden_size, dtype=self.dtype, device=tokens.device)
+        kwargs = dict(attention_mask=kv.mask(slots), position_ids=positions, past_key_values=kv, use_cache=True,
+                      position_embeddings=(kv.cos[positions], kv.sin[positions]))
         for stage in self.stages:
             x = stage(x, **kwargs)
         return x
+
+    def _next(self, x: torch.Tensor, with_logits: bool):
+        """The next tokens [B] of pre-norm states [B, H] (and the full logits [B, V] if asked)."""
+        if with_logits:
+            logits = self.logits(x)
+            return logits.argmax(-1), logits
+        return self.greedy(x), None
+
+    def _step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: StaticKV,
+              with_logits: bool):
+        """One step of every rank: tokens [B, q] in, the next tokens [B] (and logits [B, V] or None) out."""
+        return self._next(self._hidden(tokens, slots, positions, kv)[:, -1], with_logits)
+
+    # two code objects, so that dynamo keeps prefill's graphs (dynamic shapes) apart from decode's (static)
+    def _prefill_step(self, *args):
+        return self._step(*args)
+
+    def _decode_step(self, *args):
+        return self._step(*args)
+
+    def _run(self, fn, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: StaticKV,
+             with_logits: bool):
+        """Run a step. Compiled: a step's first call at a shape compiles it first, seconds to minutes, each rank
+        at its own speed, so its collectives wait up to startup_timeout_s (then timeout_s again); a collective
+        that fails inside the graph ends with one line naming the rank."""
+        if self.mode == "none":
+            return fn(tokens, slots, positions, kv, with_logits)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs were consumed (or cloned)
+        key = (fn, tuple(tokens.shape), kv.length, with_logits)
+        first = key not in self._shapes
+        comms = list({id(c): c for c in self.comms.values()}.values()) if first else []
+        for c in comms:
+            c.set_timeout(self.startup_timeout_s)
+        try:
+            out = fn(tokens, slots, positions, kv, with_logits)
+        except dist.DistError as e:
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CqilError(f"rank {self.rank}: a collective of the compiled step failed: {line} "
+                            "(if another rank died or timed out, its error is above)") from None
+        finally:
+            for c in comms:
+                c.set_timeout(self.timeout_s)
+        self._shapes.add(key)
+        return out
 
     def local_logits(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's logits [..., head_rows] (its vocabulary shard, or all of them) of pre-norm states."""
@@ -718,10 +954,10 @@ class Runtime:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full logits [..., V] on every rank, from pre-norm hidden states."""
         if self.head is None:  # member 0 runs the whole head and sends the logits
-            return self.head_comm.broadcast_(x.new_empty((*x.shape[:-1], self.vocab)))
+            return self.head_comm.broadcast(x.new_zeros((*x.shape[:-1], self.vocab)))
         out = self.local_logits(x)
         if self.head_split != "vocab":
-            return self.head_comm.broadcast_(out.contiguous()) if self.head_comm is not None else out
+            return self.head_comm.broadcast(out.contiguous()) if self.head_comm is not None else out
         out = nn.functional.pad(out, (0, self.head_rows - out.shape[-1]), value=float("-inf"))  # short last shard
         parts = self.head_comm.all_gather(out)  # [P*T, ..., rows]
         return torch.cat(parts.unbind(0), dim=-1)[..., :self.vocab]
@@ -729,11 +965,11 @@ class Runtime:
     def greedy(self, x: torch.Tensor) -> torch.Tensor:
         """argmax token ids [B] of pre-norm hidden states [B, H]; sharded head: (max, id) pairs only."""
         if self.head is None:
-            return self.head_comm.broadcast_(torch.empty(x.shape[0], dtype=torch.long, device=x.device))
+            return self.head_comm.broadcast(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         local = self.local_logits(x)
         if self.head_split != "vocab":
             ids = local.argmax(-1)
-            return self.head_comm.broadcast_(ids) if self.head_comm is not None else ids
+            return self.head_comm.broadcast(ids) if self.head_comm is not None else ids
         best, idx = local.max(-1)
         pairs = torch.stack([best.float(), (idx + self.vocab_offset).float()], -1)  # ids < 2^24: exact
         everyone = self.head_comm.all_gather(pairs)  # [P*T, B, 2]
@@ -742,41 +978,48 @@ class Runtime:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Full logits [B, T, V] of a (left-padded) batch, no cache."""
-        return self.logits(self.hidden(input_ids, attention_mask, _positions(input_ids, attention_mask), None))
+        """Full logits [B, T, V] of a (left-padded) batch (eager; a cache of exactly T slots, used once)."""
+        B, T = input_ids.shape
+        kv = StaticKV(self.kv_heads, B, T, self.head_dim, self.window, self.rotary, self.dtype, self.device)
+        kv.reset(attention_mask, T)
+        slots = torch.arange(T, device=input_ids.device)
+        return self.logits(self._hidden(input_ids, slots, _positions(input_ids, attention_mask), kv))
 
     # ---- generation ----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                with_logits: bool = False):
-        """Run the prompt [B, T] (left-padded if masked): (first new token [B], state[, logits [B, V]])."""
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: plain causal attention, no mask to build or grow
+                with_logits: bool = False, *, max_new_tokens: int):
+        """Run the prompt [B, T] (left-padded if masked) into a cache with room for `max_new_tokens` new tokens
+        (this first one and max_new_tokens - 1 decode steps): (first new token [B], state[, logits [B, V]])."""
+        if max_new_tokens < 1:
+            raise CqilError(f"max_new_tokens={max_new_tokens}: a run makes at least one new token")
+        B, T = input_ids.shape
+        kv = self.cache(B, T + max_new_tokens - 1)
+        kv.reset(attention_mask, T)
         positions = _positions(input_ids, attention_mask)
-        cache = DynamicCache(config=self.config)
-        x = self.hidden(input_ids, attention_mask, positions, cache)[:, -1]
-        state = Sequences(cache, attention_mask, positions[:, -1:] + 1)
-        return self._next(x, state, with_logits)
+        slots = torch.arange(T, device=input_ids.device)
+        token, logits = self._run(self._prefill_fn, input_ids, slots, positions, kv, with_logits)
+        state = Sequences(kv, torch.tensor(T, device=input_ids.device), positions[:, -1:] + 1, kv.length - T)
+        return (token.clone(), state, logits.clone()) if with_logits else (token.clone(), state)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, state: Sequences, with_logits: bool = False):
-        """One decoding step for tokens [B]: (next token [B], state[, logits [B, V]])."""
-        if state.attention_mask is not None:
-            state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
-        x = self.hidden(tokens[:, None], state.attention_mask, state.next_position, state.cache)[:, -1]
-        state.next_position = state.next_position + 1
-        return self._next(x, state, with_logits)
-
-    def _next(self, x: torch.Tensor, state: Sequences, with_logits: bool):
-        if with_logits:
-            logits = self.logits(x)
-            return logits.argmax(-1), state, logits
-        return self.greedy(x), state
+        """One decoding step for tokens [B]: (next token [B], state[, logits [B, V]]). No host sync: the slot and
+        positions advance on the device; the outputs are fresh tensors (a CUDA graph's own are reused)."""
+        if state.room < 1:
+            raise CqilError(f"the KV cache of this batch is full ({state.cache.length} slots); "
+                            "prefill with a larger max_new_tokens")
+        token, logits = self._run(self._decode_fn, tokens[:, None], state.slot.view(1), state.next_position,
+                                  state.cache, with_logits)
+        state.slot += 1
+        state.next_position += 1
+        state.room -= 1
+        return (token.clone(), state, logits.clone()) if with_logits else (token.clone(), state)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 16, with_logits: bool = False):
         """Greedy generation: new tokens [B, max_new_tokens] (and their logits [B, N, V] if asked)."""
-        out = self.prefill(input_ids, attention_mask, with_logits)
+        out = self.prefill(input_ids, attention_mask, with_logits, max_new_tokens=max_new_tokens)
         tokens, logits = [out[0]], [out[2]] if with_logits else []
         for _ in range(max_new_tokens - 1):
             out = self.decode(tokens[-1], out[1], with_logits)

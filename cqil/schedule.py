@@ -75,6 +75,7 @@ from .plan import Plan, PlanError
 LM_HEADS = ("sharded", "replicated")
 UNGROUPED = ("replicated", "rank0", "tp")
 COMMS = ("auto", "torch", "shm")
+COMPILES = ("auto", "none", "default", "reduce-overhead")  # cqil.runtime's step: eager, or torch.compile in a mode
 AXES = ("member", "tp", "world")
 PAYLOAD_DTYPES = {"pairs": 4, "token_ids": 8}  # bytes per element of the fixed-dtype payloads
 

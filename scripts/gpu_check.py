@@ -17,11 +17,13 @@ results/gpu_check/gpu_check_<gpu>.csv, with the GPU name and provenance, after e
   finetune   4 steps of `cqil finetune` in bf16 with gradient checkpointing (train.bf16=true,
              train.gradient_checkpointing=true)
   generate   `cqil generate` in bf16, one GPU: TTFT and tokens/s
+  generate_compiled   `cqil generate runtime.compile=auto` in fp32, one GPU (the static-cache step under
+             torch.compile with CUDA graphs): tokens equal transformers' generate() of the converted model
   with >= 2 GPUs (NCCL):
   generate_p2 / generate_p4   `cqil generate devices=2` (and 4 with >= 4 GPUs) in fp32: tokens equal
              transformers' generate() of the converted model
   torchrun_tests   tests/test_generate.py's torchrun equivalence tests with CQIL_TEST_DEVICE=cuda
-  bench      a short `cqil bench devices=2`
+  bench      a short `cqil bench devices=2`: original, CQIL and TP=2 (head whole), eager and compiled
 Without CUDA it says so and exits 0. `--device cpu` runs the same steps on the CPU (a dry run of the
 structure, tests/test_gpu_check.py). Self-contained: no network; the model is the bundled one when its
 checkpoint is cached or its package installed, else a tiny random LLaMA saved to a temporary
@@ -308,18 +310,19 @@ def step_finetune(check: Check, ckpt: str, device: str, plan, work: Path, *, tim
 
 
 def step_generate(check: Check, ckpt: str, device: str, plan, work: Path, devices: int = 1,
-                  expected: list[list[int]] | None = None, *, timeout: float) -> None:
-    """`cqil generate` on `devices` GPUs: bf16 timings (one device), or fp32 tokens == generate() (several)."""
+                  expected: list[list[int]] | None = None, compile: str = "none", *, timeout: float) -> None:
+    """`cqil generate` on `devices` GPUs: bf16 timings (one device), or fp32 tokens == generate() (several, or
+    compiled: runtime.compile=auto, CUDA graphs of the static-cache step)."""
     from cqil.results import read_csv
 
-    name = "generate" if devices == 1 else f"generate_p{devices}"
+    name = ("generate" if devices == 1 else f"generate_p{devices}") + ("" if compile == "none" else "_compiled")
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out, results = work / f"{name}.jsonl", work / f"{name}.csv"
     args = ["generate", "model=hf", f"model.path={ckpt}", "model.name=gpu-check", f"model.device={device}",
             f"model.dtype={'bfloat16' if expected is None else 'float32'}", f"devices={devices}", "plan=manual",
             *plan_overrides(plan), f"prompt_file={prompts}", f"max_new_tokens={NEW_TOKENS}", "ignore_eos=true",
-            f"out={out}", f"results={results}", *(["threads=1"] if device == "cpu" else [])]
+            f"out={out}", f"results={results}", f"runtime.compile={compile}", *(["threads=1"] if device == "cpu" else [])]
     seconds = job_step(check, name, args, timeout)
     if seconds is None:
         return
@@ -355,7 +358,9 @@ def step_bench(check: Check, ckpt: str, plan, work: Path, *, timeout: float) -> 
     args = ["bench", "devices=2", "model=hf", f"model.path={ckpt}", "model.name=gpu-check", "model.device=cuda",
             "model.dtype=bfloat16", "plan=manual", *plan_overrides(plan), "data=local", "data.name=gpu-check",
             f"data.files=[{text_file()}]", "data.block_size=128", "prompt_tokens=[128]", "batch_sizes=[1]",
-            "warmup=2", "repeats=5", "new_tokens=8", "profile_runs=1", f"out={out}", f"figure={work / 'bench.png'}"]
+            "warmup=2", "repeats=5", "new_tokens=8", "profile_runs=1", f"out={out}", f"figure={work / 'bench.png'}",
+            # eager and compiled (CUDA graphs), three setups: five would compile past this step's limit
+            "cqil=[{lm_head: replicated, ungrouped: auto}]", "tensor_parallel=[{lm_head: replicated}]"]
     seconds = job_step(check, "bench", args, timeout)
     if seconds is None:
         return
@@ -409,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         run_step("layer_step", step_layer_step, check, args.device, limit_s=200)
         run_step("finetune", step_finetune, check, ckpt, args.device, plan, work, limit_s=240)
         run_step("generate", step_generate, check, ckpt, args.device, plan, work, limit_s=150)
+        if args.device == "cuda":  # the compiled step (CUDA graphs) on one GPU: tokens == generate()
+            run_step("generate_compiled", step_generate, check, ckpt, "cuda", plan, work, 1, expected, "auto",
+                     limit_s=150)
         if check.gpus >= 2:
             run_step("generate_p2", step_generate, check, ckpt, "cuda", plan, work, 2, expected, limit_s=180)
             if check.gpus >= 4:

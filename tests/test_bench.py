@@ -132,6 +132,44 @@ def test_bad_protocol_settings_are_one_line_errors():
             bench.run(compose("bench", [override]))
 
 
+def test_compile_is_a_dimension_of_every_setup(tiny_checkpoint, tmp_path):
+    """`cqil bench compile=[default]` on a tiny checkpoint: every setup eager and compiled, paired in the same
+    rounds; compiled rows are paired against (a) compiled and against themselves eager, and carry their first run
+    (compile included) and graph count; `ungrouped: auto` runs the layout the latency model ranks first, and
+    the CSV says so."""
+    from conftest import overrides
+
+    from cqil import costs, models
+    from cqil.plan import Plan
+    from cqil.results import read_csv
+
+    out = tmp_path / "bench.csv"
+    cmd = [sys.executable, "-m", "cqil", "bench", *overrides(tiny_checkpoint, tmp_path), "plan.groups=[[2,3],[4,5]]",
+           "prompt_tokens=[8]", "batch_sizes=[1]", "warmup=0", "repeats=2", "new_tokens=3", "profile_runs=1",
+           "compile=[default]", "cqil=[{ungrouped: auto}]", "tensor_parallel=[]", f"out={out}",
+           f"figure={tmp_path / 'bench.png'}"]
+    run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    df = read_csv(out)
+    ranked = costs.rank_layouts(models.load_config(tiny_checkpoint["model"]), Plan(((2, 3), (4, 5))),
+                                2, 1, costs.hardware(costs.hardware_for("cpu")), "sharded", 1, 8 + 3, 4)
+    best = ranked[0]["ungrouped"]
+    cqil = f"cqil (shm, head sharded, ungrouped {best})"
+    assert list(dict.fromkeys(df.setup)) == [BENCH_BASELINE, f"{BENCH_BASELINE}, compiled (default)", "original, 2 threads",
+                                             cqil, f"{cqil}, compiled (default)"]
+    assert "latency model" in run.stdout and "compiled:" in run.stdout
+    compiled, eager = df[df["compile"] == "default"], df[df["compile"] == "none"]
+    assert len(compiled) == 4 and len(eager) == 6
+    assert (compiled.baseline == f"{BENCH_BASELINE}, compiled (default)").all() and (eager.baseline == BENCH_BASELINE).all()
+    assert (df[df.setup == f"{BENCH_BASELINE}, compiled (default)"].reduction == 0).all()
+    assert compiled.compile_reduction.notna().all() and eager.compile_reduction.isna().all()
+    assert (compiled.compile_s > 0).all() and (compiled.graphs == 2).all()  # a prefill and a decode graph
+    assert compiled.rank0_group_ms.isna().all() and eager[eager.setup == cqil].rank0_group_ms.notna().all()
+    assert (df[df.setup.str.startswith("cqil")].ungrouped_by == "latency model").all()
+    assert df.layouts.iloc[0].startswith("latency model (CPU core")
+
+
 # ---- the bench's waits under torchrun: `torchrun --nproc_per_node 2 tests/test_bench.py <mode>` ----------
 TIMEOUT_S = 2.0
 

@@ -296,7 +296,7 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.Figures: lambda c: ["[nope]", "abc"],
     checks.Unused: lambda c: [],
     checks.Text: lambda c: ["''", "' '", "[a]"],
-    checks.Choices: lambda c: ["[]", "[bogus]", f"[{c.options[0]},{c.options[0]}]", "abc"],
+    checks.Choices: lambda c: ([] if c.empty_ok else ["[]"]) + ["[bogus]", f"[{c.options[0]},{c.options[0]}]", "abc"],
     checks.Keys: lambda c: ["[]", "[nope]", "abc"],
     checks.Only: lambda c: BAD[type(c.check_)](c.check_),  # the conf's defaults make it apply
     checks.OptionalGroup: lambda c: ["abc", "[1]"],

@@ -165,8 +165,16 @@ def test_sampling_is_the_same_on_every_rank_and_reproducible(ckpt, world4):
 def test_one_process_greedy_equals_generate_and_streams(ckpt, capsys):
     assert one_process(ckpt) == reference(ckpt, Plan(), 1)  # no plan: the original model
     assert one_process(ckpt, *plan_overrides(P2), "batch_size=3") == reference(ckpt, P2, 3)
+    # the host reads the tokens every step, or every 3 (EOS of the third prompt inside a chunk): the same tokens
+    assert one_process(ckpt, *plan_overrides(P2), "batch_size=3", "sync_every=1") == reference(ckpt, P2, 3)
+    assert one_process(ckpt, *plan_overrides(P2), "batch_size=3", "sync_every=3") == reference(ckpt, P2, 3)
     stdout = capsys.readouterr().out  # batches print each completion after its prompt
     assert all(p in stdout for p in PROMPTS)
+
+
+def test_compiled_generate_equals_generate(ckpt):
+    """runtime.compile=default (inductor, prompts padded to PROMPT_BLOCK tokens, static cache): transformers' tokens."""
+    assert one_process(ckpt, *plan_overrides(P2), "batch_size=3", "runtime.compile=default") == reference(ckpt, P2, 3)
 
 
 def test_a_converted_directory_runs_its_own_plan(ckpt, tmp_path):
@@ -198,6 +206,8 @@ def test_a_converted_directory_runs_its_own_plan(ckpt, tmp_path):
     (["max_new_tokens=0"], "max_new_tokens=0: must be an integer >= 1"),
     (["max_new_tokens=300"], "exceeds the model's 256 positions"),
     (["runtime.lm_head=half"], "runtime.lm_head=half: must be one of sharded, replicated"),
+    (["runtime.compile=fast"], "runtime.compile=fast: must be one of auto, none, default, reduce-overhead"),
+    (["sync_every=0"], "sync_every=0: must be an integer >= 1"),
     (["model.device=cuda"], "CUDA is not available here|has no CUDA GPU"),
     (["chat=true"], "has no chat template"),
 ])

@@ -13,6 +13,7 @@ from conftest import auto_overrides, model_and_tokenizer, synthetic_layer_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cqil import cli, latency, planning
+from cqil import costs as cost_model
 from cqil.latency import Comm, Costs, Shape
 from cqil.plan import Plan
 from cqil.results import plan_columns
@@ -138,11 +139,11 @@ def test_roofline_counts_the_parameters_of_a_real_llama_layer(head_dim):
     matrices = sum(p.numel() for p in model.model.layers[0].parameters() if p.dim() == 2)
     assert shape.layer_params == matrices
     B, T = 3, 7
-    flops, nbytes = latency.layer_work(shape, "prefill", T, B, bpp=2, context=T)
+    flops, nbytes = cost_model.layer_work(shape, "prefill", T, B, bpp=2, context=T)
     attn = 4 * B * T * T * shape.heads * shape.hd
     assert flops - attn == 2 * matrices * B * T and nbytes == 2 * matrices
     # decode: one token per sequence, and the KV cache of the context is read
-    flops, nbytes = latency.layer_work(shape, "decode", T, B, bpp=2, context=50)
+    flops, nbytes = cost_model.layer_work(shape, "decode", T, B, bpp=2, context=50)
     assert flops == 2 * matrices * B + 4 * B * 50 * shape.heads * shape.hd
     assert nbytes == 2 * matrices + 2 * B * 50 * shape.kv_heads * shape.hd * 2
     assert shape.hidden * shape.vocab == model.lm_head.weight.numel()
@@ -199,8 +200,8 @@ def test_memory_per_gpu_comes_from_the_schedule():
     # heads); fewer KV heads than GPUs cannot be cut at all: TP refused, and so are such cuts inside CQIL x TP
     thirty = Shape(60, 6656, 17920, 52, 52, 32000)
     attention, mlp = 4 * 6656 * 6656, 3 * 6656 * 17920
-    assert latency.fullest_shard(thirty, 8) == pytest.approx((attention * 7 * 8 / 52 + mlp) / (attention + mlp))
-    assert latency.fullest_shard(SEVEN, 8) == 1.0
+    assert cost_model.fullest_shard(thirty, 8) == pytest.approx((attention * 7 * 8 / 52 + mlp) / (attention + mlp))
+    assert cost_model.fullest_shard(SEVEN, 8) == 1.0
     assert latency.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
     few = Shape(8, 512, 1024, 8, 4, 1000)
     assert not latency.tensor_parallel_row(few, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
@@ -383,7 +384,7 @@ def test_a_measured_layer_step_sets_the_fixed_cost_and_bandwidth(tmp_path, capsy
 @pytest.mark.parametrize("case, words", [
     ("missing", "does not exist; make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"),
     ("eager only", "has no rows of mode compiled (it has: llama-2-70b eager, llama-2-7b eager)"),
-    ("cpu", "was measured on cpu, which names none of conf/hardware/ (a100, h100); give layer_step.hardware=<name>"),
+    ("cpu", "was measured on cpu, which names none of conf/hardware/ (a100, cpu-core, h100); give layer_step.hardware=<name>"),
     ("one size", "at one size only"),
     ("lacks columns", "lacks the column(s) median_us"),
     ("too fast", "above A100-SXM4-80GB + NVLink3's memory bandwidth (2039 GB/s"),

@@ -84,6 +84,22 @@ def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     return {"padded batch": (ids, mask), "one prompt": (ids[:1, :5], None)}
 
 
+# The compiled step (torch.compile, inductor: the real compiled path) against the same runtime eager, in one
+# launch per world size: name -> (world, checkpoint, plan groups, bypass, mesh (P, T) or None: one process, variant,
+# heads): "greedy" runs the padded batch through the greedy head ((max, id) exchange, or the ids broadcast),
+# "logits" one prompt through the full logits (gathered or broadcast). Each head path is two graphs (prefill,
+# decode) to compile, minutes on a cold cache, so every path is covered once rather than every case on both.
+COMPILED = {
+    "original": (2, "llama", (), 0, None, dict(), ("greedy", "logits")),
+    "P1xT2 (TP), shm": (2, "llama", (), 0, (1, 2), dict(comm="shm"), ("greedy",)),
+    "P2 D0 shm, ungrouped tp": (2, "llama", ((1, 2), (3, 4)), 0, (2, 1), dict(comm="shm", ungrouped="tp"), ("logits",)),
+    "P2 D1 gloo, rank0, whole head": (2, "llama", ((1, 2), (3, 4)), 1, (2, 1),
+                                      dict(comm="torch", ungrouped="rank0", lm_head="replicated"), ("greedy", "logits")),
+    "P2xT2 D1 shm": (4, "llama", ((1, 2), (3, 4)), 1, (2, 2), dict(comm="shm"), ("greedy",)),
+}
+DECODE_STEPS = 32  # decode steps of every compiled run (prefill + 32 steps: 33 new tokens)
+
+
 def positions(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.arange(ids.shape[1])[None] if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
 
@@ -111,6 +127,8 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
                 time.sleep(600)
             rt.generate(*inputs()["one prompt"], max_new_tokens=NEW_TOKENS)
             return
+        if mode == "compiled":
+            return compiled_worker(rank, world, out, checkpoints)
         results = {}
         for name, (w, ckpt, groups, bypass, shape, variant) in CASES.items():
             if w == world:
@@ -129,6 +147,37 @@ def worker(mode: str, out: Path, checkpoints: Path) -> None:
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         shutdown()
+
+
+def compiled_worker(rank: int, world: int, out: Path, checkpoints: Path) -> None:
+    """Every COMPILED case of this world size: its head paths eager and compiled, a second compiled run of the
+    same shape, and dynamo's graph counts."""
+    from torch._dynamo.utils import counters
+
+    from cqil.runtime import Runtime, make_mesh
+    from cqil.schedule import Variant
+
+    results = {}
+    last = sorted(COMPILED.items(), key=lambda case: case[1][4] is None)  # the mesh cases together, then rank 0's
+    for name, (w, ckpt, groups, bypass, shape, variant, heads) in last:
+        if w != world or (shape is None and rank > 0):  # the one-process case: rank 0 alone, at the end
+            continue
+        mesh = make_mesh(*shape) if shape is not None else None
+        eager = Runtime(str(checkpoints / ckpt), Plan(groups, bypass), mesh, Variant(**variant))
+        fast = eager.compiled("default")
+        runs = {"greedy": (*inputs()["padded batch"], False), "logits": (inputs()["one prompt"][0], None, True)}
+        graphs = counters["stats"]["unique_graphs"]
+        got = {head: fast.generate(ids, mask, DECODE_STEPS + 1, with_logits)
+               for head, (ids, mask, with_logits) in runs.items() if head in heads}
+        got["graphs"] = counters["stats"]["unique_graphs"] - graphs
+        ids, mask, with_logits = runs[heads[0]]
+        got["again"] = fast.generate(ids, mask, DECODE_STEPS + 1, with_logits)  # a shape run again compiles nothing
+        got["graphs_again"] = counters["stats"]["unique_graphs"] - graphs - got["graphs"]
+        got["eager"] = {head: eager.generate(ids, mask, DECODE_STEPS + 1, with_logits)
+                        for head, (ids, mask, with_logits) in runs.items() if head in heads}
+        results[name] = got
+    results["graph_breaks"] = sum(counters["graph_break"].values())
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 def torchrun(world: int, mode: str, out: Path, checkpoints: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -194,6 +243,40 @@ def test_runtime_equals_single_process_model(launch):
         assert "4 layers" in ranks[0]["mismatch"] and "devices=4" in ranks[0]["mismatch"]
 
 
+@pytest.fixture(scope="module", params=[2, 4])
+def compiled_launch(request, checkpoints, tmp_path_factory):
+    """One torchrun launch of every COMPILED case of a world size: (world, [results of each rank])."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"compiled{world}")
+    run = torchrun(world, "compiled", out, checkpoints, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def test_compiled_step_equals_eager(compiled_launch):
+    """torch.compile (inductor) of every rank's whole step equals the eager step: the same greedy tokens over 32
+    decode steps, logits within fp32 tolerance; no graph break; exactly two graphs per head path (prefill, decode)
+    and none more when the same shape runs again."""
+    world, ranks = compiled_launch
+    for r, res in enumerate(ranks):
+        assert res["graph_breaks"] == 0, f"rank {r}"
+        for name, (w, *_, shape, _, heads) in COMPILED.items():
+            if w != world or (shape is None and r > 0):
+                continue
+            got, msg = res[name], f"{name}, rank {r}"
+            for head in heads:
+                eager = got["eager"][head]
+                if head == "greedy":
+                    assert got[head].shape == (3, DECODE_STEPS + 1) and torch.equal(got[head], eager), msg
+                else:
+                    assert torch.equal(got[head][0], eager[0]), msg
+                    torch.testing.assert_close(got[head][1], eager[1], atol=1e-4, rtol=1e-4, msg=msg)
+            again = got["again"][0] if heads[0] == "logits" else got["again"]
+            assert torch.equal(again, got[heads[0]][0] if heads[0] == "logits" else got[heads[0]]), msg
+            assert got["graphs"] == 2 * len(heads) and got["graphs_again"] == 0, \
+                f"{msg}: {got['graphs']} + {got['graphs_again']} graphs"
+
+
 def test_every_rank_holds_what_the_schedule_says(launch):
     """Measured parameters + buffers of every rank equal the schedule's accounting (within 2%), and no
     rank of a CQIL mesh holds the whole model."""
@@ -230,6 +313,45 @@ def test_one_process_runtime_equals_model(checkpoints):
             torch.testing.assert_close(rt.forward(ids, mask)[real], fwd[real], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(got_logits, logits, atol=2e-5, rtol=1e-4)
             assert torch.equal(got_tokens, tokens) and torch.equal(rt.generate(ids, mask, NEW_TOKENS), tokens)
+
+
+def test_static_cache_equals_dynamic_cache():
+    """After a prefill of a left-padded batch and 3 decode steps, the runtime's preallocated cache holds, at every
+    real token's slot, the keys and values transformers' DynamicCache holds for the same grouped model; its slot
+    and next positions stayed on the device and count as generate() counts."""
+    from transformers import DynamicCache
+
+    from cqil.modeling import apply_plan
+    from cqil.runtime import CACHE_BLOCK, Runtime
+
+    plan, steps = Plan(((1, 2), (3, 4)), 1), 3
+    ids, mask = inputs()["padded batch"]
+    rt = Runtime(model("llama"), plan)
+    token, state = rt.prefill(ids, mask, max_new_tokens=steps + 1)
+    fed = [token]
+    for _ in range(steps):
+        token, state = rt.decode(token, state)
+        fed.append(token)
+    grouped, cache = apply_plan(model("llama"), plan), DynamicCache()
+    with torch.no_grad():
+        grouped(ids, attention_mask=mask, position_ids=positions(ids, mask), past_key_values=cache, use_cache=True)
+        full = mask
+        for t in fed[:-1]:
+            full = torch.nn.functional.pad(full, (0, 1), value=1)
+            grouped(t[:, None], attention_mask=full, position_ids=full.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                    use_cache=True)
+    n = ids.shape[1] + steps
+    assert state.cache.length == CACHE_BLOCK and state.room == CACHE_BLOCK - n and state.slot.item() == n
+    assert torch.equal(state.next_position[:, 0], full.sum(-1))
+    real = full.bool()
+    for i in range(6):
+        for mine, theirs in ((state.cache.keys[i], cache.layers[i].keys), (state.cache.values[i], cache.layers[i].values)):
+            torch.testing.assert_close(mine[:, :, :n].transpose(1, 2)[real], theirs.transpose(1, 2)[real],
+                                       atol=2e-6, rtol=1e-5)
+            assert not mine[:, :, n:].any()  # slots past the run's tokens: untouched zeros
+    with pytest.raises(CqilError, match="KV cache of this batch is full"):
+        while True:
+            token, state = rt.decode(token, state)
 
 
 def test_sliding_window_matches_transformers(checkpoints):
@@ -339,7 +461,7 @@ def test_bench_cli_end_to_end(tmp_path):
 
     out, fig = tmp_path / "bench.csv", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "cqil", "bench", "prompt_tokens=[8]", "batch_sizes=[1,2]", "warmup=0",
-           "repeats=1", "new_tokens=2", "profile_runs=1", f"out={out}", f"figure={fig}",
+           "repeats=1", "new_tokens=2", "profile_runs=1", f"out={out}", f"figure={fig}", "compile=[]",
            "cqil=[{comm: shm, ungrouped: rank0}, {comm: torch, lm_head: replicated}]",
            "tensor_parallel=[{comm: torch, lm_head: replicated}]"]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
