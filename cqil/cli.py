@@ -6,6 +6,7 @@ plan.group_size=2 groups layers [12,13] [14,15] ... [28,29].
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import os
 import re
 import signal
@@ -36,7 +37,14 @@ CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -
 
 
 def conf_dir() -> Path:
-    return Path(os.environ.get("CQIL_CONF", Path(__file__).resolve().parent.parent / "conf"))
+    """The configs: $CQIL_CONF if set; in a checkout (editable install or PYTHONPATH) its top-level conf/, the
+    source of truth; in an installed wheel the copy shipped as the package's `conf` resource (pyproject.toml)."""
+    if "CQIL_CONF" in os.environ:
+        return Path(os.environ["CQIL_CONF"])
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir():
+        return checkout / "conf"
+    return Path(str(importlib.resources.files("cqil") / "conf"))
 
 
 def quote_text(override: str) -> str:
