@@ -585,6 +585,20 @@ class Dtype(Check):
         ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, dtype_name(value, ctx.get("model.device"))))
 
 
+class ReportTo(Check):
+    """train.report_to: none, or a tracker the HF Trainer logs to, if its package is installed here."""
+    TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+    def check(self, value, key, ctx) -> None:
+        import importlib.util
+
+        if value != "none" and value not in self.TRACKERS:
+            raise refuse(key, value, f"must be none or one of {', '.join(self.TRACKERS)}")
+        if value != "none" and not any(importlib.util.find_spec(m) for m in self.TRACKERS[value]):
+            raise refuse(key, value, f"the package {value} is not installed here; `pip install {value}` or choose "
+                         "another of none, " + ", ".join(self.TRACKERS))
+
+
 class BlockSize(Count):
     """data.block_size: tokens per window, at least 2, at most the model's max_position_embeddings."""
 
@@ -1599,7 +1613,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "teacher.path": ModelPath(null_ok=True),  # null: the run's base model
         "train.save_steps": Count(1), "train.save_total_limit": Count(1, null_ok=True),
         "train.train_tokens": Tokens("train.block_size", null_ok=True),
-        "train.ddp_timeout": SECONDS,
+        "train.ddp_timeout": SECONDS, "train.report_to": ReportTo(),
         "eval_tokens": Tokens(null_ok=True), "ood_tokens": Tokens("ood_data.block_size", null_ok=True),
         "eval_batch_size": Count(1),
         "agreement.prompts": Count(0, what="0: no greedy agreement"), "agreement.prompt_tokens": Count(1),

@@ -17,6 +17,7 @@ import warnings
 from typing import Iterator, TextIO
 
 LOG = logging.getLogger("cqil")
+LIBRARIES = ("transformers", "datasets", "huggingface_hub", "peft", "accelerate")  # their loggers follow -q/-v
 LEVELS = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}
 # verbosity -> environment for the libraries (read when they are imported, here or in a subprocess)
 LIBRARY_ENV = {
@@ -62,6 +63,9 @@ def shown(verbosity: int) -> Iterator[None]:
         LOG.propagate = False
     saved = {k: os.environ.get(k) for k in LIBRARY_ENV[verbosity]}
     os.environ.update(LIBRARY_ENV[verbosity])
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}  # (their env is read once, at import)
+    for name in LIBRARIES if verbosity else ():
+        logging.getLogger(name).setLevel(logging.ERROR if verbosity < 0 else logging.INFO)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(Gate(sys.stdout, logging.INFO)), \
                 contextlib.redirect_stderr(Gate(sys.stderr, logging.WARNING)):
@@ -69,6 +73,8 @@ def shown(verbosity: int) -> Iterator[None]:
                 warnings.simplefilter("ignore")
             yield
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for k, v in saved.items():
             if v is None:
                 del os.environ[k]

@@ -400,7 +400,8 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
     on_gpu = device != "cpu"
     trainer = make_trainer(model, plan, train_blocks, recipe, ckpt_dir, on_gpu, callbacks=callbacks, teacher=teacher,
                            save_strategy="steps", save_steps=cfg.train.save_steps,
-                           save_total_limit=cfg.train.save_total_limit, ddp_timeout=cfg.train.ddp_timeout)
+                           save_total_limit=cfg.train.save_total_limit, ddp_timeout=cfg.train.ddp_timeout,
+                           report_to=[] if cfg.train.report_to == "none" else [cfg.train.report_to])
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size * block
     layers = cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers))
     columns = {"model": cfg.model.name, **plan_columns(plan), "data": f"{data_cfg.name}/training",

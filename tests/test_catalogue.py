@@ -259,6 +259,7 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.ModelPath: lambda c: [f"{W}/missing_model", f"{W}/notes.txt", f"{W}/user_dir", f"{W}/corrupt_ckpt",
                                  f"{W}/noweights", f"{W}/fake.gguf", f"{W}/missing.gguf", "./missing", "''"],
     checks.Dtype: lambda c: ["fp64", "bogus", 16],
+    checks.ReportTo: lambda c: ["comet", "true"],
     checks.Device: lambda c: ["gpu", "cuda:x"] + ([] if checks.cuda_driver_present() else ["cuda", "cuda:1"]),
     checks.TextFiles: lambda c: ["[]", f"[{W}/missing.txt]", "[missing_rel.txt]", f"[{W}/binary.txt]",
                                  f"[{W}/latin1.txt]", f"[{W}/bad.jsonl]", f"[{W}/notext.jsonl]", f"[{W}/empty.txt]",
@@ -346,9 +347,9 @@ VARIANT_ARGS = {"model=hf": [*TINY, "ood_data.block_size=256"],  # kept where th
                 "data=local": ["data=local", f"data.files=[{W}/good.txt]"]}
 
 EXTRA = [  # (job, overrides, words the message must contain): the examples and checks across keys
-    ("analyze", ["model=hf"], "model.name has no value"),
+    ("analyze", ["model=hf"], "model.path has no value"),  # model.name: the path's last part
     ("analyze", ["model=hf", "model.name=x"], "model.path has no value"),
-    ("convert", ["model=hf", f"model.path={W}/tiny"], "model.name has no value"),
+    ("convert", ["model=hf", f"model.path={W}/tiny", "data.block_size=256", "model.dtype=double"], "model.dtype=double"),
     ("analyze", ["data=local"], "data.files has no value"),
     ("analyze", ["data.files=[missing_rel.txt]"], "working directory"),
     ("convert", ["plan.start=12", "plan.end=25"], "not a multiple of group_size"),
@@ -561,7 +562,7 @@ def test_every_config_key_has_a_check():
 
 # ---- the same contract through `python -m cqil`, real jobs --------------------------------------
 HEADLINE = [  # (argv, words of the message): the examples
-    (["analyze", "model=hf"], "model.name has no value"),
+    (["analyze", "model=hf"], "model.path has no value"),
     (["analyze", "model=hf", f"model.path={W}/tiny", "model.name=tiny", "model.device=cuda:7"], "model.device=cuda:7"),
     (["analyze", "data=local"], "data.files has no value"),
     (["analyze", f"data.files=[{W}/binary.txt]"], "binary"),

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, data, distill, finetune, models, outputs, plots
+from cqil import CqilError, cli, data, distill, finetune, models, outputs, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -211,6 +211,18 @@ def test_every_saved_directory_has_a_model_card(trained):
     adapter = (out / "adapter" / "README.md").read_text()
     assert f"PeftModel.from_pretrained(base, {str(out / 'adapter')!r})" in adapter and str(out / "converted") in adapter
     assert "Nothing measured" in (out / "converted" / "README.md").read_text()
+
+
+def test_a_quiet_run_says_nothing_and_reports_to_tensorboard(tiny_dir, tmp_path, capfd):
+    """cqil finetune -q train.report_to=tensorboard: silence on success (no line, bar, Trainer dict or warning), and
+    the Trainer's event files in <out_dir>/checkpoints/runs."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cli.main(["finetune", "-q", *cfg_for_overrides(tiny_dir, out, "train.report_to=tensorboard", "train.max_steps=2",
+                                                   "curve.every_steps=null")])
+    said = capfd.readouterr()
+    assert (said.out, said.err) == ("", "")
+    assert list((out / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_dir, trained, tmp_path):
