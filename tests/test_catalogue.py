@@ -341,6 +341,12 @@ JOB_ARGS = {"generate": ["prompt=hello"]}
 REFUSED = {("analyze", "data=english_ood"): "reads the calibration split, which this leaves empty",
            ("finetune", "data=english_ood"): "leaves no training tokens",
            ("generate", "plan=auto"): "plan=auto chooses a plan from data"}
+# The second offline model is never in the world's cache (`make fetch-qwen` brings it): every job that reads
+# model.path refuses that option, naming the target
+REFUSED |= {(job, "model=qwen2.5-coder-0.5b"): "this model is not fetched yet; run `make fetch-qwen`"
+            for job, table in checks.CHECKS.items() if isinstance(table.get("model.path"), checks.ModelPath)}
+# cqil latency reads the model's own bench tables by default, which only the default study makes (for smollm2-135m)
+REFUSED[("latency", "model=qwen2.5-coder-0.5b")] = "latency_qwen2.5-coder-0.5b_auto-T32.csv: does not exist"
 # Group options need values to make a valid baseline (model=hf without a path is itself a case below).
 TINY = ["model=hf", f"model.path={W}/tiny", "model.name=smollm2-135m", "data.block_size=256"]  # the name: its results
 VARIANT_ARGS = {"model=hf": [*TINY, "ood_data.block_size=256"],  # kept where the job has the group
