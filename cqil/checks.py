@@ -75,6 +75,9 @@ BUNDLED = {
 # runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = ("float32", "bfloat16", "float16")
+# model.dtype: the names people use for the same three types; `auto` picks per device (dtype_name)
+DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 # The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
 CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
 # What every supported architecture reads from config.json to build its modules. Without one, transformers fills
@@ -256,6 +259,29 @@ def resolve_device(device: str) -> str:
             raise CqilError(f"model.device={device} but torch sees {count} CUDA device(s) here; "
                             "use model.device=auto (the best device available) or cpu")
     return device
+
+
+def dtype_name(dtype: str, device: str) -> str:
+    """model.dtype as one of DTYPES: an alias (DTYPE_ALIASES, any case) named by its type; `auto` is bfloat16 on a
+    CUDA device that has it, else float32 (CPU matmuls in bf16 are slow and lose precision). Imports torch for
+    `auto` on a GPU only."""
+    name = DTYPE_ALIASES.get(str(dtype).lower())
+    if name is None:
+        raise CqilError(f"model.dtype={dtype}: must be auto or one of {', '.join(DTYPE_ALIASES)}")
+    if name != "auto":
+        return name
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "float32"
+
+
+def default_model_name(path: str) -> str:
+    """model.name when none is given: the last part of model.path (a .gguf file without its suffix)."""
+    last = str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return last.removesuffix(".gguf")
 
 
 # ---- the checks --------------------------------------------------------------------------------
@@ -658,6 +684,31 @@ class Device(Check):
             raise refuse(key, value, "this machine has no CUDA GPU (no NVIDIA driver); use model.device=auto or cpu")
         if value != "cpu":
             ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, resolve_device(value)))
+
+
+class Dtype(Check):
+    """model.dtype: auto, or a name or alias of float32, bfloat16, float16; replaced by its type's name (auto resolved
+    for model.device) before the job runs, so jobs and result tables see one of DTYPES."""
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
+            raise refuse(key, value, "must be auto (bfloat16 on a GPU that has it, else float32) or one of "
+                         + ", ".join(a for a in DTYPE_ALIASES if a != "auto"))
+        ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, dtype_name(value, ctx.get("model.device"))))
+
+
+class ReportTo(Check):
+    """train.report_to: none, or a tracker the HF Trainer logs to, if its package is installed here."""
+    TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+    def check(self, value, key, ctx) -> None:
+        import importlib.util
+
+        if value != "none" and value not in self.TRACKERS:
+            raise refuse(key, value, f"must be none or one of {', '.join(self.TRACKERS)}")
+        if value != "none" and not any(importlib.util.find_spec(m) for m in self.TRACKERS[value]):
+            raise refuse(key, value, f"the package {value} is not installed here; `pip install {value}` or choose "
+                         "another of none, " + ", ".join(self.TRACKERS))
 
 
 class BlockSize(Count):
@@ -1568,7 +1619,7 @@ MODEL = {
     "model.name": Label(),
     "model.trust_remote_code": Flag(),  # before the paths, whose checks read it
     "model.path": ModelPath(),
-    "model.dtype": Choice(*DTYPES),
+    "model.dtype": Dtype(),
     "model.device": Device(),
 }
 MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED,
@@ -1675,7 +1726,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "teacher.path": ModelPath(null_ok=True),  # null: the run's base model
         "train.save_steps": Count(1), "train.save_total_limit": Count(1, null_ok=True),
         "train.train_tokens": Tokens("train.block_size", null_ok=True),
-        "train.ddp_timeout": SECONDS,
+        "train.ddp_timeout": SECONDS, "train.report_to": ReportTo(),
         "eval_tokens": Tokens(null_ok=True), "ood_tokens": Tokens("ood_data.block_size", null_ok=True),
         "eval_batch_size": Count(1),
         "agreement.prompts": Count(0, what="0: no greedy agreement"), "agreement.prompt_tokens": Count(1),
@@ -1858,7 +1909,7 @@ def _missing(cfg: DictConfig | dict, table: dict) -> None:
     for key, value in leaves(values):
         checks = [c for p, c in table.items() if covers(p, key)]
         if value == "???" and not all(c is UNUSED for c in checks):
-            hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id> and model.name=<label>)",
+            hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id>)",
                     "data": " (data=local needs data.files=[a.txt,b.jsonl])"}.get(key.split(".")[0], "")
             raise CqilError(f"{key} has no value; give {key}=...{hint}")
 
@@ -1875,6 +1926,13 @@ def check_overrides(job: str, overrides: list[str]) -> None:
                             + (f" (removable: {', '.join('~' + k for k in removable)})" if removable else ""))
         if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
             raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
+
+
+def outputs(job: str, cfg: DictConfig) -> list[str]:
+    """What the job's config names as its outputs: the values of its OutFile and OutDir keys that have one."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return [str(v) for pattern, check in CHECKS.get(job, {}).items() if isinstance(check, (OutFile, OutDir))
+            for _, v in _items(values, pattern.split(".")) if v]
 
 
 def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -> None:
