@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
+from .paths import cache_dir
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
@@ -48,11 +49,6 @@ CONVERTED_ARCHITECTURE = "CqilForCausalLM"  # the `architectures` of a saved CQI
 # with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
 # published values, e.g. num_key_value_heads = num_attention_heads in LLaMA-1 configs, which omit it.)
 REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def cache_dir() -> Path:
-    """Where cqil keeps dequantized models and offline texts ($CQIL_CACHE, default ~/.cache/cqil)."""
-    return Path(os.environ.get("CQIL_CACHE", Path.home() / ".cache" / "cqil"))
 
 
 # ---- where inputs are (shared with cqil.models and cqil.data) ----------------------------------

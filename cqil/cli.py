@@ -10,11 +10,11 @@ import os
 import re
 import signal
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError, JobFailed, checks
+from .paths import conf_dir
 from .plan import PlanError
 
 # job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
@@ -33,10 +33,6 @@ JOBS = {
 # parentheses, `=` and `${` included); `key=[...]` stays a Hydra list, and an already quoted value stays as is.
 TEXT_KEYS = {"generate": ("prompt",)}
 CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -> [12,13] ... [28,29])."
-
-
-def conf_dir() -> Path:
-    return Path(os.environ.get("CQIL_CONF", Path(__file__).resolve().parent.parent / "conf"))
 
 
 def quote_text(override: str) -> str:

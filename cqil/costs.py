@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from . import CqilError
 from .checks import hardware_named
-from .cli import conf_dir
+from .paths import conf_dir
 from .plan import Plan, PlanError
 from .schedule import UNGROUPED, Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
 

@@ -53,9 +53,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
 from .checks import bench_command, hardware_named
-from .cli import conf_dir
 from .costs import (Comm, Costs, Hardware, Shape, gpu_costs, hardware, memory_gb, original, predict, schedule_of,
                     shape_of, split, terms, total)
+from .paths import conf_dir
 from .plan import Plan, PlanError
 from .plots import latency_hybrid, latency_validation
 from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, update_table

@@ -38,7 +38,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from . import CqilError, checks
-from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
+from .checks import BUNDLED
+from .paths import cache_dir
 from .modeling import SUPPORTED_MODEL_TYPES, CqilConfig, CqilForCausalLM
 
 DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}

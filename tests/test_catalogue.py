@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import CqilError, checks, cli, models
+from cqil import CqilError, checks, cli, models, paths
 from cqil.modeling import apply_plan, save_converted
 from cqil.outputs import MODEL, PROVENANCE, write_dir
 from cqil.plan import Plan
@@ -38,7 +38,7 @@ from cqil.plan import Plan
 from conftest import char_tokenizer, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED_CACHE = models.cache_dir() / "models" / "smollm2-135m"
+BUNDLED_CACHE = paths.cache_dir() / "models" / "smollm2-135m"
 
 DRIVER = r'''
 """Run catalogue cases through cqil.cli.main in one process, with every job replaced by a stub."""

@@ -56,7 +56,8 @@ def test_the_readme_is_short():
 
 def test_jobs_doc_names_every_config_key():
     """docs/jobs.md's table of keys lists each job's own top-level keys (`cqil <job> --help` has the rest)."""
-    from cqil.cli import JOBS, conf_dir
+    from cqil.cli import JOBS
+    from cqil.paths import conf_dir
 
     rows = {m[0]: m[1] for m in re.findall(r"^\| `cqil (\w+)` \| `conf/\w+\.yaml` \|(.*)$",
                                             (ROOT / "docs/jobs.md").read_text(), flags=re.M)}
