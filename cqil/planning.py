@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from . import CqilError, data
 from .distill import make_trainer, unload_original
-from .latency import mesh_choice, predicted_reduction
+from .costs import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
 from .paths import conf_dir
 from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled
