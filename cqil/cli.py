@@ -20,7 +20,7 @@ from .plan import PlanError
 # job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
 JOBS = {
     "analyze": ("cqil.similarity:run", "cosine similarity of the inputs of every pair of layers (CSV)"),
-    "plot": ("cqil.plots:run", "draw the figures from the stored result CSVs (PNG)"),
+    "plot": ("cqil.plot:run", "draw the figures from the stored result CSVs (PNG)"),
     "convert": ("cqil.convert:run", "choose a plan (given or plan=auto) and save the model in CQIL form"),
     "sweep": ("cqil.convert:sweep", "held-out perplexity of every plan over S for several group sizes P"),
     "finetune": ("cqil.finetune:run", "LoRA fine-tune of a converted model by self-distillation"),

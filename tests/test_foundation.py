@@ -189,15 +189,15 @@ def test_every_study_step_composes(study):
 def test_plot_draws_one_figure_per_matching_csv(tmp_path):
     """A `*` in a figure's CSV path (one bench CSV per plan, one loss CSV per fine-tune) draws each match,
     the matched part carried into the PNG name; without matches the path stays as given."""
-    from cqil.plots import _inputs
+    from cqil.plot import inputs
 
     for name in ("latency_m_S12E24P2D0.csv", "latency_m_S24E28P2D0.csv", "other_m_X.csv"):
         (tmp_path / name).write_text("x\n")
-    pairs = _inputs(f"{tmp_path}/latency_m_*.csv", "figs/bench_m_*.png")
+    pairs = inputs(f"{tmp_path}/latency_m_*.csv", "figs/bench_m_*.png")
     assert pairs == [(f"{tmp_path}/latency_m_S12E24P2D0.csv", "figs/bench_m_S12E24P2D0.png"),
                      (f"{tmp_path}/latency_m_S24E28P2D0.csv", "figs/bench_m_S24E28P2D0.png")]
-    assert _inputs(f"{tmp_path}/none_*.csv", "f_*.png") == [(f"{tmp_path}/none_*.csv", "f_*.png")]
-    assert _inputs("a.csv", "a.png") == [("a.csv", "a.png")]
+    assert inputs(f"{tmp_path}/none_*.csv", "f_*.png") == [(f"{tmp_path}/none_*.csv", "f_*.png")]
+    assert inputs("a.csv", "a.png") == [("a.csv", "a.png")]
 
 
 def test_plot_checks_only_the_tables_of_the_figures_it_draws(tmp_path):
