@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from . import CqilError
-from .checks import hardware_named
+from .inputs import hardware_named
 from .paths import conf_dir
 from .plan import Plan, PlanError
 from .schedule import UNGROUPED, Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
@@ -218,7 +218,7 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
 # ---- the layout a run uses by default ----------------------------------------------------------------
 def hardware_for(device: str) -> str:
     """The conf/hardware figures that stand for a device ("cpu", or a GPU's name): cpu-core for CPU ranks; for a
-    GPU the file its name contains (cqil.checks.hardware_named), else A100's, a stand-in the ranking line names."""
+    GPU the file its name contains (cqil.inputs.hardware_named), else A100's, a stand-in the ranking line names."""
     return "cpu-core" if device == "cpu" else hardware_named(device, conf_dir()) or "a100"
 
 

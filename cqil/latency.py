@@ -52,7 +52,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
-from .checks import bench_command, hardware_named
+from .inputs import bench_command, hardware_named
 from .costs import (Comm, Costs, Hardware, Shape, fit_comm, gpu_costs, hardware, mesh_candidates, original, predict,
                     schedule_of, shape_of, split, tensor_parallel_row)
 from .paths import conf_dir

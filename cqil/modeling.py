@@ -254,7 +254,7 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: 
         cfg.pop(k, None)
     config = CqilConfig(**cfg)
     config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
-    config.architectures = ["CqilForCausalLM"]  # how cqil.checks.is_converted_config knows the directory
+    config.architectures = ["CqilForCausalLM"]  # how cqil.inputs.is_converted_config knows the directory
     config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
                        "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
 

@@ -37,12 +37,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PretrainedConfig
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-from . import CqilError, checks
-from .checks import BUNDLED
+from . import CqilError, inputs
+from .inputs import BUNDLED
 from .paths import cache_dir
 from .modeling import SUPPORTED_MODEL_TYPES, CqilConfig, CqilForCausalLM
 
-DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
+DTYPES = {name: getattr(torch, name) for name in inputs.DTYPES}
 
 
 @dataclass
@@ -91,7 +91,7 @@ def bundled_checkpoint(name: str) -> Path:
 
 def resolve(path: str) -> tuple[str, dict]:
     """(location, extra from_pretrained kwargs) for a model string; see the module docstring."""
-    kind, where = checks.locate_model(path)
+    kind, where = inputs.locate_model(path)
     if kind == "bundled":
         return str(bundled_checkpoint(path)), {}
     if kind == "gguf":
@@ -102,7 +102,7 @@ def resolve(path: str) -> tuple[str, dict]:
 def recorded_path(path: str) -> str:
     """A model path as a saved config records it: a local directory or file made absolute; a bundled name or
     hub id as given."""
-    kind, where = checks.locate_model(path)
+    kind, where = inputs.locate_model(path)
     return str(Path(where).resolve()) if kind in ("dir", "gguf") else path
 
 
@@ -141,9 +141,9 @@ def _check_code(path: str, location: str, extra: dict, trust_remote_code: bool, 
         tokenizer_config = get_tokenizer_config(location, **extra)
     except OSError:
         tokenizer_config = {}  # none, or unreachable: loading the tokenizer says so
-    code = checks.custom_code(raw, tokenizer_config)
+    code = inputs.custom_code(raw, tokenizer_config)
     if code and not trust_remote_code:
-        raise CqilError(checks.remote_code_refusal(f"model {path!r}", code))
+        raise CqilError(inputs.remote_code_refusal(f"model {path!r}", code))
     if code and path not in _announced:
         _announced.add(path)
         print(f"cqil: model.trust_remote_code=true: running the code that comes with {path} ({code})", file=sys.stderr)
@@ -154,10 +154,10 @@ def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CqilError(f"model {path!r} is a {raw.get('model_type')!r} model; cqil supports LLaMA-family "
                         f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}: RMSNorm, rotary, gated MLP)")
-    if checks.incomplete_config(raw):
-        raise CqilError(f"the config of model {path!r} {checks.incomplete_config(raw)}")
+    if inputs.incomplete_config(raw):
+        raise CqilError(f"the config of model {path!r} {inputs.incomplete_config(raw)}")
     _check_code(path, location, extra, trust_remote_code, raw)
-    if checks.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
+    if inputs.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
         config = CqilConfig.from_pretrained(location, **extra)
     else:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
@@ -220,7 +220,7 @@ def load(cfg: ModelConfig | dict):
         else:
             model, info = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
     refuse_tensors(cfg.path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
-    return model.to(checks.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, cfg.trust_remote_code)
+    return model.to(inputs.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, cfg.trust_remote_code)
 
 
 # ---- rank-local loading: a skeleton without weights, then partial reads ---------------------------
@@ -270,7 +270,7 @@ class SafetensorsReader:
         root = Path(location)
         if not root.is_dir():
             root = Path(_hub_snapshot(location))
-        files = [f.name for f in checks.safetensors_files(root)]
+        files = [f.name for f in inputs.safetensors_files(root)]
         if not files:
             raise CqilError(f"{root} has no model.safetensors(.index.json); the multi-device runtime reads "
                             "safetensors checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
