@@ -182,11 +182,9 @@ def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> No
 
 
 def bench_command(path: str) -> str:
-    """The `cqil bench` line that writes `path` (plan read from its S..E..P..D.. tag when it has one)."""
-    m = re.search(r"S(\d+)E(\d+)P(\d+)D(\d+)", Path(path).name)
-    plan = (f"plan.start={m[1]} plan.end={m[2]} plan.group_size={m[3]} plan.bypass={m[4]} devices={m[3]} "
-            if m else "plan.start=.. plan.end=.. ")
-    return f"cqil bench {plan}out={path}"
+    """The `cqil bench` line that writes `path`, the plan left for the user to give: a file name does not say
+    which plan a table holds (a table that exists says it in its `command` column)."""
+    return f"cqil bench plan.start=.. plan.end=.. out={path}"
 
 
 def cuda_driver_present() -> bool:

@@ -323,13 +323,15 @@ def test_job_end_to_end(tmp_path, capsys):
         cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{tmp_path}/none_S24E28P2D0.csv]", *outs])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
-    assert "does not exist; make it with `cqil bench plan.start=24 plan.end=28 plan.group_size=2" in err
-    # an old bench table without the component columns
-    pd.read_csv(cal).drop(columns=["layer_ms", "allreduce_ms"]).to_csv(tmp_path / "old.csv", index=False)
+    assert f"does not exist; make it with `cqil bench plan.start=.. plan.end=.. out={tmp_path}/none_S24E28P2D0.csv`" in err
+    # an old bench table without the component columns: rerun the command it records
+    old = pd.read_csv(cal).drop(columns=["layer_ms", "allreduce_ms"]).assign(command="cqil bench plan=file out=old.csv")
+    old.to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["latency", f"calibrate=[{tmp_path}/old.csv]", f"validate=[{val}]", *outs])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "lacks the columns layer_ms, allreduce_ms" in err and len(err.splitlines()) == 1
+    assert "rerun `cqil bench plan=file out=old.csv`" in err
 
 
 def layer_step_run(tmp_path, table, *extra: str) -> list[str]:
