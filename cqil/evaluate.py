@@ -471,7 +471,8 @@ def evaluate_model(entry: dict, tasks: list[str], tm, cfg: DictConfig, data_cfg:
     model, tokenizer = load_entry(entry, cfg, data_cfg)
     plan = get_plan(model)
     n_layers = model.config.num_hidden_layers
-    head = {"label": entry["label"], "path": entry["path"], **plan_columns(plan, n_layers)}
+    head = {"label": entry["label"], "path": entry["path"], **plan_columns(plan, n_layers), "n_layers": n_layers,
+            "parameters": sum(p.numel() for p in model.parameters())}  # a tied head counted once: the model's size
     print(f"[{entry['label']}] {entry['path']} ({plan.describe()}, ideal latency reduction "
           f"{head['ideal_latency_reduction']:.1%})")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)

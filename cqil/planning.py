@@ -26,7 +26,9 @@ plan=auto (`choose_plan`) turns a `cqil analyze` CSV and calibration text into a
                max_ppl_ratio wins. probe.search=bisect probes the ~log2(front) points a binary search over the
                front needs (probed perplexity grows along the front, as it does before probing); `all` probes
                every front point.
-     Equal reductions: the smaller P (fewer devices, smaller all-reduces), then the lower perplexity.
+     Equal reductions: the smaller P (fewer devices, smaller all-reduces), then the lower perplexity. With
+     max_ideal_reduction, plans above that ideal reduction are not chosen (nor probed): with a loose max_ppl_ratio,
+     the best plan at a given reduction (models compared at equal reduction).
      Every table is printed and stored (candidates: `table`; probes: `probe.table`).
 Under torchrun (torch.distributed initialized with more than one rank) rank 0 alone chooses and broadcasts
 the plan to the others.
@@ -244,6 +246,10 @@ def rank_key(cfg: dict, model: nn.Module, candidates: list[Plan], table: pd.Data
         meshes = [mesh_choice(model.config, p, lat) for p in candidates]
         table["predicted_reduction"] = [round(m["reduction"], 4) for m in meshes]  # NaN: no mesh of N devices
         table["mesh"] = [m["mesh"] for m in meshes]
+        # beside it, against the original on one device (P devices, no TP): on small shapes TP itself can be slower
+        # than one device, and a reduction against it alone would flatter the plan
+        table["predicted_reduction_vs_one_device"] = [round(predicted_reduction(model.config, p, cfg["latency"]), 4)
+                                                      for p in candidates]
         return "predicted_reduction", (f"predicted latency reduction against tensor parallelism on {lat['devices']} "
                                        f"devices ({lat['hardware']}, {lat['phase']} T={lat['prompt_tokens']} "
                                        f"B={lat['batch_size']})")
@@ -443,6 +449,10 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
         table["probe_ratio"] = table.plan.map(by_plan.probe_ratio)
         table["within_budget"] = table.probe_ratio <= budget  # unprobed (NaN): False
         metric, measured_as = "probe_ratio", f"calibration perplexity after a {probe_cfg['steps']}-step recovery probe"
+    ceiling = cfg.get("max_ideal_reduction")
+    if ceiling is not None:  # the table rounds reductions to 4 decimals: 1/6 is 0.1667, within 0.16667 and 0.1667 alike
+        table["within_budget"] &= table.ideal_latency_reduction <= float(ceiling) + 5e-5
+        measured_as += f" and whose ideal reduction is at most {float(ceiling):.1%}"
     table["chosen"] = False
     ok = table[table.within_budget & table[key].notna()]  # NaN: the plan has no mesh on plan.devices
     original = table.original_ppl.iloc[0]
@@ -488,6 +498,8 @@ def run_probes(cfg: dict, probe_cfg: dict, recipe: dict, model: nn.Module, token
     n_blocks = steps * int(train["batch_size"]) * int(train["grad_accum"])
     train_blocks = data.token_blocks(dcfg, tokenizer, "training", n_blocks * block, block, "plan.probe.steps")
     front = table[table.pareto & (table.ppl_ratio <= float(probe_cfg["max_before_ratio"]))].sort_values(key)
+    if cfg.get("max_ideal_reduction") is not None:  # a plan above the ceiling cannot be chosen: no probe for it
+        front = front[front.ideal_latency_reduction <= float(cfg["max_ideal_reduction"]) + 5e-5]
     if front.empty:
         raise CqilError(f"no candidate on the Pareto front is within plan.probe.max_before_ratio="
                         f"{probe_cfg['max_before_ratio']} x the original before recovery; raise it (table: {cfg['table']})")

@@ -1,8 +1,8 @@
 """The figures: each drawn from a stored result table (a DataFrame read from its CSV), never from a live run.
 
-FIGURES maps a name to (function, input CSV config key, output PNG config key). A library, not a job: `cqil
-plot` (cqil/plot.py) draws every figure whose CSV exists; cqil bench and cqil latency draw their own figure
-right after writing its table. No torch here: drawing CSVs needs none.
+FIGURES maps a name to (function, input CSV config key or a tuple of them, output PNG config key). A library,
+not a job: `cqil plot` (cqil/plot.py) draws every figure whose CSVs exist; cqil bench and cqil latency draw their
+own figure right after writing its table. No torch here: drawing CSVs needs none.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -418,7 +419,88 @@ def latency_hybrid(df: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
-# name -> (draw function, config key of the input CSV, config key of the output PNG)
+def scale(tables: dict[str, pd.DataFrame], out: str | Path) -> Path:
+    """The scale study (conf/study/scale.yaml), every model in one figure: (a) adjacent-layer input similarity against
+    relative depth (analyze CSVs); (b) calibration perplexity / original against ideal latency reduction, greedy group
+    sets and the best contiguous span of each size (plan=auto candidate tables); (c, d) at the equal ideal reduction
+    of the plans `cqil eval` compared, quality loss against model size: held-out perplexity / original and top-1
+    agreement with the original (± its standard error), converted and fine-tuned, in and out of domain (eval CSVs)."""
+    sim, cand, ev = tables["scale_similarity_csv"], tables["scale_candidates_csv"], tables["scale_eval_csv"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
+    colors = dict(zip(sorted(set(sim.model) | set(cand.model) | set(ev.model)), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+
+    ax = axes[0, 0]
+    for model, part in sim.groupby("model"):
+        n = int(part.n_layers.iloc[0])
+        adj = part[part.layer_j == part.layer_i + 1].sort_values("layer_i")
+        ax.plot(adj.layer_i / n, adj.cos_mean, marker="o", ms=3, color=colors[model], label=f"{model} ({n} layers)")
+    ax.set_xlabel("relative depth i / n of layer i (0-based)")
+    ax.set_ylabel("cos(input of i, input of i+1)")
+    ax.set_title("(a) adjacent-layer input similarity (calibration text)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = axes[0, 1]
+    for model, part in cand[cand.n_groups > 0].groupby("model"):
+        sets = part[part.greedy_step.notna()].sort_values("ideal_latency_reduction")
+        spans = part[part.contiguous].groupby("n_groups").ppl_ratio.min()
+        ideal = part[part.contiguous].groupby("n_groups").ideal_latency_reduction.first()
+        ax.plot(100 * sets.ideal_latency_reduction, sets.ppl_ratio, "^-", color=colors[model], ms=5,
+                label=f"{model}: greedy group set")
+        ax.plot(100 * ideal[spans.index], spans, "o--", color=colors[model], ms=3, alpha=0.7,
+                label=f"{model}: best contiguous span")
+        chosen = part[part.chosen]
+        if not chosen.empty:
+            ax.scatter(100 * chosen.ideal_latency_reduction, chosen.ppl_ratio, s=150, facecolors="none",
+                       edgecolors=colors[model], lw=1.5)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set_xlabel("ideal latency reduction g(P-1)/n (%)")
+    ax.set_ylabel("calibration perplexity / original (log)")
+    ax.set_title("(b) damage before recovery at each reduction (circled: the plan evaluated below)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+    ppl = ev[(ev.task == "perplexity") & (ev.metric == "perplexity")]
+    base = ppl[ppl.label == ev.reference.dropna().iloc[0] if ev.reference.notna().any() else "original"]
+    top1 = ev[(ev.task == "agreement") & (ev.metric == "top1_agreement")]
+    ideal = {m: g[g.ideal_latency_reduction > 0].ideal_latency_reduction.unique() for m, g in ev.groupby("model")}
+    styles = {"converted": dict(marker="o", mfc="none"), "finetuned": dict(marker="s")}
+    lines = {d: ("-" if i == 0 else "--") for i, d in enumerate(sorted(set(ppl.dataset), key=lambda d: "ood" in d))}
+    for label, style in styles.items():
+        for dataset, ls in lines.items():
+            mine = ppl[(ppl.label == label) & (ppl.dataset == dataset)].set_index("model")
+            ref = base[base.dataset == dataset].set_index("model")
+            models = [m for m in mine.index if m in ref.index]
+            if models:
+                size = mine.loc[models, "parameters"]
+                ratio = mine.loc[models, "value"] / ref.loc[models, "value"]
+                axes[1, 0].plot(size, ratio, ls=ls, color="k", **style, label=f"{label}, {dataset}")
+            mine = top1[(top1.label == label) & (top1.dataset == dataset)].sort_values("parameters")
+            if not mine.empty:
+                axes[1, 1].errorbar(mine.parameters, mine.value, yerr=mine.stderr, ls=ls, color="k", capsize=3,
+                                    **style, label=f"{label}, {dataset}")
+    at = ", ".join(f"{m}: {', '.join(f'{100 * v:.1f}%' for v in vals)}" for m, vals in ideal.items())
+    for ax, what, title in ((axes[1, 0], "held-out perplexity / original", "(c) perplexity"),
+                            (axes[1, 1], "top-1 agreement with the original (± s.e.)", "(d) top-1 agreement")):
+        for model, size in ev.groupby("model").parameters.first().items():
+            ax.axvline(size, color=colors[model], lw=6, alpha=0.15)
+            ax.annotate(model, (size, 1), xycoords=("data", "axes fraction"), fontsize=8, ha="center", va="top",
+                        color=colors[model])
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (log)")
+        ax.set_ylabel(what)
+        ax.set_title(f"{title} at equal ideal reduction ({at})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right" if ax is axes[1, 1] else "upper right")
+    fig.suptitle("CQIL across model sizes: similarity, damage before recovery, quality after "
+                 "(two models: a direction, not a trend)", fontsize=11)
+    return _save(fig, out)
+
+
+# name -> (draw function, config key of the input CSV, config key of the output PNG). A tuple of CSV keys: the figure
+# reads several tables, each key's `*` matches concatenated (one row set per model), and draws one figure from them.
 FIGURES = {
     "similarity_heatmap": (similarity_heatmap, "similarity_csv", "similarity_heatmap_png"),
     "adjacent_similarity": (adjacent_similarity, "similarity_csv", "adjacent_similarity_png"),
@@ -432,4 +514,5 @@ FIGURES = {
     "bench_latency": (bench_latency, "bench_csv", "bench_latency_png"),
     "latency_validation": (latency_validation, "latency_validation_csv", "latency_validation_png"),
     "latency_hybrid": (latency_hybrid, "latency_hybrid_csv", "latency_hybrid_png"),
+    "scale": (scale, ("scale_similarity_csv", "scale_candidates_csv", "scale_eval_csv"), "scale_png"),
 }

@@ -376,8 +376,9 @@ def rank_bytes(schedule: Schedule, rank: int, shapes: Mapping[str, tuple[int, ..
 
 def llama_shapes(n_layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
                  head_dim: int | None = None, tied: bool = False, attention_bias: bool = False,
-                 mlp_bias: bool = False) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of a LLaMA-family model (HF names), e.g. for a 70B projection without its weights."""
+                 mlp_bias: bool = False, qkv_bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a LLaMA-family model (HF names), e.g. for a 70B projection without its weights.
+    attention_bias: every attention projection has a bias (Llama's option); qkv_bias: q, k and v only (Qwen2)."""
     hd = head_dim or hidden // heads
     shapes: dict[str, tuple[int, ...]] = {EMBED: (vocab, hidden)}
     for i in range(n_layers):
@@ -388,7 +389,8 @@ def llama_shapes(n_layers: int, hidden: int, intermediate: int, heads: int, kv_h
                   "mlp.down_proj": (hidden, intermediate)}
         for module, shape in linear.items():
             shapes[p + module + ".weight"] = shape
-            if attention_bias if module.startswith("self_attn") else mlp_bias:
+            qkv = module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+            if (attention_bias or (qkv_bias and qkv)) if module.startswith("self_attn") else mlp_bias:
                 shapes[p + module + ".bias"] = (shape[0],)
         shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (hidden,)
     shapes[NORM] = (hidden,)
@@ -398,11 +400,13 @@ def llama_shapes(n_layers: int, hidden: int, intermediate: int, heads: int, kv_h
 
 
 def config_shapes(config) -> dict[str, tuple[int, ...]]:
-    """llama_shapes of a transformers-style config object (attributes as in LlamaConfig)."""
+    """llama_shapes of a transformers-style config object (attributes as in LlamaConfig; Qwen2's q/k/v biases,
+    which its config does not state, from its model_type)."""
     return llama_shapes(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                         config.num_attention_heads, config.num_key_value_heads, config.vocab_size,
                         getattr(config, "head_dim", None), bool(getattr(config, "tie_word_embeddings", False)),
-                        bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False)))
+                        bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False)),
+                        getattr(config, "model_type", None) == "qwen2")
 
 
 def check_shardable(schedule: Schedule, heads: int, kv_heads: int, intermediate: int) -> None:

@@ -1,6 +1,7 @@
 """`make reproduce-paper`: run a study (conf/study/<name>.yaml) end to end, step by step.
 
     python scripts/reproduce_paper.py                 # the default CPU-scale study on the bundled model
+    python scripts/reproduce_paper.py study=scale     # both offline models, the same protocol (fetches the second)
     python scripts/reproduce_paper.py study=llama7b   # the paper's LLaMA-7B settings (GPU + hub)
 
 Each step is one `cqil <job> [overrides]` command. A finished step leaves a marker in
@@ -31,6 +32,10 @@ def main(overrides: list[str]) -> None:
     state.mkdir(parents=True, exist_ok=True)
     log = (state / "reproduce.log").open("a")
     rows, total = [], time.perf_counter()
+    for name in study.get("fetch") or []:  # offline models the study names that `make install` does not bring
+        from cqil.models import fetch
+
+        print(f"[model] {name}: {fetch(name)}", flush=True)
     for step in study.steps:
         args = [str(a) for a in OmegaConf.to_object(step.args)]
         cmd = ["cqil", *args]

@@ -46,6 +46,40 @@ def make_tiny_mistral(window: int = 4, layers: int = 6, seed: int = 0) -> torch.
     return model
 
 
+def make_tiny_qwen2(layers: int = 6, seed: int = 0, tied: bool = False, window: int | None = None,
+                    heads: int = 4, kv_heads: int = 2) -> torch.nn.Module:
+    """A random Qwen2 shaped like make_tiny_llama's: q/k/v biases (drawn at random: the init zeroes them, and a zero
+    bias would hide a wrong cut), tied head or not, sliding-window attention over `window` tokens in every layer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=tied, use_sliding_window=window is not None, sliding_window=window,
+                      max_window_layers=0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.4 if tied else 0.02)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+        if not tied:
+            model.lm_head.weight.mul_(20.0)
+    return model
+
+
+# Tiny random models of every family cqil runs, with the features that set them apart: name -> factory(layers)
+FAMILIES = {
+    "llama": lambda layers: make_tiny_llama(layers),
+    "llama tied": lambda layers: make_tiny_llama(layers, seed=1, tied=True, kv_heads=4),
+    "mistral window 4": lambda layers: make_tiny_mistral(4, layers),
+    "qwen2 bias": lambda layers: make_tiny_qwen2(layers),
+    "qwen2 bias tied": lambda layers: make_tiny_qwen2(layers, seed=1, tied=True),
+    "qwen2 bias window 4": lambda layers: make_tiny_qwen2(layers, seed=2, window=4),
+}
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A real (saveable) character-level tokenizer with fewer than VOCAB ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers

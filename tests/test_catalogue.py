@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import CqilError, checks, cli, models, paths
+from cqil import CqilError, checks, cli, paths
 from cqil.modeling import apply_plan, save_converted
 from cqil.outputs import MODEL, PROVENANCE, write_dir
 from cqil.plan import Plan
@@ -126,7 +126,7 @@ def make_world(root: Path) -> tuple[Path, Path]:
     """work/ (the cwd: the user's files, broken inputs, the results a baseline needs) and cache/."""
     cache, w = root / "cache", root / "work"
     (cache / "texts").mkdir(parents=True)
-    for f in (models.cache_dir() / "texts").glob("*.txt"):
+    for f in (paths.cache_dir() / "texts").glob("*.txt"):
         shutil.copy(f, cache / "texts" / f.name)
     bundled = cache / "models" / "smollm2-135m"
     bundled.mkdir(parents=True)
@@ -339,6 +339,12 @@ JOB_ARGS = {"generate": ["prompt=hello"]}
 REFUSED = {("analyze", "data=english_ood"): "reads the calibration split, which this leaves empty",
            ("finetune", "data=english_ood"): "leaves no training tokens",
            ("generate", "plan=auto"): "plan=auto chooses a plan from data"}
+# The second offline model is never in the world's cache (`make fetch-qwen` brings it): every job that reads
+# model.path refuses that option, naming the target
+REFUSED |= {(job, "model=qwen2.5-coder-0.5b"): "this model is not fetched yet; run `make fetch-qwen`"
+            for job, table in checks.CHECKS.items() if isinstance(table.get("model.path"), checks.ModelPath)}
+# cqil latency reads the model's own bench tables by default, which only the default study makes (for smollm2-135m)
+REFUSED[("latency", "model=qwen2.5-coder-0.5b")] = "latency_qwen2.5-coder-0.5b_auto-T32.csv: does not exist"
 # Group options need values to make a valid baseline (model=hf without a path is itself a case below).
 TINY = ["model=hf", f"model.path={W}/tiny", "model.name=smollm2-135m", "data.block_size=256"]  # the name: its results
 VARIANT_ARGS = {"model=hf": [*TINY, "ood_data.block_size=256"],  # kept where the job has the group
@@ -435,7 +441,7 @@ def config_keys(job: str, args: list[str]) -> dict:
 
 def variants(job: str) -> list[list[str]]:
     """[] plus the overrides of every option of the job's config groups (each after JOB_ARGS)."""
-    conf = cli.conf_dir()
+    conf = paths.conf_dir()
     groups = [g for d in OmegaConf.load(conf / f"{job}.yaml").get("defaults", []) if not isinstance(d, str) for g in d]
     packages = {g.split("@")[-1] for g in groups}  # data@ood_data: the group data at ood_data
     options = [[]] + [[a for a in VARIANT_ARGS.get(f"{g}={p.stem}", [f"{g}={p.stem}"])

@@ -204,7 +204,8 @@ def test_plot_checks_only_the_tables_of_the_figures_it_draws(tmp_path):
     """`cqil plot figures=[x]` reads x's table only: a broken table of another figure is no error then, and is
     one (exit 2, before drawing) when every figure is drawn or that figure is named."""
     from cqil import checks
-    from cqil.cli import compose, conf_dir
+    from cqil.cli import compose
+    from cqil.paths import conf_dir
 
     broken = tmp_path / "latency_m_X.csv"
     broken.write_text("a,b\n1,2\n")  # not a bench table
@@ -214,3 +215,49 @@ def test_plot_checks_only_the_tables_of_the_figures_it_draws(tmp_path):
         over = [f"figures=[{','.join(figures)}]", *args]
         with pytest.raises(CqilError, match="lacks the column"):
             checks.validate("plot", compose("plot", over), conf_dir(), over)
+
+
+def scale_tables(root: Path) -> dict[str, str]:
+    """The tables of the scale study for two models (the columns its figure reads), one file per model and kind."""
+    import pandas as pd
+
+    for model, n, size, loss in (("small", 6, 1e8, 0.3), ("large", 4, 5e8, 0.1)):
+        sim = [{"model": model, "data": "d", "n_tokens": 8, "n_layers": n, "layer_i": i, "layer_j": i + 1,
+                "cos_mean": 0.9, "cos_std": 0.01} for i in range(n)]
+        cand = [{"model": model, "n_groups": g, "ideal_latency_reduction": g / n, "ppl_ratio": 1 + loss * g,
+                 "contiguous": contiguous, "greedy_step": g if not contiguous else None, "chosen": g == 1 and not contiguous}
+                for g in (1, 2) for contiguous in (False, True)]
+        ev = [{"model": model, "label": label, "task": task, "dataset": dataset, "metric": metric,
+               "value": value, "stderr": 0.01, "reference": "original" if task == "agreement" else None,
+               "ideal_latency_reduction": 0.0 if label == "original" else 1 / n, "parameters": size}
+              for label, ppl, top1 in (("original", 20.0, None), ("converted", 20 * (1 + loss), 0.7),
+                                       ("finetuned", 20 * (1 + loss / 3), 0.8))
+              for dataset in ("english/evaluation", "english_ood/evaluation")
+              for task, metric, value in (("perplexity", "perplexity", ppl), ("agreement", "top1_agreement", top1))
+              if value is not None]
+        for kind, rows in (("sim", sim), ("cand", cand), ("eval", ev)):
+            pd.DataFrame(rows).to_csv(root / f"{kind}_{model}.csv", index=False)
+    return {"scale_similarity_csv": f"{root}/sim_*.csv", "scale_candidates_csv": f"{root}/cand_*.csv",
+            "scale_eval_csv": f"{root}/eval_*.csv", "scale_png": f"{root}/scale.png"}
+
+
+def test_scale_figure_draws_every_models_tables_together(tmp_path):
+    """figures=[scale]: each of its three CSV keys matches one table per model, concatenated into one figure; the
+    checks read every match; a missing table of a figure asked for by name is refused."""
+    from cqil import checks, plots
+    from cqil.cli import compose
+    from cqil.paths import conf_dir
+
+    keys = scale_tables(tmp_path)
+    args = ["figures=[scale]", *(f"{k}={v}" for k, v in keys.items())]
+    cfg = compose("plot", args)
+    checks.validate("plot", cfg, conf_dir(), args)
+    plots.run(cfg)
+    assert Path(keys["scale_png"]).stat().st_size > 0
+    (tmp_path / "eval_small.csv").write_text("model,label\nsmall,original\n")  # one model's eval table broken
+    with pytest.raises(CqilError, match="lacks the column"):
+        checks.validate("plot", cfg, conf_dir(), args)
+    for f in tmp_path.glob("eval_*.csv"):
+        f.unlink()
+    with pytest.raises(CqilError, match="scale_eval_csv=.*no such table; figure scale needs it"):
+        plots.run(cfg)

@@ -289,6 +289,9 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
     assert t.loc["S1 E5 P4 D0"].predicted_reduction != t.loc["S1 E5 P4 D0"].predicted_reduction  # NaN
     assert t.loc["S1 E5 P4 D0"].mesh == "P=4 does not divide 2" and choice.plan.group_size == 2
     assert t.loc[choice.plan.describe()].mesh.startswith("P2xT1, ungrouped")
+    one = {**plan_cfg["latency"], "hardware": "a100"}  # beside it: against the original on one device
+    assert t.loc["S1 E5 P4 D0"].predicted_reduction_vs_one_device == pytest.approx(
+        latency.predicted_reduction(model.config, Plan.from_range(1, 5, 4, 0, 8), one), abs=1e-4)
     assert "against tensor parallelism on 2 devices" in capsys.readouterr().out
 
     plan_cfg["rank_by"] = "fastest"

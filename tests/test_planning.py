@@ -124,6 +124,19 @@ def test_candidates_and_the_choice_before_recovery(analyzed, tmp_path, monkeypat
     assert plan.group_size == 2 and len(plan.groups) == 2
 
 
+def test_a_ceiling_on_the_ideal_reduction_picks_the_best_plan_at_it(analyzed, tmp_path, monkeypatch):
+    """plan.max_ideal_reduction with a loose budget: the cheapest plan of the largest reduction at or below it (the
+    scale study's equal-reduction choice); 1/8 written rounded (0.125 exactly here, 0.1667 for 1/6) still counts."""
+    monkeypatch.setattr(planning, "plan_perplexities", additive(COSTS))
+    for ceiling, expected in (("0.125", Plan(((1, 2),))), ("0.2", Plan(((1, 2),))), ("0.25", Plan(((1, 2), (4, 5))))):
+        cfg = cli.compose("convert", auto_overrides(analyzed, tmp_path, "plan.max_ppl_ratio=100",
+                                                     f"plan.max_ideal_reduction={ceiling}"))
+        assert planning.resolve_plan(cfg.plan, *model_and_tokenizer(analyzed), cfg.data) == expected
+        table = pd.read_csv(tmp_path / "candidates.csv")
+        assert table[table.within_budget].ideal_latency_reduction.max() <= float(ceiling)
+        assert (table.ideal_latency_reduction > float(ceiling)).any()  # there were bolder plans, all left out
+
+
 def test_no_candidate_in_budget_says_so_and_keeps_the_table(analyzed, tmp_path):
     cfg = cli.compose("convert", auto_overrides(analyzed, tmp_path, "plan.max_ppl_ratio=0.5"))
     with pytest.raises(CqilError, match=r"none of the \d+ candidates keeps its calibration perplexity within 0.5 x"):

@@ -2,7 +2,8 @@
 
 One real torchrun launch per world size (2 and 4 ranks; its __main__ is the worker) runs every case of
 that size from tiny safetensors checkpoints (untied with GQA; tied head with 4 KV heads, tensor parallel
-over 4 ranks; 3 KV heads on 2 ranks, an uneven cut; Mistral with a sliding window): meshes
+over 4 ranks; 3 KV heads on 2 ranks, an uneven cut; Mistral with a sliding window; Qwen2 with q/k/v biases, which
+tensor parallelism cuts with their rows, tied or with a sliding window): meshes
 P2xT1, P1xT2 (tensor parallelism alone), P2xT2, P4xT1; with and without bypass; both communicators;
 LM head sharded and whole; ungrouped layers replicated, on member 0, or tensor parallel over all ranks;
 a plan with a short group; left-padded batches, prefill and many cached decode steps. Every rank saves
@@ -40,10 +41,14 @@ CASES = {
     "P1xT2 (TP), whole head": (2, "llama", (), 0, (1, 2), dict(lm_head="replicated")),
     "P2 D0 Mistral window 4": (2, "mistral", ((1, 2), (3, 4)), 0, (2, 1), dict()),
     "P1xT2 (TP), 3 KV heads": (2, "gqa3", (), 0, (1, 2), dict()),
+    "P2 D1 Qwen2 q/k/v bias": (2, "qwen2", ((1, 2), (3, 4)), 1, (2, 1), dict()),
+    "P1xT2 (TP) Qwen2 bias, tied": (2, "qwen2 tied", (), 0, (1, 2), dict()),
+    "P2 D0 Qwen2 window 4, ungrouped tp": (2, "qwen2 window", ((1, 2), (3, 4)), 0, (2, 1), dict(ungrouped="tp")),
     "P2 D1 ungrouped tp, 3 KV heads": (2, "gqa3", ((1, 2), (3, 4)), 1, (2, 1), dict(ungrouped="tp")),
     "P2xT2 D0": (4, "llama", ((1, 2), (3, 4)), 0, (2, 2), dict()),
     "P2xT2 D1 rank0": (4, "tied", ((1, 2), (3, 4)), 1, (2, 2), dict(ungrouped="rank0")),
     "P2xT2 D1, 3 KV heads": (4, "gqa3", ((1, 2), (3, 4)), 1, (2, 2), dict()),
+    "P2xT2 D1 Qwen2 bias": (4, "qwen2", ((1, 2), (3, 4)), 1, (2, 2), dict()),
     "P2xT2 D1 gloo, rank0, whole head": (4, "llama", ((0, 1), (3, 4)), 1, (2, 2),
                                          dict(comm="torch", ungrouped="rank0", lm_head="replicated")),
     "P2xT2 D1 ungrouped tp, whole head": (4, "tied", ((1, 2), (3, 4)), 1, (2, 2), dict(ungrouped="tp", lm_head="replicated")),
@@ -58,13 +63,15 @@ CASES = {
 
 def model(name: str):
     """The tiny model behind checkpoint `name` (built again by the reference: same seeds)."""
-    from conftest import make_tiny_llama, make_tiny_mistral
+    from conftest import make_tiny_llama, make_tiny_mistral, make_tiny_qwen2
 
     return {"llama": lambda: make_tiny_llama(), "tied": lambda: make_tiny_llama(tied=True, seed=1, kv_heads=4),
-            "gqa3": lambda: make_tiny_llama(seed=2, heads=6, kv_heads=3), "mistral": lambda: make_tiny_mistral(4)}[name]()
+            "gqa3": lambda: make_tiny_llama(seed=2, heads=6, kv_heads=3), "mistral": lambda: make_tiny_mistral(4),
+            "qwen2": lambda: make_tiny_qwen2(), "qwen2 tied": lambda: make_tiny_qwen2(seed=1, tied=True),
+            "qwen2 window": lambda: make_tiny_qwen2(seed=2, window=4)}[name]()
 
 
-CHECKPOINTS = ("llama", "tied", "gqa3", "mistral")
+CHECKPOINTS = ("llama", "tied", "gqa3", "mistral", "qwen2", "qwen2 tied", "qwen2 window")
 
 
 def inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -9,6 +9,8 @@ from cqil.plan import Plan, PlanError
 from cqil.schedule import (Collective, Variant, check_shardable, config_shapes, llama_shapes, make_schedule,
                            rank_bytes, shares, tp_cuts, tp_schedule)
 
+from conftest import FAMILIES
+
 N_LAYERS = 8
 PLAN2 = Plan(((2, 3), (4, 5)))  # layers 0, 1, 6, 7 outside groups
 SHAPES = llama_shapes(N_LAYERS, hidden=16, intermediate=32, heads=4, kv_heads=2, vocab=50)
@@ -114,8 +116,10 @@ def test_tied_head_is_a_view_where_the_embedding_is_whole():
     assert rank_bytes(r0, 1, tied, True, 4) == 4 * (2 * layer + 25 * 16 + 16)  # layers 3 and 5, head share, norm
 
 
-def test_llama_shapes_match_transformers(tiny_llama):
-    model = tiny_llama()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_shapes_match_transformers(family):
+    """Every family's parameters, Qwen2's q/k/v biases and tied heads included."""
+    model = FAMILIES[family](3)
     assert config_shapes(model.config) == {n: tuple(p.shape) for n, p in model.named_parameters()} | (
         {"lm_head.weight": tuple(model.lm_head.weight.shape)} if not model.config.tie_word_embeddings else {})
 
