@@ -26,7 +26,7 @@ class Offline:
     get: str         # the command that brings it, named by every message about it
     sha256: str      # of the whole GGUF file, checked before it is dequantized
     size: int        # bytes of the whole GGUF file
-    source: str      # what it is, where it comes from, its license (README: Models)
+    source: str      # what it is, where it comes from, its license (docs/jobs.md: Models)
 
     @property
     def packages(self) -> list[str]:
