@@ -244,7 +244,7 @@ def scale_tables(root: Path) -> dict[str, str]:
 def test_scale_figure_draws_every_models_tables_together(tmp_path):
     """figures=[scale]: each of its three CSV keys matches one table per model, concatenated into one figure; the
     checks read every match; a missing table of a figure asked for by name is refused."""
-    from cqil import checks, plots
+    from cqil import checks, plot
     from cqil.cli import compose
     from cqil.paths import conf_dir
 
@@ -252,7 +252,7 @@ def test_scale_figure_draws_every_models_tables_together(tmp_path):
     args = ["figures=[scale]", *(f"{k}={v}" for k, v in keys.items())]
     cfg = compose("plot", args)
     checks.validate("plot", cfg, conf_dir(), args)
-    plots.run(cfg)
+    plot.run(cfg)
     assert Path(keys["scale_png"]).stat().st_size > 0
     (tmp_path / "eval_small.csv").write_text("model,label\nsmall,original\n")  # one model's eval table broken
     with pytest.raises(CqilError, match="lacks the column"):
@@ -260,4 +260,4 @@ def test_scale_figure_draws_every_models_tables_together(tmp_path):
     for f in tmp_path.glob("eval_*.csv"):
         f.unlink()
     with pytest.raises(CqilError, match="scale_eval_csv=.*no such table; figure scale needs it"):
-        plots.run(cfg)
+        plot.run(cfg)

@@ -291,7 +291,7 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
     assert t.loc[choice.plan.describe()].mesh.startswith("P2xT1, ungrouped")
     one = {**plan_cfg["latency"], "hardware": "a100"}  # beside it: against the original on one device
     assert t.loc["S1 E5 P4 D0"].predicted_reduction_vs_one_device == pytest.approx(
-        latency.predicted_reduction(model.config, Plan.from_range(1, 5, 4, 0, 8), one), abs=1e-4)
+        cost_model.predicted_reduction(model.config, Plan.from_range(1, 5, 4, 0, 8), one), abs=1e-4)
     assert "against tensor parallelism on 2 devices" in capsys.readouterr().out
 
     plan_cfg["rank_by"] = "fastest"
