@@ -384,7 +384,7 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("latency", ["external.sources.gpt-fast.rows=[{model: llama-2-7b, role: held out, published: {1: 104.9}}]"],
      "no row of external.sources has role: fit"),
     ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
-    ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
+    ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=.. plan.end=.. out="),
     ("latency", ["validate=[]"], "is empty while calibrate is not"),
     ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv"], "give layer_step.hardware=<name>"),
     ("latency", [f"layer_step.csv={W}/layer_step_good.csv", "layer_step.shapes=[llama-2-70b]"], "has no rows of mode"),
