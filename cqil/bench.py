@@ -617,14 +617,14 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
             eager_of[twin] = name
 
     variants, layouts = cqil_variants(cfg, config, plan, device, dtype)
-    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
+    cqil_mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s)
     for v, how in variants:
         rt = Runtime(path, plan, cqil_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,
                      startup_timeout_s=cfg.startup_timeout_s)
         name = f"cqil ({rt.comm.name}, head {v.lm_head}, ungrouped {v.ungrouped})" + (f" x TP{cfg.tp}" if cfg.tp > 1 else "")
         add(runtimes, name, rt, {"comm": rt.comm.name, "lm_head": v.lm_head, "ungrouped": v.ungrouped,
                                  "ungrouped_by": how, **memory(rt)})
-    tp_mesh = make_mesh(1, world, device, cfg.timeout_s, cfg.startup_timeout_s)
+    tp_mesh = make_mesh(1, world, device, cfg.timeout_s)
     for options in cfg.tensor_parallel:
         v = _variant(options)
         rt = Runtime(path, Plan(), tp_mesh, v, dtype, timeout_s=cfg.timeout_s, trust_remote_code=trust,

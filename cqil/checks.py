@@ -35,9 +35,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
-from .inputs import (BUNDLED, DTYPES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
+from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
-                     read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show)
+                     read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show, dtype_name)
 from .paths import cache_dir
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
@@ -417,6 +417,31 @@ class Device(Check):
             raise refuse(key, value, "this machine has no CUDA GPU (no NVIDIA driver); use model.device=auto or cpu")
         if value != "cpu":
             ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, resolve_device(value)))
+
+
+class Dtype(Check):
+    """model.dtype: auto, or a name or alias of float32, bfloat16, float16; replaced by its type's name (auto resolved
+    for model.device) before the job runs, so jobs and result tables see one of DTYPES."""
+
+    def check(self, value, key, ctx) -> None:
+        if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
+            raise refuse(key, value, "must be auto (bfloat16 on a GPU that has it, else float32) or one of "
+                         + ", ".join(a for a in DTYPE_ALIASES if a != "auto"))
+        ctx.later.append(lambda: OmegaConf.update(ctx.cfg, key, dtype_name(value, ctx.get("model.device"))))
+
+
+class ReportTo(Check):
+    """train.report_to: none, or a tracker the HF Trainer logs to, if its package is installed here."""
+    TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+    def check(self, value, key, ctx) -> None:
+        import importlib.util
+
+        if value != "none" and value not in self.TRACKERS:
+            raise refuse(key, value, f"must be none or one of {', '.join(self.TRACKERS)}")
+        if value != "none" and not any(importlib.util.find_spec(m) for m in self.TRACKERS[value]):
+            raise refuse(key, value, f"the package {value} is not installed here; `pip install {value}` or choose "
+                         "another of none, " + ", ".join(self.TRACKERS))
 
 
 class BlockSize(Count):
@@ -1322,7 +1347,7 @@ MODEL = {
     "model.name": Label(),
     "model.trust_remote_code": Flag(),  # before the paths, whose checks read it
     "model.path": ModelPath(),
-    "model.dtype": Choice(*DTYPES),
+    "model.dtype": Dtype(),
     "model.device": Device(),
 }
 MODEL_NAME_ONLY = {"model.name": Label(), "model.path": UNUSED, "model.dtype": UNUSED, "model.device": UNUSED,
@@ -1429,7 +1454,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "teacher.path": ModelPath(null_ok=True),  # null: the run's base model
         "train.save_steps": Count(1), "train.save_total_limit": Count(1, null_ok=True),
         "train.train_tokens": Tokens("train.block_size", null_ok=True),
-        "train.ddp_timeout": SECONDS,
+        "train.ddp_timeout": SECONDS, "train.report_to": ReportTo(),
         "eval_tokens": Tokens(null_ok=True), "ood_tokens": Tokens("ood_data.block_size", null_ok=True),
         "eval_batch_size": Count(1),
         "agreement.prompts": Count(0, what="0: no greedy agreement"), "agreement.prompt_tokens": Count(1),
@@ -1612,7 +1637,7 @@ def _missing(cfg: DictConfig | dict, table: dict) -> None:
     for key, value in leaves(values):
         checks = [c for p, c in table.items() if covers(p, key)]
         if value == "???" and not all(c is UNUSED for c in checks):
-            hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id> and model.name=<label>)",
+            hint = {"model": " (model=hf needs model.path=<local dir | file.gguf | hub id>)",
                     "data": " (data=local needs data.files=[a.txt,b.jsonl])"}.get(key.split(".")[0], "")
             raise CqilError(f"{key} has no value; give {key}=...{hint}")
 
@@ -1629,6 +1654,13 @@ def check_overrides(job: str, overrides: list[str]) -> None:
                             + (f" (removable: {', '.join('~' + k for k in removable)})" if removable else ""))
         if o.startswith("+") and not any(covers(p, key) for p in CHECKS[job]):
             raise CqilError(f"{key} is not a setting of `cqil {job}` (see `cqil {job} --help`); check its spelling")
+
+
+def outputs(job: str, cfg: DictConfig) -> list[str]:
+    """What the job's config names as its outputs: the values of its OutFile and OutDir keys that have one."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return [str(v) for pattern, check in CHECKS.get(job, {}).items() if isinstance(check, (OutFile, OutDir))
+            for _, v in _items(values, pattern.split(".")) if v]
 
 
 def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -> None:

@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, data, inputs, models
+from . import CqilError, cards, data, inputs, models
 from .metrics import perplexity
 from .modeling import apply_plan, get_plan, save_converted
 from .plan import Plan
 from .planning import plan_perplexities, resolve_plan, sweep_plans
-from .results import plan_columns, provenance, update_table
+from .results import command, plan_columns, provenance, update_table
 
 
 # ---- cqil convert ------------------------------------------------------------------------------
@@ -58,6 +58,10 @@ def run(cfg: DictConfig) -> None:
              "out_dir": str(out_dir) if p.groups else "", **provenance(cfg.model.device)}
             for variant, p, ppl in (("original", Plan(), ppl_before), ("converted", plan, ppl_after))]
     update_table("convert", rows, cfg.results)
+    where = f"{cfg.data.name}/evaluation, {eval_blocks.numel()} tokens"
+    cards.write("converted", out_dir, name=cfg.model.name, source=cfg.model.path, plan=plan, n_layers=n,
+                command=command(), measured={f"perplexity, original ({where})": ppl_before,
+                                             f"perplexity, converted ({where})": ppl_after})
     print(f"held-out perplexity ({eval_blocks.numel()} tokens of {cfg.data.name}/evaluation): "
           f"original {ppl_before:.2f} -> converted {ppl_after:.2f} ({ppl_after / ppl_before:.2f} x)")
     print(f"conversion (apply plan + save) {convert_seconds:.1f} s; plan choice {plan_seconds:.1f} s; "

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import CqilError
 from .metrics import continue_tokens
@@ -461,8 +461,9 @@ def training_args(train: dict, out_dir: str | Path, on_gpu: bool, max_steps: int
         gradient_accumulation_steps=train["grad_accum"], learning_rate=train["lr"],
         lr_scheduler_type=train["schedule"], warmup_steps=train["warmup"], weight_decay=train["weight_decay"],
         max_grad_norm=train["max_grad_norm"], seed=train["seed"], data_seed=train["seed"], bf16=bf16,
-        use_cpu=not on_gpu, logging_steps=1, report_to=[], disable_tqdm=False, remove_unused_columns=False,
-        label_names=[], dataloader_drop_last=True, **({"save_strategy": "no", "ddp_find_unused_parameters": False} | job))
+        use_cpu=not on_gpu, logging_steps=1, disable_tqdm=False, remove_unused_columns=False, label_names=[],
+        dataloader_drop_last=True,
+        **({"save_strategy": "no", "ddp_find_unused_parameters": False, "report_to": []} | job))
 
 
 def check_loss(loss: dict, plan: Plan, layers: list[int] | None, num_layers: int, block_size: int | None = None) -> None:
@@ -522,8 +523,19 @@ def make_trainer(model: torch.nn.Module, plan: Plan, blocks: torch.Tensor, recip
     # the student may start from the teacher's hidden state at the first group when nothing before it is trained
     share_prefix = teacher is None and bool(plan.groups) and bool(trained) and min(trained) >= plan.groups[0][0]
     onpolicy = {k: loss[k] for k in ("lmbda", "beta", "max_new_tokens", "score_prompt") if k in loss}
-    return DistillTrainer(model=peft_model, args=args, train_dataset=Blocks(blocks), callbacks=list(callbacks),
-                          plan=plan, loss_kind=loss["kind"], temperature=loss["temperature"],
-                          kl_weight=loss["kl_weight"], kl_from=loss.get("kl_from"), then=loss.get("then", "kl"),
-                          onpolicy=onpolicy, teacher=teacher, share_prefix=share_prefix,
-                          full_lr=capacity.full_lr if capacity.full else None)
+    trainer = DistillTrainer(model=peft_model, args=args, train_dataset=Blocks(blocks), callbacks=list(callbacks),
+                             plan=plan, loss_kind=loss["kind"], temperature=loss["temperature"],
+                             kl_weight=loss["kl_weight"], kl_from=loss.get("kl_from"), then=loss.get("then", "kl"),
+                             onpolicy=onpolicy, teacher=teacher, share_prefix=share_prefix,
+                             full_lr=capacity.full_lr if capacity.full else None)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    return trainer
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar without the dict it prints into stdout at every logging step: the losses go to
+    cqil's loss CSV and to the tracker of train.report_to."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        pass

@@ -47,14 +47,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import CqilError, data, models, teacher_text
+from . import CqilError, cards, data, models, teacher_text
 from .distill import make_trainer, teacher_mode
 from .metrics import greedy_agreement, greedy_tokens, teacher_forced_agreement
 from .modeling import apply_plan, get_plan, is_converted_dir, save_converted
 from .outputs import ADAPTER, FINETUNE, FINETUNE_PARTS, claim, write_dir, write_text
 from .plan import Plan
 from .planning import resolve_plan
-from .results import plan_columns, provenance, update_table
+from .results import command, plan_columns, provenance, update_table
 
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
 FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "teacher_text", "batch_size", "grad_accum",
@@ -157,7 +157,7 @@ def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> 
     return wanted
 
 
-def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
+def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path, name: str, source: str) -> None:
     """Make the saved adapter name its true base, the converted model, in base_model_name_or_path.
 
     A model loaded from a `cqil convert` directory already names it. Otherwise the plan was applied here,
@@ -170,6 +170,8 @@ def name_adapter_base(model, tokenizer, plan: Plan, out_dir: Path) -> None:
         if int(os.environ.get("RANK", "0")) == 0 and not (
                 is_converted_dir(base) and saved.is_file() and json.loads(saved.read_text()).get("cqil_plan") == plan.to_dict()):
             save_converted(model, tokenizer, base, "finetune")
+            cards.write("converted", base, name=name, source=source, plan=plan,
+                        n_layers=model.config.num_hidden_layers, command=command(), measured={})
         model.name_or_path = str(base)  # what peft records as the adapter's base
 
 
@@ -393,12 +395,13 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
                    "seed": cfg.train.seed, "block_size": block, "data": OmegaConf.to_object(cfg.data),
                    "teacher_text": written[1]["key"] if written else None}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
-    name_adapter_base(model, tokenizer, plan, out_dir)
+    name_adapter_base(model, tokenizer, plan, out_dir, cfg.model.name, cfg.model.path)
 
     on_gpu = device != "cpu"
     trainer = make_trainer(model, plan, train_blocks, recipe, ckpt_dir, on_gpu, callbacks=callbacks, teacher=teacher,
                            save_strategy="steps", save_steps=cfg.train.save_steps,
-                           save_total_limit=cfg.train.save_total_limit, ddp_timeout=cfg.train.ddp_timeout)
+                           save_total_limit=cfg.train.save_total_limit, ddp_timeout=cfg.train.ddp_timeout,
+                           report_to=[] if cfg.train.report_to == "none" else [cfg.train.report_to])
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size * block
     layers = cfg.lora.layers if isinstance(cfg.lora.layers, str) else ",".join(map(str, cfg.lora.layers))
     columns = {"model": cfg.model.name, **plan_columns(plan), "data": f"{data_cfg.name}/training",
@@ -456,11 +459,28 @@ def report(cfg: DictConfig, model, tokenizer, plan: Plan, teacher: nn.Module | N
     row |= {k: v for k, v in columns.items() if k not in row}  # provenance
     # one row per setting: different tries stay side by side, rerunning the same one replaces its row
     update_table("finetune", [row], cfg.out)
+    card = dict(name=cfg.model.name, source=cfg.model.path, plan=plan, n_layers=merged_model.config.num_hidden_layers,
+                command=row["command"], measured=card_measures(row, cfg))
+    cards.write("merged", merged, **card)
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cards.write("adapter", adapter, base=base, **card)
     print(f"{cfg.model.name} {plan.describe()}: {training['steps']} steps, {training['train_tokens']} training tokens, "
           f"{training['train_seconds']} s training, {row['wall_seconds']} s in all, peak RSS {row['peak_rss_mb']} MiB")
     print(summary(row, sets, cfg))
     print(f"adapter -> {adapter}   merged CQIL model -> {merged}   row -> {cfg.out}   loss curve -> {cfg.loss_csv}")
     return row
+
+
+def card_measures(row: dict, cfg: DictConfig) -> dict[str, float]:
+    """The result row's perplexities and agreements, named with the text they were measured on, for the model card."""
+    sets = {"": f"{cfg.data.name}/evaluation, {row['eval_tokens']} tokens"}
+    if row["ood_tokens"]:
+        sets["ood_"] = f"{cfg.ood_data.name}/evaluation, {row['ood_tokens']} tokens"
+    names = {"ppl_original": "perplexity, original", "ppl_converted": "perplexity, converted",
+             "ppl_finetuned": "perplexity, fine-tuned", "top1_converted": "top-1 agreement with the original, converted",
+             "top1_finetuned": "top-1 agreement with the original, fine-tuned"}
+    return {f"{label} ({where})": row[prefix + key] for prefix, where in sets.items() for key, label in names.items()
+            if isinstance(row.get(prefix + key), (int, float))}
 
 
 def summary(row: dict, sets: dict[str, torch.Tensor], cfg: DictConfig) -> str:

@@ -316,7 +316,7 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
     mesh = None
     if under_torchrun():
         device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
-        mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s, cfg.startup_timeout_s)
+        mesh = make_mesh(cfg.devices, cfg.tp, device, cfg.timeout_s)
     variant, layouts = job_variant(cfg, job, mesh.device if mesh is not None else torch.device(cfg.model.device), dtype)
     lead = mesh is None or mesh.rank == 0
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if lead else (lambda *a: None)
@@ -365,7 +365,7 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
         if lead:
             print(flush=True)
     if mesh is not None:
-        check_agreement(completions, mesh)
+        check_agreement(completions)
     if lead:
         report(cfg, job, rt, completions, timings, device_type, layouts["by"])
     return completions
@@ -393,11 +393,11 @@ def _shown(prompt: str, chat: bool) -> str:
     return f"> {prompt}\n" if chat else prompt
 
 
-def check_agreement(completions: list[Completion], mesh) -> None:
-    """Every rank must have generated the same tokens (one gather at the end, on the gloo startup group)."""
+def check_agreement(completions: list[Completion]) -> None:
+    """Every rank must have generated the same tokens (one gather at the end, on the default group)."""
     mine = [c.token_ids for c in completions]
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine, group=mesh.startup)
+    dist.all_gather_object(everyone, mine)
     compare_ranks(everyone)
 
 

@@ -51,6 +51,9 @@ BUNDLED = {
 # runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = ("float32", "bfloat16", "float16")
+# model.dtype: the names people use for the same three types; `auto` picks per device (dtype_name)
+DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 # The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
 CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
 # What every supported architecture reads from config.json to build its modules. Without one, transformers fills
@@ -240,6 +243,29 @@ def resolve_device(device: str) -> str:
             raise CqilError(f"model.device={device} but torch sees {count} CUDA device(s) here; "
                             "use model.device=auto (the best device available) or cpu")
     return device
+
+
+def dtype_name(dtype: str, device: str) -> str:
+    """model.dtype as one of DTYPES: an alias (DTYPE_ALIASES, any case) named by its type; `auto` is bfloat16 on a
+    CUDA device that has it, else float32 (CPU matmuls in bf16 are slow and lose precision). Imports torch for
+    `auto` on a GPU only."""
+    name = DTYPE_ALIASES.get(str(dtype).lower())
+    if name is None:
+        raise CqilError(f"model.dtype={dtype}: must be auto or one of {', '.join(DTYPE_ALIASES)}")
+    if name != "auto":
+        return name
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "float32"
+
+
+def default_model_name(path: str) -> str:
+    """model.name when none is given: the last part of model.path (a .gguf file without its suffix)."""
+    last = str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return last.removesuffix(".gguf")
 
 
 def safetensors_files(d: Path) -> list[Path]:

@@ -174,11 +174,9 @@ def recorded_path(path: str) -> str:
     return str(Path(where).resolve()) if kind in ("dir", "gguf") else path
 
 
-def dtype_of(name: str) -> torch.dtype:
-    """torch dtype of a `model.dtype` string."""
-    if name not in DTYPES:
-        raise CqilError(f"model.dtype={name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def dtype_of(name: str, device: str = "cpu") -> torch.dtype:
+    """torch dtype of a `model.dtype` string (a name, an alias, or auto: for `device`; inputs.dtype_name)."""
+    return DTYPES[inputs.dtype_name(name, device)]
 
 
 def load_config(path: str, trust_remote_code: bool = False):
@@ -278,7 +276,7 @@ def load(cfg: ModelConfig | dict):
     """Load (model, tokenizer) in eval mode; refuse non-LLaMA-family architectures and any tensor that would load
     other than as stored."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
-    dtype = dtype_of(cfg.dtype)
+    dtype = dtype_of(cfg.dtype, cfg.device)
     location, extra = resolve(cfg.path)
     config = _config(cfg.path, location, extra, cfg.trust_remote_code)
     kwargs = dict(config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra)

@@ -176,6 +176,17 @@ def claim(d: str | Path, kind: str, job: str, files: list[str]) -> None:
     write_text(d / MANIFEST, _manifest_text(kind, job, files))
 
 
+def add_file(d: str | Path, name: str, text: str, kind: str) -> Path:
+    """Write `name` (a model card) into `d`, a `kind` directory cqil wrote, and list it in the manifest first (a
+    crash in between leaves a listed name without its file, which no ownership check minds)."""
+    d = through(d)
+    m = manifest(d)
+    if m is None or m["kind"] != kind:
+        raise CqilError(f"{d} is not a {kind} cqil wrote (no {MANIFEST} of that kind); not adding {name} to it")
+    write_text(d / MANIFEST, _manifest_text(kind, m["job"], sorted({*m["files"], name})))
+    return write_text(d / name, text)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:

@@ -2,13 +2,20 @@
 it imports nothing from cqil (and neither torch nor transformers)."""
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
 
 def conf_dir() -> Path:
-    """The Hydra config directory: $CQIL_CONF, default the repository's conf/."""
-    return Path(os.environ.get("CQIL_CONF", Path(__file__).resolve().parent.parent / "conf"))
+    """The configs: $CQIL_CONF if set; in a checkout (editable install or PYTHONPATH) its top-level conf/, the
+    source of truth; in an installed wheel the copy shipped as the package's `conf` resource (pyproject.toml)."""
+    if "CQIL_CONF" in os.environ:
+        return Path(os.environ["CQIL_CONF"])
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir():
+        return checkout / "conf"
+    return Path(str(importlib.resources.files("cqil") / "conf"))
 
 
 def cache_dir() -> Path:

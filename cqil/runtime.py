@@ -7,7 +7,7 @@ one code path, only the backend and the device differ.
 
     launch(job, world, threads_per_rank)                        re-run `cqil <job> ...` under torchrun
     init_distributed(P, T, device_type, startup_timeout_s)     join the job -> this rank's device
-    make_mesh(P, T, device, timeout_s, startup_timeout_s)        process groups of the axes member/tp/world
+    make_mesh(P, T, device, timeout_s)                         process groups of the axes member/tp/world
     Runtime(checkpoint or model, plan, mesh, variant, compile)  this rank's weights and stages; rt.compiled(mode): its twin
     rt.prefill / rt.decode / rt.generate / rt.forward           (every rank calls the same, in the same order)
     shutdown()                                                  destroy the process groups (call in a finally)
@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import os
@@ -103,6 +104,7 @@ from .plan import Plan
 from .schedule import COMPILES, HEAD, ROW_PARALLEL, Schedule, Stage, Variant, check_shardable, make_schedule, shares
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+_RUNTIMES = itertools.count()  # Runtimes built by this process: every rank builds them in the same order
 
 
 # ---- process groups ------------------------------------------------------------------------
@@ -306,16 +308,22 @@ def join(timeout_s: float) -> tuple[dist.Store, int, int]:
     timeout = timedelta(seconds=timeout_s)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
-    store.set(f"cqil/joined/{rank}", "1")
+    arrive(store, "cqil/joined", rank, world, timeout_s, "join the job")
+    return dist.PrefixStore("default_pg", store), rank, world
+
+
+def arrive(store: dist.Store, key: str, rank: int, world: int, timeout_s: float, what: str) -> None:
+    """A barrier on the job's key-value store: mark `rank` at `key`, wait for every rank; JobFailed naming the
+    ranks that have not arrived within `timeout_s` (stopped, stuck or still loading). Polled: store.wait's
+    timeout prints C++ warnings, and a gloo barrier's names nobody."""
+    store.set(f"{key}/{rank}", "1")
     deadline = time.monotonic() + timeout_s
-    # polled (store.wait's timeout prints C++ warnings)
-    while late := [r for r in range(world) if not store.check([f"cqil/joined/{r}"])]:
+    while late := [r for r in range(world) if not store.check([f"{key}/{r}"])]:
         if time.monotonic() > deadline:
-            raise JobFailed(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} did not join the job "
+            raise JobFailed(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} did not {what} "
                             f"within startup_timeout_s={timeout_s:g} s (stopped, stuck, or still loading); if loading "
                             "takes longer, raise startup_timeout_s")
         time.sleep(0.1)
-    return dist.PrefixStore("default_pg", store), rank, world
 
 
 def shutdown() -> None:
@@ -332,7 +340,6 @@ class Mesh:
     rank: int
     device: torch.device
     groups: dict[str, dist.ProcessGroup]  # "member" / "tp" / "world" -> this rank's group (axes of size > 1)
-    startup: dist.ProcessGroup | None     # gloo, long timeout: the barrier after loading
 
     @property
     def k(self) -> int:
@@ -343,8 +350,7 @@ class Mesh:
         return self.rank % self.T
 
 
-def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s: float = 60.0,
-              startup_timeout_s: float = 1800.0) -> Mesh:
+def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s: float = 60.0) -> Mesh:
     """The (member, tp) mesh over all ranks, its groups with collective timeout `timeout_s`; every rank
     calls this together (it creates process groups)."""
     world = dist.get_world_size()
@@ -360,8 +366,7 @@ def make_mesh(P: int, T: int = 1, device: torch.device | str = "cpu", timeout_s:
             groups[axis] = whole if len(ranks[0]) == world else dist.new_subgroups_by_enumeration(ranks, timeout)[0]
     if world > 1:
         groups["world"] = whole
-    startup = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s)) if world > 1 else None
-    return Mesh(P, T, dist.get_rank(), torch.device(device), groups, startup)
+    return Mesh(P, T, dist.get_rank(), torch.device(device), groups)
 
 
 # ---- communicators ---------------------------------------------------------------------------
@@ -774,8 +779,9 @@ class Runtime:
             raise CqilError(f"rope type {self.rotary.rope_type!r} changes its frequencies with the sequence length; "
                             "the runtime's rotary tables are computed once per cache, so it does not support it")
         self._load(skel, dec, reader)
-        if mesh is not None and mesh.startup is not None:
-            dist.barrier(group=mesh.startup)  # every rank has loaded: collectives (short timeout) may start
+        if mesh is not None and (world := dist.get_world_size()) > 1:  # every rank has loaded: collectives may start
+            arrive(dist.distributed_c10d._get_default_store(), f"cqil/loaded/{next(_RUNTIMES)}", self.rank, world,
+                   startup_timeout_s, "finish loading its weights")
         self.comms: dict[str, Comm] = {}  # axis -> communicator, for every axis of size > 1
         by_group: dict[int, Comm] = {}
         for axis, group in (mesh.groups if mesh is not None else {}).items():

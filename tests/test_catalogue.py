@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import CqilError, checks, cli, paths
+from cqil import CqilError, checks, cli, inputs, paths
 from cqil.modeling import apply_plan, save_converted
 from cqil.outputs import MODEL, PROVENANCE, write_dir
 from cqil.plan import Plan
@@ -258,6 +258,8 @@ BAD = {  # check class -> values it must refuse (override syntax)
     checks.StrList: lambda c: ["abc", "[1]"] + (["[]"] if c.nonempty else []),
     checks.ModelPath: lambda c: [f"{W}/missing_model", f"{W}/notes.txt", f"{W}/user_dir", f"{W}/corrupt_ckpt",
                                  f"{W}/noweights", f"{W}/fake.gguf", f"{W}/missing.gguf", "./missing", "''"],
+    checks.Dtype: lambda c: ["fp64", "bogus", 16],
+    checks.ReportTo: lambda c: ["comet", "true"],
     checks.Device: lambda c: ["gpu", "cuda:x"] + ([] if checks.cuda_driver_present() else ["cuda", "cuda:1"]),
     checks.TextFiles: lambda c: ["[]", f"[{W}/missing.txt]", "[missing_rel.txt]", f"[{W}/binary.txt]",
                                  f"[{W}/latin1.txt]", f"[{W}/bad.jsonl]", f"[{W}/notext.jsonl]", f"[{W}/empty.txt]",
@@ -351,9 +353,9 @@ VARIANT_ARGS = {"model=hf": [*TINY, "ood_data.block_size=256"],  # kept where th
                 "data=local": ["data=local", f"data.files=[{W}/good.txt]"]}
 
 EXTRA = [  # (job, overrides, words the message must contain): the issue's examples and checks across keys
-    ("analyze", ["model=hf"], "model.name has no value"),
+    ("analyze", ["model=hf"], "model.path has no value"),  # model.name: the path's last part
     ("analyze", ["model=hf", "model.name=x"], "model.path has no value"),
-    ("convert", ["model=hf", f"model.path={W}/tiny"], "model.name has no value"),
+    ("convert", ["model=hf", f"model.path={W}/tiny", "data.block_size=256", "model.dtype=double"], "model.dtype=double"),
     ("analyze", ["data=local"], "data.files has no value"),
     ("analyze", ["data.files=[missing_rel.txt]"], "working directory"),
     ("convert", ["plan.start=12", "plan.end=25"], "not a multiple of group_size"),
@@ -424,6 +426,8 @@ ACCEPTED = [  # (job, overrides): inputs that must pass the checks
     ("analyze", ["model=hf", f"model.path={W}/remote", "model.name=x", "model.trust_remote_code=true",
                  "data.block_size=256"]),
     ("analyze", ["model=hf", f"model.path={W}/converted", "model.name=x", "data.block_size=256"]),  # cqil's own class
+    ("analyze", ["model=hf", f"model.path={W}/converted", "model.dtype=BF16", "data.block_size=256"]),  # an alias, a name from the path
+    ("analyze", ["model=hf", f"model.path={W}/converted", "model.dtype=half", "data.block_size=256"]),
     ("latency", [f"layer_step.csv={W}/layer_step_good.csv"]), ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv",
                                                                           "layer_step.hardware=a100"]),
 ]
@@ -564,7 +568,7 @@ def test_every_config_key_has_a_check():
 
 # ---- the same contract through `python -m cqil`, real jobs --------------------------------------
 HEADLINE = [  # (argv, words of the message): the issue's examples
-    (["analyze", "model=hf"], "model.name has no value"),
+    (["analyze", "model=hf"], "model.path has no value"),
     (["analyze", "model=hf", f"model.path={W}/tiny", "model.name=tiny", "model.device=cuda:7"], "model.device=cuda:7"),
     (["analyze", "data=local"], "data.files has no value"),
     (["analyze", f"data.files=[{W}/binary.txt]"], "binary"),
@@ -638,6 +642,21 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
     (tmp_path / ".conv.999999999-x.tmp").mkdir()  # left by a writer that was killed
     save_converted(model, tok, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "user"]
+
+
+def test_model_dtype_aliases_auto_and_the_default_name(tmp_path):
+    """model=hf: the name defaults to the path's last part; dtype aliases and auto reach the job as one of DTYPES."""
+    assert [inputs.default_model_name(p) for p in ("a/b/", "org/Llama-2-7b-hf", "x/m.Q4.gguf")] == ["b", "Llama-2-7b-hf",
+                                                                                                      "m.Q4"]
+    assert inputs.dtype_name("FP16", "cpu") == "float16" and inputs.dtype_name("bf16", "cpu") == "bfloat16"
+    assert inputs.dtype_name("auto", "cpu") == "float32"
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path / "tiny-model")
+    for given, dtype in ((["model.dtype=half"], "float16"), ([], "float32")):  # auto on the CPU: float32
+        overrides = ["model=hf", f"model.path={tmp_path / 'tiny-model'}", "model.device=cpu", "data.block_size=128", *given]
+        cfg = cli.compose("analyze", overrides)
+        checks.validate("analyze", cfg, cli.conf_dir(), overrides)
+        assert cfg.model.name == "tiny-model" and cfg.model.dtype == dtype
 
 
 def test_a_converted_directory_loads_without_warnings_and_never_as_the_plain_model(tmp_path):

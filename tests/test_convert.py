@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import auto_overrides, overrides
-from cqil import cli, convert, plots
+from cqil import cli, convert, outputs, plots
 from cqil.metrics import perplexity
 from cqil.modeling import apply_plan, get_plan, plan_disabled
 from cqil.plan import Plan, PlanError
@@ -45,6 +45,14 @@ def test_auto_picks_the_largest_reduction_within_budget_and_converts(analyzed, t
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, prompt.input_ids.shape[1] + 5) and isinstance(tokenizer.decode(out[0]), str)
     assert perplexity(model, prompt.input_ids) > 1  # scored like any HF model
+    # its model card: what it is, what was measured, how to load it; listed in the manifest (the rerun below may
+    # replace the directory); and the failure it warns of is the one stock transformers gives
+    card = (out_dir / "README.md").read_text()
+    assert "README.md" in outputs.manifest(out_dir)["files"] and plan.describe() in card
+    assert f"{rows.perplexity.iloc[1]:.4g}" in card and f"source model: `{analyzed['model']}`" in card
+    assert "cqil eval model=hf" in card and f"from_pretrained({str(out_dir)!r}, trust_remote_code=True)" in card
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out_dir)
 
     # a rerun with plan=file replaces its rows instead of piling them up
     convert.run(cli.compose("convert", overrides(analyzed, tmp_path, "plan=file", f"plan.file={tmp_path}/plan.json",

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, data, distill, finetune, models, plots
+from cqil import CqilError, cli, data, distill, finetune, models, outputs, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -196,6 +196,33 @@ def test_the_adapter_names_its_converted_base(trained):
     model = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=probe.ids).logits, probe.logits, rtol=0, atol=1e-6)
+
+
+def test_every_saved_directory_has_a_model_card(trained):
+    """adapter, merged and converted each carry a README.md listed in their manifest (peft's blank template
+    replaced): the plan, the measured perplexities of the row, and how to load it."""
+    out, _, row = trained
+    for part in ("adapter", "merged", "converted"):
+        card = (out / part / "README.md").read_text()
+        assert "README.md" in outputs.manifest(out / part)["files"] and "More Information Needed" not in card
+        assert "S1 E5 P2 D1" in card and "## Load it" in card and "trust_remote_code=True" in card
+    merged = (out / "merged" / "README.md").read_text()
+    assert f"| perplexity, fine-tuned (" in merged and f"{row['ppl_finetuned']:.4g}" in merged
+    adapter = (out / "adapter" / "README.md").read_text()
+    assert f"PeftModel.from_pretrained(base, {str(out / 'adapter')!r})" in adapter and str(out / "converted") in adapter
+    assert "Nothing measured" in (out / "converted" / "README.md").read_text()
+
+
+def test_a_quiet_run_says_nothing_and_reports_to_tensorboard(tiny_dir, tmp_path, capfd):
+    """cqil finetune -q train.report_to=tensorboard: silence on success (no line, bar, Trainer dict or warning), and
+    the Trainer's event files in <out_dir>/checkpoints/runs."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cli.main(["finetune", "-q", *cfg_for_overrides(tiny_dir, out, "train.report_to=tensorboard", "train.max_steps=2",
+                                                   "curve.every_steps=null")])
+    said = capfd.readouterr()
+    assert (said.out, said.err) == ("", "")
+    assert list((out / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_dir, trained, tmp_path):

@@ -86,3 +86,12 @@ def test_the_second_model_is_a_qwen2_with_biases_and_passes_the_checks():
     checks.validate("analyze", cli.compose("analyze", [f"model={QWEN}"]), paths.conf_dir())
     header = models.SafetensorsReader(QWEN)
     assert header.read("model.layers.0.self_attn.q_proj.bias").abs().sum() > 0  # the biases survived dequantizing
+
+
+def test_every_model_config_has_the_keys_every_job_reads():
+    """Each conf/model/*.yaml carries the same keys (a model group missing one fails only in the job that reads it:
+    `cqil eval` on qwen2.5-coder-0.5b once stopped at model.trust_remote_code)."""
+    from omegaconf import OmegaConf
+
+    keys = {p.stem: set(OmegaConf.load(p)) for p in sorted((cli.conf_dir() / "model").glob("*.yaml"))}
+    assert len(keys) >= 3 and all(k == keys["hf"] for k in keys.values()), keys

@@ -327,3 +327,18 @@ def test_a_rank_stuck_while_loading_is_named(tiny, tmp_path):
     assert code == 1 and lines[-1] == ("cqil generate: error: rank 0: rank 1 did not join the job within "
                                        "startup_timeout_s=5 s (stopped, stuck, or still loading); if loading takes "
                                        "longer, raise startup_timeout_s"), lines
+
+
+def test_the_barrier_after_loading_names_the_rank_that_has_not_loaded():
+    """The runtime's post-load barrier (runtime.arrive, on the job's store): a rank stuck after joining, while
+    loading its weights, is named by rank within the timeout, not left to a gloo barrier that names nobody."""
+    import torch.distributed as dist
+
+    from cqil import JobFailed
+    from cqil.runtime import arrive
+
+    store = dist.HashStore()
+    store.set("cqil/loaded/0/1", "1")  # rank 1 has loaded; rank 0 arrives and finds every rank there
+    arrive(store, "cqil/loaded/0", 0, 2, 5.0, "finish loading its weights")
+    with pytest.raises(JobFailed, match=r"^ranks 1, 2 did not finish loading its weights within startup_timeout_s=0.3 s"):
+        arrive(store, "cqil/loaded/1", 0, 3, 0.3, "finish loading its weights")
