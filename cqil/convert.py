@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, cards, checks, data, models
+from . import CqilError, cards, data, inputs, models
 from .metrics import perplexity
 from .modeling import apply_plan, get_plan, save_converted
 from .plan import Plan
@@ -26,7 +26,7 @@ def run(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
     if get_plan(model).groups:  # a converted hub repo (a local directory is refused by cqil.checks already)
-        raise CqilError(checks.converted_refusal(f"model {cfg.model.path!r}", model.config.to_dict()))
+        raise CqilError(inputs.converted_refusal(f"model {cfg.model.path!r}", model.config.to_dict()))
     model.config.cqil_base_model = models.recorded_path(cfg.model.path)  # the directory names its base
     data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
     eval_blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")

@@ -1,7 +1,10 @@
 """The latency model's pure cost functions (no job, no pandas): what one forward step of a schedule costs.
 
 cqil.latency fits, validates and projects with them (`cqil latency`, read its docstring for the model);
-cqil.bench and cqil.generate ask them which layout to run by default (`rank_layouts`). The model walks the
+cqil.bench and cqil.generate ask them which layout to run by default (`rank_layouts`); cqil.planning ranks plans
+by them (`predicted_reduction`, `mesh_choice`: a plan on N devices against TP=N); cqil.layerstep fits its
+t = c0 + bytes / bandwidth with `fit_comm`, the form fitted to collectives. No job module is imported here, so
+every job may use them. The model walks the
 stages of cqil.schedule's make_schedule, so TP, CQIL and CQIL x TP are costed from the list the runtime runs:
 
     t = t_rest + sum over stages [ compute(stage) + sum over its collectives c(op, group size, bytes) ]
@@ -16,11 +19,12 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from . import CqilError
-from .checks import hardware_named
-from .cli import conf_dir
+from .inputs import hardware_named
+from .paths import conf_dir
 from .plan import Plan, PlanError
 from .schedule import UNGROUPED, Schedule, Variant, check_shardable, llama_shapes, make_schedule, rank_bytes
 
@@ -214,7 +218,7 @@ def memory_gb(schedule: Schedule, s: Shape, bpp: int, batch: int, context: int) 
 # ---- the layout a run uses by default ----------------------------------------------------------------
 def hardware_for(device: str) -> str:
     """The conf/hardware figures that stand for a device ("cpu", or a GPU's name): cpu-core for CPU ranks; for a
-    GPU the file its name contains (cqil.checks.hardware_named), else A100's, a stand-in the ranking line names."""
+    GPU the file its name contains (cqil.inputs.hardware_named), else A100's, a stand-in the ranking line names."""
     return "cpu-core" if device == "cpu" else hardware_named(device, conf_dir()) or "a100"
 
 
@@ -256,3 +260,99 @@ def describe_layouts(rows: list[dict], hw: Hardware, P: int, T: int) -> str:
     if not math.isnan(tp) and rows[0]["latency_ms"] > tp:
         line += f"  (WARNING: the model predicts every CQIL layout slower than TP={P * T} on these devices)"
     return line
+
+
+# ---- fitting ---------------------------------------------------------------------------------------
+def fit_comm(nbytes: np.ndarray, ms: np.ndarray) -> Comm:
+    """alpha, beta of c = alpha + bytes / beta by least squares of the relative error."""
+    A = np.stack([np.ones_like(nbytes), nbytes], 1) / ms[:, None]
+    alpha, inv_beta = np.linalg.lstsq(A, np.ones_like(ms), rcond=None)[0]
+    return Comm(float(alpha), float(1 / inv_beta) if inv_beta > 0 else float("inf"))
+
+
+# ---- the chooser's latency side: a plan on N devices against TP=N ----------------------------------
+def predicted_reduction(config, plan: Plan, lat: dict) -> float:
+    """plan=auto rank_by=latency: the predicted reduction of `plan` on the model's own shape on lat['hardware']
+    against the original on one device, or with lat['devices'] = N against tensor parallelism on N devices
+    (mesh_choice: NaN where the plan's P does not divide N or nothing fits)."""
+    if lat.get("devices"):
+        return mesh_choice(config, plan, lat)["reduction"]
+    s, hw = Shape.from_hf(config), hardware(lat["hardware"])
+    phase, T, B = lat["phase"], int(lat["prompt_tokens"]), int(lat["batch_size"])
+    c = gpu_costs(s, hw, phase, T, B, int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", T)))
+    variant = Variant(lm_head=lat.get("lm_head", "sharded"), ungrouped=lat.get("ungrouped", "replicated"))
+    schedule = schedule_of(plan, s.layers, plan.group_size, 1, variant)
+    return 1 - predict(schedule, c, hw.kappa) / original(s.layers, c)
+
+
+def mesh_choice(config, plan: Plan, lat: dict) -> dict:
+    """plan.devices=N: `plan` on its best P x (N/P) mesh (best_mesh) for the model's own shape:
+    {"reduction": against TP on N devices (NaN if none), "mesh": "P4xT2, ungrouped tp" or why there is none}."""
+    s, hw, N = Shape.from_hf(config), hardware(lat["hardware"]), int(lat["devices"])
+    T = int(lat["prompt_tokens"])
+    best = best_mesh(s, hw, plan, N, lat["phase"], T, int(lat["batch_size"]), int(lat.get("bytes_per_param", 2)),
+                     int(lat.get("decode_context", T)), lat.get("lm_head", "sharded"),
+                     tuple(lat.get("ungrouped_options", UNGROUPED_OPTIONS)))
+    if best is None:
+        why = (f"P={plan.group_size} does not divide {N}" if N % plan.group_size else
+               f"no P x T mesh of {N} devices fits it ({hw.name} memory, head cuts)")
+        return {"reduction": float("nan"), "mesh": why}
+    return {"reduction": 1 - best["latency_ms"] / best["tp_latency_ms"],
+            "mesh": f"P{best['P']}xT{best['T']}, ungrouped {best['ungrouped']}"}
+
+
+UNGROUPED_OPTIONS = ("replicated", "tp")  # where layers outside groups run on a P x T mesh of GPUs
+
+
+def mesh_row(s: Shape, hw: Hardware, schedule: Schedule, c: Costs, bpp: int, batch: int, context: int) -> dict:
+    """Latency, its terms and the memory of one schedule (weights and KV cache of the fullest GPU, and whether
+    they fit the GPU's memory less its reserve)."""
+    t = terms(schedule, c)
+    weights, kv = memory_gb(schedule, s, bpp, batch, context)
+    return {"latency_ms": total(t, hw.kappa),
+            "compute_ms": t["alone"] + hw.kappa * t["concurrent"], "collectives_ms": t["collectives"],
+            "collective_rounds": t["collective_rounds"], "weight_gb_per_gpu": weights, "kv_cache_gb_per_gpu": kv,
+            "fits": weights + kv <= hw.memory_gb - hw.memory_reserve_gb}
+
+
+def mesh_candidates(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+                    lm_head: str, ungrouped_options: tuple[str, ...]) -> list[dict]:
+    """`plan` (P = its group size) on a P x (N/P) mesh under each `ungrouped` option that the shape can be cut
+    for; [] where P does not divide N."""
+    P = plan.group_size
+    if N % P:
+        return []
+    c, out = gpu_costs(s, hw, phase, T, B, bpp, context), []
+    for ungrouped in ungrouped_options:
+        schedule = schedule_of(plan, s.layers, P, N // P, Variant(lm_head=lm_head, ungrouped=ungrouped))
+        try:
+            check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
+        except PlanError:
+            continue
+        out.append({"P": P, "T": N // P, "ungrouped": ungrouped, **mesh_row(s, hw, schedule, c, bpp, B, context)})
+    return out
+
+
+def tensor_parallel_row(s: Shape, hw: Hardware, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+                        lm_head: str) -> dict:
+    """Tensor parallelism over N devices (the schedule with no groups, P = 1, T = N), the same head treatment;
+    latency NaN (shardable False) where the runtime cannot cut the layers N ways (fewer KV heads than N)."""
+    schedule = schedule_of(Plan(), s.layers, 1, N, Variant(lm_head=lm_head))
+    row = mesh_row(s, hw, schedule, gpu_costs(s, hw, phase, T, B, bpp, context), bpp, B, context)
+    try:
+        check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
+    except PlanError:
+        return {**row, "latency_ms": float("nan"), "fits": False, "shardable": False}
+    return {**row, "shardable": True}
+
+
+def best_mesh(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
+              lm_head: str = "sharded", ungrouped_options: tuple[str, ...] = UNGROUPED_OPTIONS) -> dict | None:
+    """The chooser's latency side: `plan` on N devices at its fastest (T = N / P, the ungrouped option) among
+    the setups that fit in memory, with tp_latency_ms, TP=N's latency; None where none fits or P does not divide N."""
+    fitting = [r for r in mesh_candidates(s, hw, plan, N, phase, T, B, bpp, context, lm_head, ungrouped_options)
+               if r["fits"]]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda r: r["latency_ms"])
+    return {**best, "tp_latency_ms": tensor_parallel_row(s, hw, N, phase, T, B, bpp, context, lm_head)["latency_ms"]}

@@ -2,7 +2,7 @@
 
 A corpus (conf/data/*.yaml) is a list of documents: local .txt/.jsonl files (a relative name is looked
 up in the working directory first, then among the offline texts that `make install` assembles under
-$CQIL_CACHE/texts: cqil.checks.locate_text), or a HF data set by name (needs network). Each document is tokenized into one stream and split by TOKENS,
+$CQIL_CACHE/texts: cqil.inputs.locate_text), or a HF data set by name (needs network). Each document is tokenized into one stream and split by TOKENS,
 contiguously:
 
     calibration = its first  calibration_fraction of tokens   (cqil analyze, plan choice)
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import CqilError
-from .checks import check_tokens, locate_text, read_text
+from .inputs import check_tokens, locate_text, read_text
 
 SPLITS = ("calibration", "training", "evaluation")
 

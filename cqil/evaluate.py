@@ -43,9 +43,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError, data, models
-from .cli import conf_dir
 from .metrics import all_logits, greedy_agreement, greedy_tokens, perplexity, teacher_forced_agreement
 from .modeling import apply_plan, get_plan
+from .paths import cache_dir, conf_dir
 from .plan import plan_from_config
 from .planning import resolve_plan
 from .outputs import write_text
@@ -157,7 +157,7 @@ def arithmetic_jsonl(out: Path, part: str, digits: list[int], questions: int, sh
 
 # data file named in a local task YAML -> function(out path, **the YAML's metadata.build[file]) that builds it
 DATA_BUILDERS = {
-    "pang_lee_polarity.jsonl": lambda out: polarity_jsonl(models.cache_dir() / "texts" / "pang_lee_polarity.txt", out),
+    "pang_lee_polarity.jsonl": lambda out: polarity_jsonl(cache_dir() / "texts" / "pang_lee_polarity.txt", out),
     "cqil_cloze.jsonl": cloze_jsonl,
     "cqil_arithmetic_shots.jsonl": lambda out, **kw: arithmetic_jsonl(out, "shots", **kw),
     "cqil_arithmetic_test.jsonl": lambda out, **kw: arithmetic_jsonl(out, "test", **kw),
@@ -515,7 +515,7 @@ def run(cfg: DictConfig) -> None:
     if reference is not None and reference not in [e["label"] for e in entries]:
         raise CqilError(f"the reference {reference!r} was skipped (its path does not exist yet), so nothing can be "
                         "compared with it; run the job that writes it or name another entry in `reference`")
-    work_dir = Path(cfg.work_dir).expanduser() if cfg.work_dir else models.cache_dir() / "eval"
+    work_dir = Path(cfg.work_dir).expanduser() if cfg.work_dir else cache_dir() / "eval"
     local = prepare_local_tasks(work_dir)
     tm = task_manager(tasks, local, list(cfg.include_path)) if set(tasks) - set(TEXT_TASKS) else None
     version = importlib.metadata.version("lm_eval")

@@ -1,7 +1,7 @@
 """`cqil latency`: the latency model of CQIL, CQIL x TP and tensor parallelism; calibrated and validated on
-measured runs (cqil bench) and on published numbers; projected to LLaMA on N GPUs; and the chooser's side.
-Its pure cost functions (Costs, terms, the roofline gpu_costs, hardware figures) live in cqil.costs, which
-cqil.bench and cqil.generate also read to run the layout this model ranks best.
+measured runs (cqil bench) and on published numbers; projected to LLaMA on N GPUs. Its pure cost functions
+(Costs, terms, the roofline gpu_costs, hardware figures, fit_comm, and the chooser's side: best_mesh,
+predicted_reduction) live in cqil.costs, which cqil.bench, cqil.generate, cqil.planning and cqil.layerstep read.
 
 The model (its one definition). A run is the schedule of cqil.schedule: make_schedule(plan, n_layers, P, T,
 variant) lists the stages of one forward step on a P x T mesh (embedding; layers outside groups, whole or
@@ -52,14 +52,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
-from .checks import bench_command, hardware_named
-from .cli import conf_dir
-from .costs import (Comm, Costs, Hardware, Shape, gpu_costs, hardware, memory_gb, original, predict, schedule_of,
-                    shape_of, split, terms, total)
-from .plan import Plan, PlanError
+from .inputs import bench_command, hardware_named
+from .costs import (Comm, Costs, Hardware, Shape, fit_comm, gpu_costs, hardware, mesh_candidates, original, predict,
+                    schedule_of, shape_of, split, tensor_parallel_row)
+from .paths import conf_dir
+from .plan import Plan
 from .plots import latency_hybrid, latency_validation
 from .results import BENCH_BASELINE as ORIGINAL, plan_columns, plan_of, provenance, read_csv, update_table
-from .schedule import Schedule, Variant, check_shardable
+from .schedule import Schedule, Variant
 
 PHASES = ("prefill", "decode")
 # ---- calibration and validation on measured CPU runs ---------------------------------------------
@@ -79,21 +79,15 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
         df = read_csv(path)
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
+            rerun = df.command.iloc[0] if "command" in df and len(df) else bench_command(path)  # the table's own
             raise CqilError(f"{path} lacks the columns {', '.join(missing)} (made by an older cqil bench); "
-                            f"rerun `{bench_command(path)}`")
+                            f"rerun `{rerun}`")
         if "mesh_p" not in df:  # older tables: every multi-process setup ran on the devices x tp mesh
             df = df.assign(mesh_p=df.devices, mesh_t=df.tp)
         if "compile" in df:  # the model's CPU figures are eager steps (compiled rows are paired with compiled (a))
             df = df[df["compile"] == "none"]
         frames.append(df.assign(source=path))
     return pd.concat(frames, ignore_index=True)
-
-
-def fit_comm(nbytes: np.ndarray, ms: np.ndarray) -> Comm:
-    """alpha, beta of c = alpha + bytes / beta by least squares of the relative error."""
-    A = np.stack([np.ones_like(nbytes), nbytes], 1) / ms[:, None]
-    alpha, inv_beta = np.linalg.lstsq(A, np.ones_like(ms), rcond=None)[0]
-    return Comm(float(alpha), float(1 / inv_beta) if inv_beta > 0 else float("inf"))
 
 
 def fit_kappa(measured: np.ndarray, fixed: np.ndarray, conc: np.ndarray) -> float:
@@ -239,94 +233,7 @@ def params_table(fits: dict, kappa: dict[str, float], n_rows: int) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def predicted_reduction(config, plan: Plan, lat: dict) -> float:
-    """plan=auto rank_by=latency: the predicted reduction of `plan` on the model's own shape on lat['hardware']
-    against the original on one device, or with lat['devices'] = N against tensor parallelism on N devices
-    (mesh_choice: NaN where the plan's P does not divide N or nothing fits)."""
-    if lat.get("devices"):
-        return mesh_choice(config, plan, lat)["reduction"]
-    s, hw = Shape.from_hf(config), hardware(lat["hardware"])
-    phase, T, B = lat["phase"], int(lat["prompt_tokens"]), int(lat["batch_size"])
-    c = gpu_costs(s, hw, phase, T, B, int(lat.get("bytes_per_param", 2)), int(lat.get("decode_context", T)))
-    variant = Variant(lm_head=lat.get("lm_head", "sharded"), ungrouped=lat.get("ungrouped", "replicated"))
-    schedule = schedule_of(plan, s.layers, plan.group_size, 1, variant)
-    return 1 - predict(schedule, c, hw.kappa) / original(s.layers, c)
-
-
-def mesh_choice(config, plan: Plan, lat: dict) -> dict:
-    """plan.devices=N: `plan` on its best P x (N/P) mesh (best_mesh) for the model's own shape:
-    {"reduction": against TP on N devices (NaN if none), "mesh": "P4xT2, ungrouped tp" or why there is none}."""
-    s, hw, N = Shape.from_hf(config), hardware(lat["hardware"]), int(lat["devices"])
-    T = int(lat["prompt_tokens"])
-    best = best_mesh(s, hw, plan, N, lat["phase"], T, int(lat["batch_size"]), int(lat.get("bytes_per_param", 2)),
-                     int(lat.get("decode_context", T)), lat.get("lm_head", "sharded"),
-                     tuple(lat.get("ungrouped_options", UNGROUPED_OPTIONS)))
-    if best is None:
-        why = (f"P={plan.group_size} does not divide {N}" if N % plan.group_size else
-               f"no P x T mesh of {N} devices fits it ({hw.name} memory, head cuts)")
-        return {"reduction": float("nan"), "mesh": why}
-    return {"reduction": 1 - best["latency_ms"] / best["tp_latency_ms"],
-            "mesh": f"P{best['P']}xT{best['T']}, ungrouped {best['ungrouped']}"}
-
-
 # ---- CQIL x TP on N devices ---------------------------------------------------------------------
-UNGROUPED_OPTIONS = ("replicated", "tp")  # where layers outside groups run on a P x T mesh of GPUs
-
-
-def mesh_row(s: Shape, hw: Hardware, schedule: Schedule, c: Costs, bpp: int, batch: int, context: int) -> dict:
-    """Latency, its terms and the memory of one schedule (weights and KV cache of the fullest GPU, and whether
-    they fit the GPU's memory less its reserve)."""
-    t = terms(schedule, c)
-    weights, kv = memory_gb(schedule, s, bpp, batch, context)
-    return {"latency_ms": total(t, hw.kappa),
-            "compute_ms": t["alone"] + hw.kappa * t["concurrent"], "collectives_ms": t["collectives"],
-            "collective_rounds": t["collective_rounds"], "weight_gb_per_gpu": weights, "kv_cache_gb_per_gpu": kv,
-            "fits": weights + kv <= hw.memory_gb - hw.memory_reserve_gb}
-
-
-def mesh_candidates(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
-                    lm_head: str, ungrouped_options: tuple[str, ...]) -> list[dict]:
-    """`plan` (P = its group size) on a P x (N/P) mesh under each `ungrouped` option that the shape can be cut
-    for; [] where P does not divide N."""
-    P = plan.group_size
-    if N % P:
-        return []
-    c, out = gpu_costs(s, hw, phase, T, B, bpp, context), []
-    for ungrouped in ungrouped_options:
-        schedule = schedule_of(plan, s.layers, P, N // P, Variant(lm_head=lm_head, ungrouped=ungrouped))
-        try:
-            check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
-        except PlanError:
-            continue
-        out.append({"P": P, "T": N // P, "ungrouped": ungrouped, **mesh_row(s, hw, schedule, c, bpp, B, context)})
-    return out
-
-
-def tensor_parallel_row(s: Shape, hw: Hardware, N: int, phase: str, T: int, B: int, bpp: int, context: int,
-                        lm_head: str) -> dict:
-    """Tensor parallelism over N devices (the schedule with no groups, P = 1, T = N), the same head treatment;
-    latency NaN (shardable False) where the runtime cannot cut the layers N ways (fewer KV heads than N)."""
-    schedule = schedule_of(Plan(), s.layers, 1, N, Variant(lm_head=lm_head))
-    row = mesh_row(s, hw, schedule, gpu_costs(s, hw, phase, T, B, bpp, context), bpp, B, context)
-    try:
-        check_shardable(schedule, s.heads, s.kv_heads, s.intermediate)
-    except PlanError:
-        return {**row, "latency_ms": float("nan"), "fits": False, "shardable": False}
-    return {**row, "shardable": True}
-
-
-def best_mesh(s: Shape, hw: Hardware, plan: Plan, N: int, phase: str, T: int, B: int, bpp: int, context: int,
-              lm_head: str = "sharded", ungrouped_options: tuple[str, ...] = UNGROUPED_OPTIONS) -> dict | None:
-    """The chooser's latency side: `plan` on N devices at its fastest (T = N / P, the ungrouped option) among
-    the setups that fit in memory, with tp_latency_ms, TP=N's latency; None where none fits or P does not divide N."""
-    fitting = [r for r in mesh_candidates(s, hw, plan, N, phase, T, B, bpp, context, lm_head, ungrouped_options)
-               if r["fits"]]
-    if not fitting:
-        return None
-    best = min(fitting, key=lambda r: r["latency_ms"])
-    return {**best, "tp_latency_ms": tensor_parallel_row(s, hw, N, phase, T, B, bpp, context, lm_head)["latency_ms"]}
-
-
 def layout_plan(n: int, P: int, start_fraction: float, end_margin: int, bypass: int = 0) -> Plan | None:
     """The stated group layout: groups of P from ceil(start_fraction n) (raised until the span is a multiple
     of P) up to n - end_margin (exclusive); None if no group fits."""

@@ -21,7 +21,7 @@ this module measures it (issue 21):
   - timing: after a warm-up, `blocks` blocks of `steps` back-to-back steps (CUDA: events on the stream, then a
     synchronize); a layer step's time = a block's time / (steps x depth); median, p10 and p90 over the blocks;
   - the fit, per (shape, mode) over the shard sizes: t = c0 + bytes / bandwidth (least squares of the relative
-    error: cqil.latency.fit_comm, the form the latency model fits to collectives), bytes = the shard's weight
+    error: cqil.costs.fit_comm, the form the latency model fits to collectives), bytes = the shard's weight
     bytes + the bytes of KV cache its attention reads; every row carries the fit and its own residual.
 
 One device, so the all-reduces that end a TP shard's attention and MLP are not in the step; cqil latency adds
@@ -43,7 +43,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from . import CqilError
-from .latency import fit_comm
+from .costs import fit_comm
 from .plan import PlanError
 from .results import provenance
 from .schedule import LAYER_PREFIX, check_shardable, llama_shapes, shares, tp_schedule
@@ -302,7 +302,7 @@ def measure_shard(shape: LayerShape, count: int, dtype: torch.dtype, device: str
 
 
 def fit_step(nbytes: np.ndarray, us: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(c0 us, bandwidth GB/s, residuals us = measured - fitted) of t = c0 + bytes / bandwidth (cqil.latency.fit_comm:
+    """(c0 us, bandwidth GB/s, residuals us = measured - fitted) of t = c0 + bytes / bandwidth (cqil.costs.fit_comm:
     least squares of the relative error); bandwidth inf where the times do not grow with the bytes."""
     c = fit_comm(np.asarray(nbytes, float), np.asarray(us, float))
     return c.alpha, c.beta * 1e-3, np.asarray(us, float) - c(np.asarray(nbytes, float))

@@ -198,7 +198,7 @@ def plan_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 # ---- the saved form: a transformers model class per family -------------------------------------
 # cqil loads a saved directory with the classes below (cqil.models: its config's `architectures` names one,
-# checks.CONVERTED_ARCHITECTURES); stock transformers loads the copy saved beside the weights, as remote code.
+# inputs.CONVERTED_ARCHITECTURES); stock transformers loads the copy saved beside the weights, as remote code.
 # The saved config says the family's model_type ("llama", "mistral", "qwen2": so AutoTokenizer and AutoConfig read
 # it without remote code, asking nothing and warning nothing) while its auto_map names the classes below. Its
 # weights are saved as the "cqil" variant (model.cqil.safetensors), which only these classes look for: loaded by
@@ -302,7 +302,7 @@ def save_converted(model: PreTrainedModel, tokenizer, out_dir: str | Path, job: 
         cfg.pop(k, None)
     config = config_class(**cfg)
     config.cqil_plan = get_plan(model).to_dict() if get_plan(model).groups else None
-    architectures = [model_class.__name__]  # how cqil.checks.is_converted_config knows the directory
+    architectures = [model_class.__name__]  # how cqil.inputs.is_converted_config knows the directory
     config.architectures = architectures
     config.auto_map = {"AutoConfig": f"modeling_cqil.{config_class.__name__}",
                        "AutoModelForCausalLM": f"modeling_cqil.{model_class.__name__}"}

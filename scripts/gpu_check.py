@@ -87,11 +87,13 @@ def plan_overrides(plan) -> list[str]:
 
 
 def text_file() -> Path:
-    """Real English text for the fine-tune and the bench: an offline text if installed, else this README."""
-    from cqil.models import cache_dir
+    """Real English text for the fine-tune and the bench: an offline text if installed, else the longest of the
+    repository's own pages (the README alone is too short for the fine-tune's three splits)."""
+    from cqil.paths import cache_dir
 
     alice = cache_dir() / "texts" / "alice29.txt"
-    return alice if alice.is_file() else ROOT / "README.md"
+    pages = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("results/reports/*.md")]
+    return alice if alice.is_file() else max(pages, key=lambda p: p.stat().st_size)
 
 
 # ---- the independent reference -----------------------------------------------------------------------

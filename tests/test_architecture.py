@@ -1,16 +1,20 @@
-"""The module structure: no import cycles among cqil/ modules (imports inside functions count too), and no
-job module imports another (shared logic lives in library modules: planning, metrics, distill, ...)."""
+"""The module structure: no import cycles among cqil/ modules (imports inside functions count too), no module
+imports a job module (shared logic lives in library modules: planning, metrics, distill, costs, plots, paths, ...),
+and `cqil plot` draws CSVs without importing torch."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from cqil.cli import JOBS
+
 PACKAGE = Path(__file__).resolve().parent.parent / "cqil"
-# Modules that exist to run one job (cqil.cli names them); their logic is theirs alone. plots and latency
-# also serve `cqil plot` / `cqil latency`, but they are libraries first (figures; the latency model).
-JOB_MODULES = {"convert", "finetune", "bench", "evaluate", "similarity"}
+# Modules that exist to run one job: every module cqil.cli starts a job in (`cqil <job>` runs its function).
+JOB_MODULES = {target.split(":")[0].removeprefix("cqil.") for target, _ in JOBS.values()}
 
 
 def imports(path: Path, modules: set[str]) -> set[str]:
@@ -64,9 +68,31 @@ def test_no_import_cycles():
     assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()))
 
 
+def job_imports(g: dict[str, set[str]], jobs: set[str]) -> dict[str, list[str]]:
+    """module -> the job modules it imports, for every module that imports one."""
+    return {m: sorted(deps & jobs) for m, deps in g.items() if deps & jobs}
+
+
 def test_no_module_imports_a_job_module():
-    offenders = {m: sorted(deps & JOB_MODULES) for m, deps in graph().items() if deps & JOB_MODULES}
-    assert not offenders, f"job modules imported by other modules: {offenders}"
+    """Job to job included: what two jobs share lives in a library module."""
+    g = graph()
+    assert JOB_MODULES <= set(g), f"cqil.cli starts jobs in modules that do not exist: {JOB_MODULES - set(g)}"
+    assert not job_imports(g, JOB_MODULES), f"job modules imported by other modules: {job_imports(g, JOB_MODULES)}"
+
+
+def test_the_job_check_sees_a_job_importing_a_job(tmp_path):
+    (tmp_path / "a.py").write_text("def run(cfg):\n    from .b import helper\n")
+    (tmp_path / "b.py").write_text("from cqil import c\n")
+    (tmp_path / "c.py").write_text("x = 1\n")
+    assert job_imports(graph(tmp_path), {"a", "b"}) == {"a": ["b"]}
+
+
+def test_cqil_plot_imports_no_torch():
+    """`cqil plot` draws CSVs: the CLI, the checks and the plot job with its figures load without torch."""
+    module = JOBS["plot"][0].split(":")[0]
+    code = (f"import importlib, sys; import cqil.cli, cqil.checks; importlib.import_module({module!r}); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} (or the CLI) imports torch"
 
 
 @pytest.mark.parametrize("source, cycle", [

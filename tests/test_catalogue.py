@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import CqilError, checks, cli, models
+from cqil import CqilError, checks, cli, inputs, paths
 from cqil.modeling import apply_plan, save_converted
 from cqil.outputs import MODEL, PROVENANCE, write_dir
 from cqil.plan import Plan
@@ -38,7 +38,7 @@ from cqil.plan import Plan
 from conftest import char_tokenizer, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED_CACHE = models.cache_dir() / "models" / "smollm2-135m"
+BUNDLED_CACHE = paths.cache_dir() / "models" / "smollm2-135m"
 
 DRIVER = r'''
 """Run catalogue cases through cqil.cli.main in one process, with every job replaced by a stub."""
@@ -126,7 +126,7 @@ def make_world(root: Path) -> tuple[Path, Path]:
     """work/ (the cwd: the user's files, broken inputs, the results a baseline needs) and cache/."""
     cache, w = root / "cache", root / "work"
     (cache / "texts").mkdir(parents=True)
-    for f in (models.cache_dir() / "texts").glob("*.txt"):
+    for f in (paths.cache_dir() / "texts").glob("*.txt"):
         shutil.copy(f, cache / "texts" / f.name)
     bundled = cache / "models" / "smollm2-135m"
     bundled.mkdir(parents=True)
@@ -386,7 +386,7 @@ EXTRA = [  # (job, overrides, words the message must contain): the issue's examp
     ("latency", ["external.sources.gpt-fast.rows=[{model: llama-2-7b, role: held out, published: {1: 104.9}}]"],
      "no row of external.sources has role: fit"),
     ("bench", ["prompt_tokens=[1024]"], "exceeds data.block_size"),
-    ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=12 plan.end=24"),
+    ("latency", [f"calibrate=[{W}/missing_S12E24P2D0.csv]"], "cqil bench plan.start=.. plan.end=.. out="),
     ("latency", ["validate=[]"], "is empty while calibrate is not"),
     ("latency", [f"layer_step.csv={W}/layer_step_cpu.csv"], "give layer_step.hardware=<name>"),
     ("latency", [f"layer_step.csv={W}/layer_step_good.csv", "layer_step.shapes=[llama-2-70b]"], "has no rows of mode"),
@@ -445,7 +445,7 @@ def config_keys(job: str, args: list[str]) -> dict:
 
 def variants(job: str) -> list[list[str]]:
     """[] plus the overrides of every option of the job's config groups (each after JOB_ARGS)."""
-    conf = cli.conf_dir()
+    conf = paths.conf_dir()
     groups = [g for d in OmegaConf.load(conf / f"{job}.yaml").get("defaults", []) if not isinstance(d, str) for g in d]
     packages = {g.split("@")[-1] for g in groups}  # data@ood_data: the group data at ood_data
     options = [[]] + [[a for a in VARIANT_ARGS.get(f"{g}={p.stem}", [f"{g}={p.stem}"])
@@ -646,10 +646,10 @@ def test_converted_directories_replace_only_their_own_kind_atomically(tmp_path):
 
 def test_model_dtype_aliases_auto_and_the_default_name(tmp_path):
     """model=hf: the name defaults to the path's last part; dtype aliases and auto reach the job as one of DTYPES."""
-    assert [checks.default_model_name(p) for p in ("a/b/", "org/Llama-2-7b-hf", "x/m.Q4.gguf")] == ["b", "Llama-2-7b-hf",
+    assert [inputs.default_model_name(p) for p in ("a/b/", "org/Llama-2-7b-hf", "x/m.Q4.gguf")] == ["b", "Llama-2-7b-hf",
                                                                                                       "m.Q4"]
-    assert checks.dtype_name("FP16", "cpu") == "float16" and checks.dtype_name("bf16", "cpu") == "bfloat16"
-    assert checks.dtype_name("auto", "cpu") == "float32"
+    assert inputs.dtype_name("FP16", "cpu") == "float16" and inputs.dtype_name("bf16", "cpu") == "bfloat16"
+    assert inputs.dtype_name("auto", "cpu") == "float32"
     model = make_tiny_llama()
     model.save_pretrained(tmp_path / "tiny-model")
     for given, dtype in ((["model.dtype=half"], "float16"), ([], "float32")):  # auto on the CPU: float32

@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from conftest import make_tiny_llama, model_and_tokenizer
-from cqil import CqilError, cli, data, evaluate, metrics, models
+from cqil import CqilError, cli, data, evaluate, metrics, models, paths
 from cqil.modeling import apply_plan, plan_disabled
 from cqil.plan import Plan
 from cqil.plots import accuracy_table
 
-TEXTS = models.cache_dir() / "texts"
+TEXTS = paths.cache_dir() / "texts"
 TOKENIZER = models.bundled_checkpoint("smollm2-135m")  # the bundled model's tokenizer (dequantized once, cached)
 
 

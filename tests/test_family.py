@@ -17,7 +17,7 @@ import torch
 from transformers import GPT2Config
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from cqil import CqilError, checks, cli, models
+from cqil import CqilError, checks, cli, inputs, models, paths
 from cqil.modeling import CQIL_CLASSES, apply_plan, get_plan, save_converted
 from cqil.plan import Plan, PlanError
 from cqil.runtime import Runtime
@@ -137,7 +137,7 @@ def test_save_and_load_with_cqils_own_class_of_the_family(saved, family):
     config = json.loads((path / "config.json").read_text())
     architecture = CQIL_CLASSES[model.config.model_type][1].__name__
     assert config["model_type"] == model.config.model_type and config["architectures"] == [architecture]
-    assert architecture in checks.CONVERTED_ARCHITECTURES and checks.is_converted_config(config)
+    assert architecture in inputs.CONVERTED_ARCHITECTURES and inputs.is_converted_config(config)
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_cqil.{architecture}"
     loaded, _ = models.load({"name": "x", "path": str(path)})
     assert type(loaded).__name__ == architecture and type(loaded).__module__ == "cqil.modeling"
@@ -240,7 +240,7 @@ def test_families_cqil_runs_pass_the_check(tmp_path):
         make(2).save_pretrained(path)
         char_tokenizer().save_pretrained(path)
         cfg = cli.compose("analyze", ["model=hf", f"model.path={path}", "model.name=x", "data.block_size=64"])
-        checks.validate("analyze", cfg, cli.conf_dir())  # raises CqilError if refused
+        checks.validate("analyze", cfg, paths.conf_dir())  # raises CqilError if refused
     with pytest.raises(CqilError, match="'gpt2' model"):
         checks.check_family("x", "model.path", "gguf", gguf_file(tmp_path / "g.gguf", "gpt2"))
 

@@ -189,22 +189,23 @@ def test_every_study_step_composes(study):
 def test_plot_draws_one_figure_per_matching_csv(tmp_path):
     """A `*` in a figure's CSV path (one bench CSV per plan, one loss CSV per fine-tune) draws each match,
     the matched part carried into the PNG name; without matches the path stays as given."""
-    from cqil.plots import _inputs
+    from cqil.plot import inputs
 
     for name in ("latency_m_S12E24P2D0.csv", "latency_m_S24E28P2D0.csv", "other_m_X.csv"):
         (tmp_path / name).write_text("x\n")
-    pairs = _inputs(f"{tmp_path}/latency_m_*.csv", "figs/bench_m_*.png")
+    pairs = inputs(f"{tmp_path}/latency_m_*.csv", "figs/bench_m_*.png")
     assert pairs == [(f"{tmp_path}/latency_m_S12E24P2D0.csv", "figs/bench_m_S12E24P2D0.png"),
                      (f"{tmp_path}/latency_m_S24E28P2D0.csv", "figs/bench_m_S24E28P2D0.png")]
-    assert _inputs(f"{tmp_path}/none_*.csv", "f_*.png") == [(f"{tmp_path}/none_*.csv", "f_*.png")]
-    assert _inputs("a.csv", "a.png") == [("a.csv", "a.png")]
+    assert inputs(f"{tmp_path}/none_*.csv", "f_*.png") == [(f"{tmp_path}/none_*.csv", "f_*.png")]
+    assert inputs("a.csv", "a.png") == [("a.csv", "a.png")]
 
 
 def test_plot_checks_only_the_tables_of_the_figures_it_draws(tmp_path):
     """`cqil plot figures=[x]` reads x's table only: a broken table of another figure is no error then, and is
     one (exit 2, before drawing) when every figure is drawn or that figure is named."""
     from cqil import checks
-    from cqil.cli import compose, conf_dir
+    from cqil.cli import compose
+    from cqil.paths import conf_dir
 
     broken = tmp_path / "latency_m_X.csv"
     broken.write_text("a,b\n1,2\n")  # not a bench table
@@ -243,14 +244,15 @@ def scale_tables(root: Path) -> dict[str, str]:
 def test_scale_figure_draws_every_models_tables_together(tmp_path):
     """figures=[scale]: each of its three CSV keys matches one table per model, concatenated into one figure; the
     checks read every match; a missing table of a figure asked for by name is refused."""
-    from cqil import checks, plots
-    from cqil.cli import compose, conf_dir
+    from cqil import checks, plot
+    from cqil.cli import compose
+    from cqil.paths import conf_dir
 
     keys = scale_tables(tmp_path)
     args = ["figures=[scale]", *(f"{k}={v}" for k, v in keys.items())]
     cfg = compose("plot", args)
     checks.validate("plot", cfg, conf_dir(), args)
-    plots.run(cfg)
+    plot.run(cfg)
     assert Path(keys["scale_png"]).stat().st_size > 0
     (tmp_path / "eval_small.csv").write_text("model,label\nsmall,original\n")  # one model's eval table broken
     with pytest.raises(CqilError, match="lacks the column"):
@@ -258,4 +260,4 @@ def test_scale_figure_draws_every_models_tables_together(tmp_path):
     for f in tmp_path.glob("eval_*.csv"):
         f.unlink()
     with pytest.raises(CqilError, match="scale_eval_csv=.*no such table; figure scale needs it"):
-        plots.run(cfg)
+        plot.run(cfg)

@@ -47,7 +47,7 @@ def check_layer_step_table(path):
     """The layer-step microbenchmark's dry run (tiny shape, eager and compiled, TP shards 1/2/4): the table has the
     schema cqil latency reads, one row per shard and mode, its fits are the fit of its rows, and cqil latency's
     checks accept it."""
-    from cqil import checks, cli, layerstep
+    from cqil import checks, cli, layerstep, paths
     from cqil.results import read_csv
 
     ls = read_csv(path)
@@ -61,7 +61,7 @@ def check_layer_step_table(path):
         c0, bandwidth, residual = layerstep.fit_step(g["bytes"].to_numpy(), g.median_us.to_numpy())
         assert g.fit_c0_us.to_numpy() == pytest.approx(c0) and g.fit_residual_us.to_numpy() == pytest.approx(residual)
     cfg = cli.compose("latency", [f"layer_step.csv={path}", "layer_step.hardware=a100"])
-    checks.validate("latency", cfg, cli.conf_dir())
+    checks.validate("latency", cfg, paths.conf_dir())
 
 
 def test_the_forward_check_fails_for_another_forward(gpu_check, tmp_path, monkeypatch):

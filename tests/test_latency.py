@@ -56,7 +56,7 @@ def test_costs_are_summed_over_the_schedule():
     every = costs(layer=0.0, ar=Comm(1.0, float("inf")), bc=Comm(1.0, float("inf")))
     for s in (tp_schedule(n, 4), make_schedule(plan, n, 2, 2, Variant(ungrouped="tp")),
               make_schedule(Plan(plan.groups, 1), n, 2, 2, Variant(ungrouped="rank0"))):
-        t = latency.terms(s, every)
+        t = cost_model.terms(s, every)
         assert t["collectives"] == t["collective_rounds"] == s.count()
     # compute: a layer cut over k ranks costs layer / k on CPU; several ranks at once are `concurrent` (kappa)
     c = costs(layer=1.0, head=1.0)
@@ -167,23 +167,23 @@ def test_a_group_costs_one_layer_step_and_two_collectives_where_tp_pays_2p():
     o, alpha = 50e-6, 10e-6
     hw = flat_hardware(layer_overhead_s=o, comm_alpha_s=alpha)
     plan = Plan.from_range(14, 30, 4, 0, 32)  # 4 groups of 4
-    tp = latency.tensor_parallel_row(SEVEN, hw, 8, "decode", 1, 1, 2, 512, "sharded")
+    tp = cost_model.tensor_parallel_row(SEVEN, hw, 8, "decode", 1, 1, 2, 512, "sharded")
     ms = 1e3 * (o + 2 * alpha)
     assert tp["latency_ms"] == pytest.approx(32 * ms + 1e3 * (o + alpha))  # + the head and its pairs
     assert tp["collective_rounds"] == 2 * 32 + 1
-    rows = {r["ungrouped"]: r for r in latency.mesh_candidates(SEVEN, hw, plan, 8, "decode", 1, 1, 2, 512, "sharded",
-                                                               ("replicated", "tp"))}
+    rows = {r["ungrouped"]: r for r in cost_model.mesh_candidates(SEVEN, hw, plan, 8, "decode", 1, 1, 2, 512, "sharded",
+                                                                  ("replicated", "tp"))}
     assert set(rows) == {"replicated", "tp"} and rows["tp"]["P"] == 4 and rows["tp"]["T"] == 2
     assert tp["latency_ms"] - rows["tp"]["latency_ms"] == pytest.approx(4 * 3 * ms)
-    assert latency.mesh_candidates(SEVEN, hw, Plan.from_range(14, 29, 3, 0, 32), 8, "decode", 1, 1, 2, 512,
-                                   "sharded", ("tp",)) == []  # P = 3 does not divide N = 8
+    assert cost_model.mesh_candidates(SEVEN, hw, Plan.from_range(14, 29, 3, 0, 32), 8, "decode", 1, 1, 2, 512,
+                                      "sharded", ("tp",)) == []  # P = 3 does not divide N = 8
 
 
 def test_memory_per_gpu_comes_from_the_schedule():
     """70B in bf16 on 2 GPUs: TP holds half of every layer (~69 GB, fits 80 GB); CQIL P=2 with the layers
     outside groups replicated holds those whole on both GPUs (does not fit); tensor-parallel ones fit."""
     hw = latency.hardware("a100")
-    tp = latency.tensor_parallel_row(SEVENTY, hw, 2, "decode", 1, 1, 2, 512, "sharded")
+    tp = cost_model.tensor_parallel_row(SEVENTY, hw, 2, "decode", 1, 1, 2, 512, "sharded")
     layer_gb = SEVENTY.layer_params * 2 / 1e9
     embed_gb = SEVENTY.vocab * SEVENTY.hidden * 2 / 1e9
     assert tp["weight_gb_per_gpu"] == pytest.approx(80 * layer_gb / 2 + embed_gb + embed_gb / 2, rel=1e-3)
@@ -191,10 +191,10 @@ def test_memory_per_gpu_comes_from_the_schedule():
     assert tp["kv_cache_gb_per_gpu"] == pytest.approx(kv) and tp["fits"] and tp["shardable"]
     plan = latency.layout_plan(80, 2, 0.375, 2)
     assert plan.describe() == "S30 E78 P2 D0"
-    rows = {r["ungrouped"]: r for r in latency.mesh_candidates(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512, "sharded",
-                                                               ("replicated", "tp"))}
+    rows = {r["ungrouped"]: r for r in cost_model.mesh_candidates(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512, "sharded",
+                                                                  ("replicated", "tp"))}
     assert not rows["replicated"]["fits"] and rows["tp"]["fits"]
-    best = latency.best_mesh(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512)
+    best = cost_model.best_mesh(SEVENTY, hw, plan, 2, "decode", 1, 1, 2, 512)
     assert best["ungrouped"] == "tp" and best["tp_latency_ms"] == pytest.approx(tp["latency_ms"])
     # LLaMA-33B's 52 heads on 8 GPUs: an uneven cut (whole KV heads per GPU), priced by its fullest shard (7 of 52
     # heads); fewer KV heads than GPUs cannot be cut at all: TP refused, and so are such cuts inside CQIL x TP
@@ -202,11 +202,11 @@ def test_memory_per_gpu_comes_from_the_schedule():
     attention, mlp = 4 * 6656 * 6656, 3 * 6656 * 17920
     assert cost_model.fullest_shard(thirty, 8) == pytest.approx((attention * 7 * 8 / 52 + mlp) / (attention + mlp))
     assert cost_model.fullest_shard(SEVEN, 8) == 1.0
-    assert latency.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    assert cost_model.tensor_parallel_row(thirty, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
     few = Shape(8, 512, 1024, 8, 4, 1000)
-    assert not latency.tensor_parallel_row(few, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
-    rows = latency.mesh_candidates(few, hw, Plan.from_range(2, 8, 2, 0, 8), 8, "decode", 1, 1, 2, 512, "sharded",
-                                   ("tp", "replicated"))
+    assert not cost_model.tensor_parallel_row(few, hw, 8, "decode", 1, 1, 2, 512, "sharded")["shardable"]
+    rows = cost_model.mesh_candidates(few, hw, Plan.from_range(2, 8, 2, 0, 8), 8, "decode", 1, 1, 2, 512, "sharded",
+                                      ("tp", "replicated"))
     assert [(r["ungrouped"], r["T"]) for r in rows] == [("replicated", 4)]  # layers 0, 1 cut 8 ways: refused
 
 
@@ -255,11 +255,11 @@ def test_chooser_for_n_devices_ranks_against_tensor_parallelism():
     config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
     lat = {"hardware": "a100", "phase": "decode", "prompt_tokens": 512, "batch_size": 1, "devices": 8}
-    p2, p4, p3 = (latency.predicted_reduction(config, Plan.from_range(14, 30 - (30 - 14) % p, p, 0, 32), lat)
+    p2, p4, p3 = (cost_model.predicted_reduction(config, Plan.from_range(14, 30 - (30 - 14) % p, p, 0, 32), lat)
                   for p in (2, 4, 3))
     assert 0 < p2 < p4 and np.isnan(p3)  # P=3 does not divide 8
     hw, s = latency.hardware("a100"), Shape.from_hf(config)
-    best = latency.best_mesh(s, hw, Plan.from_range(14, 30, 4, 0, 32), 8, "decode", 512, 1, 2, 512)
+    best = cost_model.best_mesh(s, hw, Plan.from_range(14, 30, 4, 0, 32), 8, "decode", 512, 1, 2, 512)
     assert p4 == pytest.approx(1 - best["latency_ms"] / best["tp_latency_ms"]) and best["T"] == 2
 
 
@@ -291,7 +291,7 @@ def test_chooser_ranks_by_predicted_latency(analyzed, tmp_path, monkeypatch, cap
     assert t.loc[choice.plan.describe()].mesh.startswith("P2xT1, ungrouped")
     one = {**plan_cfg["latency"], "hardware": "a100"}  # beside it: against the original on one device
     assert t.loc["S1 E5 P4 D0"].predicted_reduction_vs_one_device == pytest.approx(
-        latency.predicted_reduction(model.config, Plan.from_range(1, 5, 4, 0, 8), one), abs=1e-4)
+        cost_model.predicted_reduction(model.config, Plan.from_range(1, 5, 4, 0, 8), one), abs=1e-4)
     assert "against tensor parallelism on 2 devices" in capsys.readouterr().out
 
     plan_cfg["rank_by"] = "fastest"
@@ -326,13 +326,15 @@ def test_job_end_to_end(tmp_path, capsys):
         cli.main(["latency", f"calibrate=[{cal}]", f"validate=[{tmp_path}/none_S24E28P2D0.csv]", *outs])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
-    assert "does not exist; make it with `cqil bench plan.start=24 plan.end=28 plan.group_size=2" in err
-    # an old bench table without the component columns
-    pd.read_csv(cal).drop(columns=["layer_ms", "allreduce_ms"]).to_csv(tmp_path / "old.csv", index=False)
+    assert f"does not exist; make it with `cqil bench plan.start=.. plan.end=.. out={tmp_path}/none_S24E28P2D0.csv`" in err
+    # an old bench table without the component columns: rerun the command it records
+    old = pd.read_csv(cal).drop(columns=["layer_ms", "allreduce_ms"]).assign(command="cqil bench plan=file out=old.csv")
+    old.to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["latency", f"calibrate=[{tmp_path}/old.csv]", f"validate=[{val}]", *outs])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "lacks the columns layer_ms, allreduce_ms" in err and len(err.splitlines()) == 1
+    assert "rerun `cqil bench plan=file out=old.csv`" in err
 
 
 def layer_step_run(tmp_path, table, *extra: str) -> list[str]:

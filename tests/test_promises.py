@@ -1,4 +1,4 @@
-"""What cqil promises about what it writes and the processes it starts (issue 22; README "What cqil promises"),
+"""What cqil promises about what it writes and the processes it starts (issue 22; docs/guarantees.md),
 one case per class of fault that a catalogue of new-user mistakes found: a user's files in an output directory,
 another run's rows in a table, a CSV that only looks like a table, concurrent writers, Ctrl-C / SIGTERM of a
 launcher, a killed or stopped rank, a symlinked output, the umask.
