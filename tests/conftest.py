@@ -174,3 +174,13 @@ def synthetic_layer_steps(c0_us: float, bandwidth_gbs: float, gpu: str = "NVIDIA
                 rows.append({"gpu": gpu, "shape": name, "shard": count, "mode": mode, "bytes": nbytes,
                              "median_us": t, "p10_us": 0.98 * t, "p90_us": 1.02 * t})
     return layerstep.with_fits(pd.DataFrame(rows)).assign(torch=torch.__version__, command="synthetic")
+
+
+def loss_and_grads(trainer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A trainer's loss on `ids` and the gradients of its trainable parameters (recipe tests)."""
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, {"input_ids": ids})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                           if p.requires_grad and p.grad is not None}

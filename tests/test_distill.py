@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from cqil import CqilError, distill  # noqa: E402
 from cqil.modeling import apply_plan, group_forward  # noqa: E402
 from cqil.plan import Plan  # noqa: E402
-from tests.conftest import make_tiny_llama  # noqa: E402
+from tests.conftest import loss_and_grads, make_tiny_llama  # noqa: E402
 
 PLAN = Plan(((1, 2), (3, 4)), bypass=1)  # 6 layers: 0 and 5 run alone
 
@@ -43,15 +43,6 @@ def blocks(n: int = 8, length: int = 24, seed: int = 1) -> torch.Tensor:
 def trainer_for(tmp_path, plan: Plan = PLAN, **kw):
     model = apply_plan(make_tiny_llama(layers=6), plan)
     return distill.make_trainer(model, plan, blocks(), recipe(**kw), tmp_path)
-
-
-def loss_and_grads(trainer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, {"input_ids": ids})
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                           if p.requires_grad and p.grad is not None}
 
 
 # ---- blockwise ---------------------------------------------------------------------------------

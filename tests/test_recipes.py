@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from cqil import CqilError, data, distill, evaluate, finetune, metrics, models, planning, plots, teacher_text  # noqa: E402
 from cqil.modeling import apply_plan, get_plan, plan_disabled  # noqa: E402
 from cqil.plan import Plan  # noqa: E402
-from tests.conftest import make_tiny_llama  # noqa: E402
+from tests.conftest import loss_and_grads, make_tiny_llama  # noqa: E402
 from tests.test_finetune import base_model, cfg_for, tiny_dir  # noqa: E402,F401  (tiny_dir: a fixture)
 
 PLAN = Plan(((1, 2), (3, 4)), bypass=1)  # 6 layers: 0 and 5 run alone
@@ -58,15 +58,6 @@ def nonzero_adapters(trainer) -> None:
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def loss_and_grads(trainer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, {"input_ids": ids})
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                           if p.requires_grad and p.grad is not None}
 
 
 # ---- on-policy distillation ------------------------------------------------------------------------
