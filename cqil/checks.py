@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
-from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
+from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, READS, TABLES, Read, foreign, owned
 from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
                      read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show, dtype_name)
@@ -650,13 +650,13 @@ def read_table(path: Path, columns: tuple[str, ...] = (), what: str = "", numeri
 
 
 class InCSV(Check):
-    """A results table this job reads: must exist (unless optional), parse, and have `columns`.
-    A `*` in the path matches several tables (cqil plot: one per benchmarked plan)."""
+    """A results table this job reads: must exist (unless optional), parse, and have what its reader needs
+    (`read`, a cqil.outputs.READS entry: columns, numeric cells). A `*` in the path matches several tables
+    (cqil plot: one per benchmarked plan)."""
 
-    def __init__(self, columns: tuple[str, ...] = (), optional: bool = False, what: str = "",
-                 numeric: tuple[str, ...] = (), numeric_where: dict[str, tuple[str, ...]] | None = None):
-        self.columns, self.optional, self.what = columns, optional, what
-        self.numeric, self.numeric_where = numeric, numeric_where
+    def __init__(self, read: Read, optional: bool = False, what: str = "", require_columns: bool = True):
+        self.read, self.optional, self.what = read, optional, what
+        self.columns = read.columns if require_columns else ()
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, str) or not value:
@@ -670,15 +670,15 @@ class InCSV(Check):
                 if self.optional:
                     continue
                 raise refuse(key, value, "does not exist" + (f"; {self.what}" if self.what else ""))
-            read_table(p, self.columns, self.what, self.numeric, self.numeric_where)
+            read_table(p, self.columns, self.what, self.read.numeric, self.read.numeric_where)
 
 
 class FigureCSV(InCSV):
-    """cqil plot: the table of `figures` (optional: a figure without its table is not drawn). A `figures=[...]`
-    that names none of them leaves the table unread, so unchecked."""
+    """cqil plot: the table of `figures`, read as READS[its config key] declares (optional: a figure without its
+    table is not drawn). A `figures=[...]` that names none of them leaves the table unread, so unchecked."""
 
-    def __init__(self, columns: tuple[str, ...], *figures: str, numeric: tuple[str, ...] = ()):
-        super().__init__(columns, optional=True, numeric=numeric)
+    def __init__(self, csv_key: str, *figures: str):
+        super().__init__(READS[csv_key], optional=True)
         self.figures = figures
 
     def check(self, value, key, ctx) -> None:
@@ -686,13 +686,6 @@ class FigureCSV(InCSV):
         if isinstance(wanted, list) and wanted and not set(self.figures) & set(wanted):
             return
         super().check(value, key, ctx)
-
-
-# What cqil latency computes with from a bench table (cqil/latency.py): every row's sizes and timings; the
-# collectives' sizes and timings on the rows of multi-process setups (those name their communicator).
-BENCH_NUMERIC = ("n_layers", "devices", "tp", "prompt_tokens", "batch_size", "median_ms", "reduction", "hidden_size",
-                 "dtype_bytes", "layer_ms", "head_ms", "rest_ms")
-BENCH_NUMERIC_WHERE = {"comm": ("comm_bytes", "allreduce_ms", "broadcast_ms", "mesh_p", "mesh_t")}
 
 
 class BenchTables(Check):
@@ -708,28 +701,26 @@ class BenchTables(Check):
         if not value and self.nonempty_with and ctx.get(self.nonempty_with):
             raise refuse(key, value, f"is empty while {self.nonempty_with} is not; give the tables to check against")
         for i, v in enumerate(value):
-            InCSV(what=f"make it with `{bench_command(str(v))}`{self.also}", numeric=BENCH_NUMERIC,
-                  numeric_where=BENCH_NUMERIC_WHERE)(v, f"{key}[{i}]", ctx)
+            # its columns are left to cqil latency, which names the table's own command to remake it
+            InCSV(READS["latency bench"], what=f"make it with `{bench_command(str(v))}`{self.also}",
+                  require_columns=False)(v, f"{key}[{i}]", ctx)
 
 
 
 
 
-# The layer-step microbenchmark's table (cqil/layerstep.py) as cqil latency reads it
-LAYER_STEP_COLUMNS = ("gpu", "shape", "shard", "mode", "bytes", "median_us", "p10_us", "p90_us", "fit_c0_us",
-                      "fit_bandwidth_gbs", "torch", "command")
 MAKE_LAYER_STEP = "make it with `make gpu-check` (one GPU) or `python scripts/layer_step.py` (CPU)"
 
 
 class LayerStepTable(Check):
     """cqil latency's layer_step.csv: null, or a table of the layer-step microbenchmark that parses, has
-    LAYER_STEP_COLUMNS, and has rows of layer_step.mode (and layer_step.shapes) from one device with positive
+    the columns of READS["latency layer step"], and has rows of layer_step.mode (and layer_step.shapes) from one device with positive
     bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with layer_step.hardware
     auto, that device must name a conf/hardware file."""
     null_ok = True
 
     def check(self, value, key, ctx) -> None:
-        InCSV(LAYER_STEP_COLUMNS, what=MAKE_LAYER_STEP, numeric=("bytes", "median_us"))(value, key, ctx)
+        InCSV(READS["latency layer step"], what=MAKE_LAYER_STEP)(value, key, ctx)
         with open(Path(value).expanduser(), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         mode, shapes = ctx.get("layer_step.mode"), ctx.get("layer_step.shapes") or []
@@ -1394,9 +1385,7 @@ PLAN = {
     "plan.file": PlanFile(),
     # plan=auto
     "plan.model": Label(null_ok=True),
-    "plan.similarity_csv": InCSV(("layer_i", "layer_j", "cos_mean", "n_layers"), numeric=("layer_i", "layer_j", "cos_mean",
-                                                                                          "n_layers"),
-                                 what="run `cqil analyze` with the same model and data first"),
+    "plan.similarity_csv": InCSV(READS["plan similarity"], what="run `cqil analyze` with the same model and data first"),
     "plan.group_sizes": IntList(2, layers=True),
     "plan.min_similarity": Number(-1, 1),
     "plan.keep_first": Count(0), "plan.keep_last": Count(0),
@@ -1426,7 +1415,6 @@ PLAN = {
 }
 THREADS = {"threads": Count(1, what="torch CPU threads")}
 SECONDS = Number(0, lo_open=True, what="seconds")
-SIMILARITY_COLUMNS = ("model", "data", "n_tokens", "layer_i", "layer_j", "cos_mean", "cos_std")
 
 CHECKS: dict[str, dict[str, Check]] = {
     "analyze": {
@@ -1537,47 +1525,21 @@ CHECKS: dict[str, dict[str, Check]] = {
     "plot": {
         **MODEL_NAME_ONLY, **DATA_NAME_ONLY,
         "figures": Figures(),
-        # each figure's table, with the columns its drawing reads (cqil/plots.py), checked when the figure is drawn
-        "similarity_csv": FigureCSV(SIMILARITY_COLUMNS, "similarity_heatmap", "adjacent_similarity",
-                                    numeric=("layer_i", "layer_j", "cos_mean", "cos_std")),
-        "eval_csv": FigureCSV(("model", "label", "task", "metric", "filter", "value", "stderr", "n", "plan",
-                               "plan_json", "lm_eval"), "accuracy", numeric=("value",)),
-        "sweep_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"),
-                               "sweep_perplexity", numeric=("group_size", "perplexity")),
-        "plan_candidates_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
-                                          "plan_json", "ideal_latency_reduction", "ppl_ratio", "contiguous",
-                                          "greedy_step", "pareto", "chosen", "budget", "max_ppl_ratio",
-                                          "log_ppl_increase", "predicted_log_ppl_increase"), "plan_candidates",
-                                         numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio", "max_ppl_ratio")),
-        "plan_probes_csv": FigureCSV(("model", "data", "n_tokens", "group_size", "n_groups", "start", "plan",
-                                      "plan_json", "ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps",
-                                      "recipe", "chosen", "max_ppl_ratio"), "plan_probes",
-                                     numeric=("ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "max_ppl_ratio")),
-        "finetune_loss_csv": FigureCSV(("model", "plan", "step", "tokens", "loss", "loss_kind"), "finetune_loss",
-                                       numeric=("step", "tokens", "loss")),
-        "recovery_curve_csv": FigureCSV(("model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens",
-                                         "ppl_finetuned", "top1_finetuned", "train_seconds", "gap_recovered", "device"),
-                                        "recovery_curve", "recovery_time",
-                                        numeric=("tokens", "ppl_finetuned", "top1_finetuned", "train_seconds",
-                                                 "gap_recovered")),
-        "bench_csv": FigureCSV(("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
-                                "p90_ms", "ideal_reduction"), "bench_latency",
-                               numeric=("prompt_tokens", "batch_size", "median_ms", "reduction", "ideal_reduction")),
-        "latency_validation_csv": FigureCSV(("model", "role", "phase", "plan", "measured_ms", "predicted_ms",
-                                             "error_pct", "measured_reduction", "predicted_reduction"),
-                                            "latency_validation", numeric=("measured_ms", "predicted_ms", "error_pct",
-                                                                           "measured_reduction", "predicted_reduction")),
-        "latency_hybrid_csv": FigureCSV(("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
-                                         "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
-                                        "latency_hybrid", numeric=("prompt_tokens", "batch_size", "devices")),
-        "scale_similarity_csv": FigureCSV((*SIMILARITY_COLUMNS, "n_layers"), "scale",
-                                          numeric=("n_layers", "layer_i", "layer_j", "cos_mean")),
-        "scale_candidates_csv": FigureCSV(("model", "n_groups", "ideal_latency_reduction", "ppl_ratio", "contiguous",
-                                           "greedy_step", "chosen"), "scale",
-                                          numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio")),
-        "scale_eval_csv": FigureCSV(("model", "label", "task", "dataset", "metric", "value", "stderr", "reference",
-                                     "ideal_latency_reduction", "parameters"), "scale",
-                                    numeric=("value", "ideal_latency_reduction", "parameters")),
+        # each figure's table, read as cqil.outputs.READS[its key] declares (the columns its drawing reads), checked
+        # when the figure is drawn
+        "similarity_csv": FigureCSV("similarity_csv", "similarity_heatmap", "adjacent_similarity"),
+        "eval_csv": FigureCSV("eval_csv", "accuracy"),
+        "sweep_csv": FigureCSV("sweep_csv", "sweep_perplexity"),
+        "plan_candidates_csv": FigureCSV("plan_candidates_csv", "plan_candidates"),
+        "plan_probes_csv": FigureCSV("plan_probes_csv", "plan_probes"),
+        "finetune_loss_csv": FigureCSV("finetune_loss_csv", "finetune_loss"),
+        "recovery_curve_csv": FigureCSV("recovery_curve_csv", "recovery_curve", "recovery_time"),
+        "bench_csv": FigureCSV("bench_csv", "bench_latency"),
+        "latency_validation_csv": FigureCSV("latency_validation_csv", "latency_validation"),
+        "latency_hybrid_csv": FigureCSV("latency_hybrid_csv", "latency_hybrid"),
+        "scale_similarity_csv": FigureCSV("scale_similarity_csv", "scale"),
+        "scale_candidates_csv": FigureCSV("scale_candidates_csv", "scale"),
+        "scale_eval_csv": FigureCSV("scale_eval_csv", "scale"),
         "*_png": OutFile(".png"),
     },
     "generate": {

@@ -53,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError
 from .inputs import bench_command, hardware_named
+from .outputs import READS
 from .costs import (Comm, Costs, Hardware, Shape, fit_comm, gpu_costs, hardware, mesh_candidates, original, predict,
                     schedule_of, shape_of, split, tensor_parallel_row)
 from .paths import conf_dir
@@ -63,9 +64,7 @@ from .schedule import Schedule, Variant
 
 PHASES = ("prefill", "decode")
 # ---- calibration and validation on measured CPU runs ---------------------------------------------
-COLUMNS = ["plan", "plan_json", "n_layers", "devices", "tp", "setup", "phase", "prompt_tokens", "batch_size", "median_ms", "reduction", "comm",
-           "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms", "allreduce_ms",
-           "broadcast_ms", "comm_bytes"]
+COLUMNS = READS["latency bench"].columns  # what the model computes with from a bench table (cqil.outputs)
 
 
 def load_bench(paths: list[str]) -> pd.DataFrame:

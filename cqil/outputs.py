@@ -16,9 +16,12 @@ it over the target: a reader sees the old file or the new one, never an empty or
 writers never share a temporary name. A symlink given as an output is written through: the file or
 directory it points at is replaced, the link stays (`through`).
 
-Tables. TABLES holds every result table's schema: the columns that make a CSV that table (`Table.ours`:
-a CSV that lacks them is not cqil's, whatever else it has) and the key of a run's rows (cqil.results
-replaces only the rows of the key it writes, under `lock`, a filelock beside the table).
+Tables. TABLES is the one declaration of every result table: the columns that make a CSV that table
+(`Table.ours`: a CSV that lacks them is not cqil's, whatever else it has; every row a job writes has them,
+with PROVENANCE), the key of a run's rows (cqil.results replaces only the rows of the key it writes, under
+`lock`, a filelock beside the table), and its values (what a run measures). READS declares what each reader of
+a table computes with (a figure of cqil plot, cqil latency): the columns it needs and those that must be numbers;
+cqil.checks checks a table against it before the reader runs.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -236,10 +239,15 @@ PROVENANCE = ("device", "torch", "transformers", "cqil", "date", "command")  # c
 @dataclass(frozen=True)
 class Table:
     """One kind of result table: `columns` every such table has (with PROVENANCE), `key` the columns
-    whose values name a run's rows (a run replaces the earlier rows of its key and keeps all others)."""
+    whose values name a run's rows (a run replaces the earlier rows of its key and keeps all others;
+    () for a table written whole), `values` the columns of what a run measures (among `columns`)."""
     name: str
     columns: tuple[str, ...]
     key: tuple[str, ...]
+    values: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert set(self.values) <= set(self.columns), f"{self.name}: its values are among its columns"
 
     def header(self, path: str | Path) -> list[str] | None:
         """The header of the CSV at `path` (None: unreadable or not a CSV)."""
@@ -249,10 +257,14 @@ class Table:
         except (OSError, UnicodeDecodeError, csv.Error):
             return None
 
+    def lacks(self, header: list[str]) -> list[str]:
+        """The schema's columns (PROVENANCE included) that `header` does not have."""
+        return [c for c in (*self.columns, *PROVENANCE) if c not in header]
+
     def missing(self, path: str | Path) -> list[str] | None:
         """The schema's columns the table at `path` lacks ([]: it is this table); None if it cannot be read."""
         header = self.header(path)
-        return None if header is None else [c for c in (*self.columns, *PROVENANCE) if c not in header]
+        return None if header is None else self.lacks(header)
 
     def ours(self, path: str | Path) -> bool:
         return self.missing(path) == []
@@ -264,40 +276,123 @@ def _tables(*tables: Table) -> dict[str, Table]:
 
 TABLES = _tables(
     Table("similarity", ("model", "data", "n_tokens", "n_layers", "layer_i", "layer_j", "cos_mean", "cos_std"),
-          key=("model", "data")),
+          key=("model", "data"), values=("cos_mean", "cos_std")),
     Table("convert", ("model", "data", "n_tokens", "variant", "plan", "plan_json", "perplexity", "ppl_ratio"),
-          key=("model", "data", "n_tokens", "variant", "plan")),
+          key=("model", "data", "n_tokens", "variant", "plan"), values=("perplexity", "ppl_ratio")),
     Table("sweep", ("model", "data", "n_tokens", "group_size", "start", "end", "plan", "plan_json", "perplexity"),
-          key=("model", "data", "n_tokens", "plan")),
+          key=("model", "data", "n_tokens", "plan"), values=("perplexity",)),
     Table("plan candidates", ("model", "data", "n_tokens", "plan", "plan_json", "group_size", "ppl_ratio",
-                              "pareto", "chosen"), key=("model", "data", "n_tokens")),
+                              "pareto", "chosen"), key=("model", "data", "n_tokens"), values=("ppl_ratio",)),
     Table("plan probes", ("model", "data", "n_tokens", "plan", "plan_json", "recipe", "steps", "probe_ratio"),
-          key=("model", "data", "n_tokens")),
+          key=("model", "data", "n_tokens"), values=("probe_ratio",)),
     # a loss curve per run (its out_dir); tables from before the `run` column keep their rows
-    Table("finetune loss", ("step", "tokens", "loss", "model", "plan", "data", "loss_kind"), key=("run", "step")),
+    Table("finetune loss", ("step", "tokens", "loss", "model", "plan", "data", "loss_kind"), key=("run", "step"),
+          values=("loss",)),
     Table("recovery curve", ("model", "plan", "recipe", "lora_layers", "lr", "max_steps", "step", "tokens",
                              "ppl_original", "ppl_finetuned"),
-          key=("model", "plan", "recipe", "options", "loss_kind", "lora_layers", "lr", "max_steps", "step")),
+          key=("model", "plan", "recipe", "options", "loss_kind", "lora_layers", "lr", "max_steps", "step"),
+          values=("ppl_original", "ppl_finetuned")),
     Table("finetune", ("model", "plan", "data", "steps", "block_size", "lora_r", "lr", "seed", "ppl_original",
                        "ppl_converted", "ppl_finetuned"),
           key=("model", "plan", "data", "steps", "block_size", "recipe", "options", "loss_kind", "lora_r", "lora_layers",
-               "lr", "seed")),
+               "lr", "seed"), values=("ppl_original", "ppl_converted", "ppl_finetuned")),
     Table("bench", ("model", "plan", "plan_json", "devices", "tp", "setup", "phase", "prompt_tokens", "batch_size",
-                    "median_ms"), key=("model", "plan_json", "devices", "tp", "device")),
-    Table("eval", ("model", "label", "task", "dataset", "metric", "value"), key=("model", "label", "task", "dataset")),
+                    "median_ms"), key=("model", "plan_json", "devices", "tp", "device"), values=("median_ms",)),
+    Table("eval", ("model", "label", "task", "dataset", "metric", "value"), key=("model", "label", "task", "dataset"),
+          values=("value",)),
     Table("generate", ("model", "plan", "plan_json", "devices", "tp", "n_prompts", "ttft_ms_median", "tpot_ms_median"),
           key=("model", "plan", "devices", "tp", "device", "dtype", "comm", "lm_head", "ungrouped", "compile", "n_prompts",
-               "batch_size", "max_new_tokens", "temperature", "top_k", "top_p")),
+               "batch_size", "max_new_tokens", "temperature", "top_k", "top_p"),
+          values=("ttft_ms_median", "tpot_ms_median")),
     Table("latency validation", ("role", "kind", "source", "model", "plan", "setup", "phase", "measured_ms",
-                                 "predicted_ms"), key=("role", "source")),
-    Table("latency parameters", ("parameter", "phase", "comm", "value", "unit"), key=("parameter", "phase", "comm")),
+                                 "predicted_ms"), key=("role", "source"), values=("measured_ms", "predicted_ms")),
+    Table("latency parameters", ("parameter", "phase", "comm", "value", "unit"), key=("parameter", "phase", "comm"),
+          values=("value",)),
     Table("latency external", ("source", "model", "hardware", "role", "quantity", "devices", "plan", "setup",
                                "published", "predicted"),
-          key=("source", "model", "hardware", "quantity", "devices", "plan", "setup")),
+          key=("source", "model", "hardware", "quantity", "devices", "plan", "setup"), values=("published", "predicted")),
     Table("latency hybrid", ("model", "hardware", "gpu", "phase", "prompt_tokens", "batch_size", "devices",
                              "tp_latency_ms", "hybrid_latency_ms"),
-          key=("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices")),
+          key=("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices"),
+          values=("tp_latency_ms", "hybrid_latency_ms")),
     Table("latency hybrid candidates", ("model", "hardware", "gpu", "phase", "prompt_tokens", "batch_size", "devices",
                                         "P", "T", "ungrouped", "plan", "latency_ms"),
-          key=("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices", "P", "T", "ungrouped", "plan")),
+          key=("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices", "P", "T", "ungrouped", "plan"),
+          values=("latency_ms",)),
+    # the layer-step microbenchmark (cqil/layerstep.py), written whole by scripts/layer_step.py and make gpu-check
+    Table("layer step", ("gpu", "shape", "shard", "mode", "bytes", "median_us", "p10_us", "p90_us", "fit_c0_us",
+                         "fit_bandwidth_gbs"), key=(), values=("median_us", "p10_us", "p90_us")),
 )
+
+
+@dataclass(frozen=True)
+class Read:
+    """What one reader of a `table` computes with: the `columns` it needs (a table without them is refused before
+    it runs), the columns that must hold a finite number in every row where present (`numeric`), and
+    `numeric_where`: column -> the columns that must be numbers on the rows where that column is not empty."""
+    table: str
+    columns: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    numeric_where: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.table in TABLES, f"a reader reads one of TABLES, not {self.table!r}"
+
+
+_SIMILARITY = ("model", "data", "n_tokens", "layer_i", "layer_j", "cos_mean", "cos_std")
+
+READS = {
+    # cqil plot: each figure's table (a config key of conf/plot.yaml), with the columns its drawing reads (cqil/plots.py)
+    "similarity_csv": Read("similarity", _SIMILARITY, numeric=("layer_i", "layer_j", "cos_mean", "cos_std")),
+    "eval_csv": Read("eval", ("model", "label", "task", "dataset", "metric", "filter", "value", "stderr", "n", "plan", "plan_json",
+                              "lm_eval"), numeric=("value",)),
+    "sweep_csv": Read("sweep", ("model", "data", "n_tokens", "group_size", "start", "end", "bypass", "perplexity"),
+                      numeric=("group_size", "perplexity")),
+    "plan_candidates_csv": Read("plan candidates", (
+        "model", "data", "n_tokens", "group_size", "n_groups", "start", "plan", "plan_json", "ideal_latency_reduction",
+        "ppl_ratio", "contiguous", "greedy_step", "pareto", "chosen", "budget", "max_ppl_ratio", "log_ppl_increase",
+        "predicted_log_ppl_increase"), numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio", "max_ppl_ratio")),
+    "plan_probes_csv": Read("plan probes", (
+        "model", "data", "n_tokens", "group_size", "n_groups", "start", "plan", "plan_json", "ideal_latency_reduction",
+        "ppl_ratio", "probe_ratio", "steps", "recipe", "chosen", "max_ppl_ratio"),
+        numeric=("ideal_latency_reduction", "ppl_ratio", "probe_ratio", "steps", "max_ppl_ratio")),
+    "finetune_loss_csv": Read("finetune loss", ("model", "plan", "step", "tokens", "loss", "loss_kind"),
+                              numeric=("step", "tokens", "loss")),
+    "recovery_curve_csv": Read("recovery curve", (
+        "model", "plan", "data", "recipe", "lora_layers", "lr", "max_steps", "tokens", "ppl_finetuned", "top1_finetuned",
+        "train_seconds", "gap_recovered", "device"),
+        numeric=("tokens", "ppl_finetuned", "top1_finetuned", "train_seconds", "gap_recovered")),
+    "bench_csv": Read("bench", ("model", "plan", "device", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
+                                "reduction", "p90_ms", "ideal_reduction"),
+                      numeric=("prompt_tokens", "batch_size", "median_ms", "reduction", "ideal_reduction")),
+    "latency_validation_csv": Read("latency validation", (
+        "model", "role", "phase", "plan", "measured_ms", "predicted_ms", "error_pct", "measured_reduction",
+        "predicted_reduction"),
+        numeric=("measured_ms", "predicted_ms", "error_pct", "measured_reduction", "predicted_reduction")),
+    "latency_hybrid_csv": Read("latency hybrid", ("model", "hardware", "phase", "prompt_tokens", "batch_size", "devices",
+                                                  "speedup_vs_tp", "fits", "best_p", "best_t", "tp_fits", "tp_shardable"),
+                               numeric=("prompt_tokens", "batch_size", "devices")),
+    "scale_similarity_csv": Read("similarity", (*_SIMILARITY, "n_layers"),
+                                 numeric=("n_layers", "layer_i", "layer_j", "cos_mean")),
+    "scale_candidates_csv": Read("plan candidates", ("model", "n_groups", "ideal_latency_reduction", "ppl_ratio",
+                                                     "contiguous", "greedy_step", "chosen"),
+                                 numeric=("n_groups", "ideal_latency_reduction", "ppl_ratio")),
+    "scale_eval_csv": Read("eval", ("model", "label", "task", "dataset", "metric", "value", "stderr", "reference",
+                                    "ideal_latency_reduction", "parameters"),
+                           numeric=("value", "ideal_latency_reduction", "parameters")),
+    # plan=auto: the similarity matrix its search starts from (cqil/planning.py)
+    "plan similarity": Read("similarity", ("layer_i", "layer_j", "cos_mean", "n_layers"),
+                            numeric=("layer_i", "layer_j", "cos_mean", "n_layers")),
+    # cqil latency: the bench tables it calibrates and validates on (cqil/latency.py); the collectives' sizes and
+    # timings are numbers on the rows of multi-process setups (those name their communicator)
+    "latency bench": Read("bench", (
+        "plan", "plan_json", "n_layers", "devices", "tp", "setup", "phase", "prompt_tokens", "batch_size", "median_ms",
+        "reduction", "comm", "lm_head", "ungrouped", "hidden_size", "dtype_bytes", "layer_ms", "head_ms", "rest_ms",
+        "allreduce_ms", "broadcast_ms", "comm_bytes"),
+        numeric=("n_layers", "devices", "tp", "prompt_tokens", "batch_size", "median_ms", "reduction", "hidden_size",
+                 "dtype_bytes", "layer_ms", "head_ms", "rest_ms"),
+        numeric_where={"comm": ("comm_bytes", "allreduce_ms", "broadcast_ms", "mesh_p", "mesh_t")}),
+    # cqil latency's layer_step.csv: the fit t = c0 + bytes / bandwidth
+    "latency layer step": Read("layer step", (*TABLES["layer step"].columns, "torch", "command"),
+                               numeric=("bytes", "median_us")),
+}

@@ -89,9 +89,12 @@ def update_table(table: str, rows: pd.DataFrame | list[dict], path: str | Path,
     """Add a run's rows to the result table `table` (cqil.outputs.TABLES) at `path`, under the table's lock:
     earlier rows with the key of a new row are replaced, earlier rows where `drop(old)` is True removed,
     every other row (other runs') kept. A file there that is not this table (its header lacks the
-    schema's columns) is refused, never overwritten."""
+    schema's columns) is refused, never overwritten. The rows must have the schema's columns and provenance
+    (a writer that drops one would write a table that cqil no longer recognises as its own)."""
     schema = outputs.TABLES[table]
     new = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    lacks = schema.lacks(list(new.columns)) if len(new) else []
+    assert not lacks, f"rows of the {table} table lack {', '.join(lacks)} (cqil.outputs.TABLES declares them)"
     with outputs.lock(path):
         if outputs.through(path).exists():
             missing = schema.missing(path)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from cqil import CqilError, checks, cli, inputs, paths
 from cqil.modeling import apply_plan, save_converted
-from cqil.outputs import MODEL, PROVENANCE, write_dir
+from cqil.outputs import MODEL, PROVENANCE, READS, write_dir
 from cqil.plan import Plan
 
 from conftest import char_tokenizer, make_tiny_llama
@@ -159,11 +159,11 @@ def make_world(root: Path) -> tuple[Path, Path]:
                                    ("cpu", "cpu", "compiled", (4e8, 1e8)), ("one", "NVIDIA H100", "compiled", (4e8,))]:
         rows = [dict(gpu=gpu, shape="llama-2-7b", shard=1, mode=mode, bytes=b, median_us=20 + b / 1.6e6, p10_us=1,
                      p90_us=1e4, fit_c0_us=20, fit_bandwidth_gbs=1600, torch="2", command="x") for b in sizes]
-        (w / f"layer_step_{name}.csv").write_text(",".join(checks.LAYER_STEP_COLUMNS) + "\n" + "".join(
-            ",".join(str(r[c]) for c in checks.LAYER_STEP_COLUMNS) + "\n" for r in rows))
+        (w / f"layer_step_{name}.csv").write_text(",".join(READS["latency layer step"].columns) + "\n" + "".join(
+            ",".join(str(r[c]) for c in READS["latency layer step"].columns) + "\n" for r in rows))
     (w / "wrongcols.csv").write_text("x,y\n1,2\n")
     (w / "empty.csv").write_text("")
-    (w / "header_only.csv").write_text(",".join(checks.SIMILARITY_COLUMNS + ("n_layers",)) + "\n")
+    (w / "header_only.csv").write_text(",".join(READS["scale_similarity_csv"].columns) + "\n")
     tiny = w / "tiny"
     make_tiny_llama(layers=30).save_pretrained(tiny)  # as deep as the bundled model: the default plans fit
     char_tokenizer().save_pretrained(tiny)
@@ -191,13 +191,13 @@ def make_world(root: Path) -> tuple[Path, Path]:
     prov = "cpu,2.13.0,5.23.0,0.1.0,2026-01-01T00:00:00Z,cqil analyze"  # the provenance columns every table has
     rows = [f"smollm2-135m,english,512,{i},{j},0.9,0.01,{n},{prov}" for i in range(n + 1) for j in range(i + 1, n + 1)]
     (w / "results" / "analyze" / "similarity_smollm2-135m_english.csv").write_text(
-        ",".join((*checks.SIMILARITY_COLUMNS, "n_layers", *PROVENANCE)) + "\n" + "\n".join(rows) + "\n")
+        ",".join((*READS["scale_similarity_csv"].columns, *PROVENANCE)) + "\n" + "\n".join(rows) + "\n")
     (w / "results" / "convert").mkdir()
     Plan.from_range(12, 24, 2).save(w / "results" / "convert" / "plan_smollm2-135m.json")
     bench = {"model": "smollm2-135m", "plan": "S12 E24 P2 D0", "device": "cpu", "setup": "original", "phase": "prefill",
-             "prompt_tokens": 32, "batch_size": 1, "median_ms": 10.0, "p90_ms": 11.0, "ideal_reduction": 0.2,
+             "prompt_tokens": 32, "batch_size": 1, "median_ms": 10.0, "reduction": 0.0, "p90_ms": 11.0, "ideal_reduction": 0.2,
              "command": "cqil bench"}
-    assert set(checks.CHECKS["plot"]["bench_csv"].columns) <= set(bench)  # cqil plot reads them too
+    assert set(READS["bench_csv"].columns) <= set(bench)  # cqil plot reads them too
     latency = cli.compose("latency")
     for table in [*latency.calibrate, *latency.validate]:
         (w / table).parent.mkdir(parents=True, exist_ok=True)

@@ -48,10 +48,11 @@ def check_layer_step_table(path):
     schema cqil latency reads, one row per shard and mode, its fits are the fit of its rows, and cqil latency's
     checks accept it."""
     from cqil import checks, cli, layerstep, paths
+    from cqil.outputs import READS
     from cqil.results import read_csv
 
     ls = read_csv(path)
-    assert set(checks.LAYER_STEP_COLUMNS) <= set(ls.columns) and (ls.gpu == "cpu").all()
+    assert set(READS["latency layer step"].columns) <= set(ls.columns) and (ls.gpu == "cpu").all()
     assert sorted(zip(ls["shard"], ls["mode"])) == [(c, m) for c in (1, 2, 4) for m in ("compiled", "eager")]
     assert (ls.p10_us <= ls.median_us).all() and (ls.median_us <= ls.p90_us).all() and (ls.median_us > 0).all()
     assert (ls.graph_breaks == 0).all() and (ls.depth == 2).all() and ls.command.notna().all()

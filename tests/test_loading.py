@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from cqil import CqilError, checks, cli, models
 from cqil.modeling import get_plan
+from cqil.outputs import READS
 from cqil.plan import Plan
 from cqil.runtime import Runtime
 
@@ -270,7 +271,8 @@ def test_collective_timings_may_be_empty_on_single_process_rows_only(tmp_path):
     """The bench leaves the collective columns of its one-process rows (no communicator) empty: accepted there."""
     rows = list(csv.DictReader(BENCH_TABLE.open()))
     assert rows[0]["comm"] == rows[0]["allreduce_ms"] == "" and rows[4]["comm"]
-    checks.read_table(BENCH_TABLE, (), "", checks.BENCH_NUMERIC, checks.BENCH_NUMERIC_WHERE)
+    read = READS["latency bench"]
+    checks.read_table(BENCH_TABLE, read.columns, "", read.numeric, read.numeric_where)
 
 
 def test_cqil_plot_refuses_a_table_with_a_non_finite_cell(tmp_path, capsys):
