@@ -71,6 +71,7 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from . import CqilError, costs, data, models
+from .checks import check_keys
 from .plan import Plan, plan_from_config
 from .control import Control
 from .planning import resolve_plan
@@ -220,21 +221,12 @@ def headline_widths(rounds: list[dict], headline: str, level: float, resamples: 
     return widths
 
 
-def check_protocol(cfg: DictConfig) -> None:
-    """The timing protocol's keys, checked before any process waits on another."""
-    def bad(key: str, value, want: str) -> CqilError:
-        return CqilError(f"bench {key}={value!r}: {want}")
+PROTOCOL = ("repeats", "warmup", "new_tokens", "confidence", "stop.min_rounds", "stop.max_rounds")
 
-    if cfg.repeats != "auto" and not (isinstance(cfg.repeats, int) and cfg.repeats >= 1):
-        raise bad("repeats", cfg.repeats, "give a number of timed rounds >= 1, or auto (the stopping rule)")
-    if cfg.warmup != "auto" and not (isinstance(cfg.warmup, int) and cfg.warmup >= 0):
-        raise bad("warmup", cfg.warmup, "give a number of warm-up rounds >= 0, or auto (until stable)")
-    if not cfg.new_tokens >= 1:
-        raise bad("new_tokens", cfg.new_tokens, "time at least one decode step")
-    if not 0 < cfg.confidence < 1:
-        raise bad("confidence", cfg.confidence, "a level between 0 and 1, e.g. 0.95")
-    if cfg.repeats == "auto" and not 2 <= cfg.stop.min_rounds <= cfg.stop.max_rounds:
-        raise bad("stop.min_rounds", cfg.stop.min_rounds, "at least 2 (an interval) and at most stop.max_rounds")
+
+def check_protocol(cfg: DictConfig) -> None:
+    """The timing protocol's keys, checked (by cqil.checks' table) before any process waits on another."""
+    check_keys("bench", cfg, PROTOCOL)
 
 
 # ---- pinning ------------------------------------------------------------------------------

@@ -37,8 +37,10 @@ from . import CqilError
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, READS, TABLES, Read, foreign, owned
 from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
-                     read_text, remote_code_refusal, resolve_device, safetensors_files, show as _show, dtype_name)
-from .paths import cache_dir
+                     model_entries, prompt_list, read_prompts, read_text, remote_code_refusal, resolve_device, safetensors_files,
+                     show as _show, dtype_name)
+from .choices import BUDGETS, LOGIT_LOSSES, LOSS_KINDS, SEARCHES
+from .paths import cache_dir, conf_dir
 from .plan import Plan, PlanError
 from .schedule import COMMS, COMPILES, LM_HEADS, UNGROUPED
 
@@ -846,30 +848,17 @@ class OutDir(Check):
 
 # ---- job-specific values -----------------------------------------------------------------------
 class EvalModels(Check):
-    """cqil eval's `models`: entries {label, path, plan, skip_missing} or bare paths; labels unique,
-    paths present (unless skip_missing), plans valid for their model."""
-    KEYS = {"label", "path", "plan", "skip_missing"}
+    """cqil eval's `models`: entries {label, path, plan, skip_missing} or bare paths, read as the job reads them
+    (cqil.inputs.model_entries: labels unique); paths present (unless skip_missing), plans valid for their model."""
 
     def check(self, value, key, ctx) -> None:
-        if not isinstance(value, list) or not value:
-            raise refuse(key, value, "must be a non-empty list of {label: ..., path: ..., plan: ...} entries")
-        seen = set()
-        for i, e in enumerate(value):
-            e = {"label": Path(e).name, "path": e} if isinstance(e, str) else e
-            if not isinstance(e, dict) or not isinstance(e.get("label"), str) or not e["label"]:
-                raise CqilError(f"models[{i}] needs a label, e.g. {{label: converted, path: smollm2-135m, plan: null}}")
-            if set(e) - self.KEYS:
-                raise CqilError(f"models[{i}] ({e['label']}) has unknown key(s) {', '.join(sorted(set(e) - self.KEYS))}; "
-                                f"allowed: {', '.join(sorted(self.KEYS))}")
-            if e["label"] in seen:
-                raise CqilError(f"two models are labelled {e['label']!r}; labels must be unique")
-            seen.add(e["label"])
-            path = e.get("path", ctx.get("model.path"))
-            if e.get("skip_missing") and isinstance(path, str) and path not in BUNDLED and not Path(path).expanduser().exists():
+        for i, e in enumerate(model_entries(value, ctx.get("model.path"))):
+            path = e["path"]
+            if e["skip_missing"] and isinstance(path, str) and path not in BUNDLED and not Path(path).expanduser().exists():
                 continue  # evaluated once it exists
             try:
                 ModelPath()(path, f"models[{i}].path", ctx)
-                plan = e.get("plan")
+                plan = e["plan"]
                 if plan is not None and not isinstance(plan, dict):
                     raise CqilError(f"must be null or a plan mapping, got {_show(plan)}")
                 if plan and plan.get("mode", "manual") == "manual":
@@ -1128,14 +1117,10 @@ class ProbeOverrides(Check):
             recipe = OmegaConf.to_container(OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(value))))
         except OmegaConfBaseException as e:
             raise refuse(key, value, f"does not apply to recipe {name}: {str(e).splitlines()[0]}") from None
-        sub = Ctx(ctx.job, ctx.cfg, {**recipe, "model": ctx.get("model")}, ctx.conf)
-        sub.later = ctx.later
-        for pattern, check in RECIPE.items():
-            for k, v in _items(sub.values, pattern.split(".")):
-                try:
-                    check(v, k, sub)
-                except CqilError as e:
-                    raise CqilError(f"{key}: {e} (the probe's recipe {name} with these overrides)") from None
+        try:
+            check_recipe(recipe, model=ctx.get("model"), ctx=ctx)
+        except CqilError as e:
+            raise CqilError(f"{key}: {e} (the probe's recipe {name} with these overrides)") from None
 
 
 class MeshDevices(Count):
@@ -1173,7 +1158,7 @@ class Then(Choice):
     """loss.then: the logit loss after the blockwise phase (kl or onpolicy); read only with loss.kl_from set."""
 
     def __init__(self):
-        super().__init__("kl", "onpolicy")
+        super().__init__(*LOGIT_LOSSES)
 
     def check(self, value, key, ctx) -> None:
         super().check(value, key, ctx)
@@ -1183,10 +1168,10 @@ class Then(Choice):
 
 
 class LossKind(Choice):
-    """loss.kind (cqil.distill.LOSS_KINDS; that module imports torch); onpolicy reads the on-policy keys."""
+    """loss.kind (cqil.choices.LOSS_KINDS); onpolicy reads the on-policy keys."""
 
     def __init__(self):
-        super().__init__("kl", "ce", "mix", "blockwise", "onpolicy")
+        super().__init__(*LOSS_KINDS)
 
     def check(self, value, key, ctx) -> None:
         super().check(value, key, ctx)
@@ -1263,7 +1248,8 @@ class Texts(Check):
 
 
 class Prompts(Check):
-    """cqil generate's prompt: a text or a non-empty list of texts, none blank; or null when prompt_file gives them."""
+    """cqil generate's prompt: a text or a non-empty list of texts, none blank (cqil.inputs.prompt_list, which the job
+    reads them with); or null when prompt_file gives them."""
     null_ok = True
 
     def __call__(self, value, key, ctx) -> None:
@@ -1273,28 +1259,21 @@ class Prompts(Check):
         super().__call__(value, key, ctx)
 
     def check(self, value, key, ctx) -> None:
-        given = value if isinstance(value, list) else [value]
-        if not given:
-            raise refuse(key, value, "the prompt list holds no prompt; give at least one")
-        for i, p in enumerate(given, 1):
-            if not isinstance(p, str):
-                raise refuse(key, value, f"prompt {i} is {_show(p)}, not text; quote it: {key}=['...', '{p}']")
-            if not p.strip():
-                raise refuse(key, value, f"prompt {i} of the prompt list is empty; give text to continue")
+        try:
+            prompt_list(value if isinstance(value, list) else [value])
+        except CqilError as e:
+            raise refuse(key, value, str(e)) from None
 
 
 class PromptFile(Check):
-    """cqil generate's prompt_file: null, or an existing file of prompts (instead of prompt, not beside it)."""
+    """cqil generate's prompt_file: null, or a file of prompts that cqil.inputs.read_prompts reads (as the job does),
+    instead of prompt, not beside it."""
     null_ok = True
 
     def check(self, value, key, ctx) -> None:
         if ctx.get("prompt") is not None:
             raise refuse(key, value, "give prompt or prompt_file, not both")
-        path = Path(str(value)).expanduser()
-        if path.is_dir():
-            raise refuse(key, value, "is a directory; give a .txt file (one prompt a line) or a .jsonl file")
-        if not path.is_file():
-            raise refuse(key, value, "does not exist; give a .txt file (one prompt a line) or a .jsonl file")
+        read_prompts(Path(str(value)).expanduser())
 
 
 class Sampled(Check):
@@ -1378,7 +1357,7 @@ RECIPE = {
     "train.gradient_checkpointing": Choice("auto", True, False),
     "loss.max_new_tokens": MaxNewTokens(),  # after train.block_size, which it reads
 }
-PROBE = "plan.budget", "after_recovery"  # plan=auto reads plan.probe.* only then
+PROBE = "plan.budget", BUDGETS[1]  # plan=auto reads plan.probe.* only then
 PLAN = {
     "plan.start": Count(0), "plan.end": Count(0), "plan.group_size": Count(1), "plan.bypass": Count(0),
     "plan.groups": Groups(),
@@ -1392,14 +1371,14 @@ PLAN = {
     "plan.contiguous_per_size": Count(0, what="contiguous spans re-scored per group size and number of groups"),
     "plan.calibration_tokens": Tokens(),
     "plan.batch_size": Count(1),
-    "plan.budget": Choice("before", "after_recovery"),
+    "plan.budget": Choice(*BUDGETS),
     "plan.max_ppl_ratio": Number(0, lo_open=True, what="perplexity budget: converted / original"),
     "plan.max_ideal_reduction": Number(0, 1, lo_open=True, null_ok=True, what="a fraction of the layers; null: no ceiling"),
     "plan.probe.recipe": Only(Recipe(), *PROBE),
     "plan.probe.overrides": Only(ProbeOverrides(), *PROBE),
     "plan.probe.steps": Only(Count(1, what="optimizer steps per probe"), *PROBE),
     "plan.probe.max_before_ratio": Only(Number(0, lo_open=True, what="perplexity before recovery / original"), *PROBE),
-    "plan.probe.search": Only(Choice("bisect", "all"), *PROBE),
+    "plan.probe.search": Only(Choice(*SEARCHES), *PROBE),
     "plan.probe.table": Only(OutFile(".csv", table="plan probes"), *PROBE),
     "plan.timeout_s": Number(0, lo_open=True, what="seconds"),
     "plan.rank_by": Choice("ideal", "latency"),
@@ -1561,6 +1540,20 @@ CHECKS: dict[str, dict[str, Check]] = {
 
 
 # ---- running the table ---------------------------------------------------------------------------
+def check_recipe(recipe: dict, prefix: str = "", model: dict | None = None, ctx: Ctx | None = None) -> None:
+    """A recipe (a plain dict: lora, loss, train) through the RECIPE checks whose keys start with `prefix`, as
+    `cqil finetune` checks its own: for a recipe that reaches the trainer another way (plan=auto's probes,
+    cqil.distill.make_trainer). `model`: the model group a check may read; `ctx`: the job's, for its deferred work."""
+    sub = Ctx(ctx.job if ctx else "finetune", ctx.cfg if ctx else None, {**recipe, "model": model},
+              ctx.conf if ctx else conf_dir())
+    if ctx is not None:
+        sub.later = ctx.later
+    for pattern, check in RECIPE.items():
+        if pattern.startswith(prefix):
+            for k, v in _items(sub.values, pattern.split(".")):
+                check(v, k, sub)
+
+
 def _items(values: Any, parts: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(key, value) of every entry of `values` matching the dotted pattern `parts` (`*`: any name on one level)."""
     if not parts:
@@ -1570,6 +1563,16 @@ def _items(values: Any, parts: list[str], prefix: str = "") -> Iterator[tuple[st
         return
     for name in (fnmatch.filter(values, parts[0]) if "*" in parts[0] else [parts[0]] if parts[0] in values else []):
         yield from _items(values[name], parts[1:], f"{prefix}{name}.")
+
+
+def check_keys(job: str, cfg: DictConfig, patterns: tuple[str, ...]) -> None:
+    """The entries `patterns` of CHECKS[job], on cfg's values: for a job that must know them right before it acts on
+    them, e.g. before its processes wait on each other, even when called without `validate`."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    ctx = Ctx(job, cfg, values, conf_dir())
+    for pattern in patterns:
+        for key, value in _items(values, pattern.split(".")):
+            CHECKS[job][pattern](value, key, ctx)
 
 
 def leaves(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

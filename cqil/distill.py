@@ -57,10 +57,10 @@ from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArg
 from . import CqilError
 from .metrics import continue_tokens
 from .modeling import decoder, plan_disabled
+from .checks import check_recipe
+from .choices import LOGIT_LOSSES
 from .plan import Plan
 
-LOSS_KINDS = ("kl", "ce", "mix", "blockwise", "onpolicy")
-LOGIT_LOSSES = ("kl", "onpolicy")  # what the blockwise phase may turn into (loss.then)
 NORMS = ("input_layernorm", "post_attention_layernorm")  # trained with a layer's target modules by lora.full_layers
 
 
@@ -466,26 +466,12 @@ def training_args(train: dict, out_dir: str | Path, on_gpu: bool, max_steps: int
         **({"save_strategy": "no", "ddp_find_unused_parameters": False, "report_to": []} | job))
 
 
-def check_loss(loss: dict, plan: Plan, layers: list[int] | None, num_layers: int, block_size: int | None = None) -> None:
-    """Refuse a loss section that cannot train (one line each). layers: the layers that train (None: all)."""
-    if loss["kind"] not in LOSS_KINDS:
-        raise CqilError(f"loss.kind={loss['kind']!r} is not one of {', '.join(LOSS_KINDS)}")
-    if not 0 <= loss["kl_weight"] <= 1:
-        raise CqilError(f"loss.kl_weight={loss['kl_weight']} must be between 0 and 1")
-    kl_from, then = loss.get("kl_from"), loss.get("then", "kl")
-    if kl_from is not None and (loss["kind"] != "blockwise" or not 0 < kl_from < 1):
-        raise CqilError(f"loss.kl_from={kl_from} needs loss.kind=blockwise and 0 < kl_from < 1 "
-                        "(the fraction of the steps after which the loss is loss.then alone); or set loss.kl_from=null")
-    if then not in LOGIT_LOSSES:
-        raise CqilError(f"loss.then={then!r} must be one of {', '.join(LOGIT_LOSSES)} (the loss after loss.kl_from)")
-    if "onpolicy" in (loss["kind"], then if kl_from is not None else None):
-        for key, ok, want in (("lmbda", lambda v: 0 <= v <= 1, "a share between 0 and 1"),
-                              ("beta", lambda v: 0 <= v <= 1, "between 0 (forward KL) and 1 (reverse KL)"),
-                              ("max_new_tokens", lambda v: isinstance(v, int) and 1 <= v < (block_size or 1 << 30),
-                               f"an integer >= 1, below train.block_size={block_size} (the rest is the prompt)")):
-            if not isinstance(loss.get(key), (int, float)) or isinstance(loss.get(key), bool) or not ok(loss[key]):
-                raise CqilError(f"loss.{key}={loss.get(key)!r}: on-policy distillation needs {want}"
-                                + ("; use recipe=onpolicy, which sets it" if key not in loss else ""))
+def check_loss(recipe: dict, plan: Plan, layers: list[int] | None, num_layers: int) -> None:
+    """Refuse a loss section that cannot train (one line each): its keys as `cqil finetune` checks them
+    (cqil.checks.RECIPE), then with the plan: the layers that train (None: all) against the grouped ones."""
+    check_recipe(recipe, "loss.")
+    loss = recipe["loss"]
+    kl_from = loss.get("kl_from")
     grouped = {i for g in plan.groups for i in g}
     outside = sorted(set(range(num_layers) if layers is None else layers) - grouped)
     if loss["kind"] == "blockwise" and loss["kl_weight"] == 0 and kl_from is None and outside:
@@ -506,7 +492,7 @@ def make_trainer(model: torch.nn.Module, plan: Plan, blocks: torch.Tensor, recip
     loss, train = recipe["loss"], recipe["train"]
     n = model.config.num_hidden_layers
     capacity = Capacity(recipe["lora"], plan, n)
-    check_loss(loss, plan, capacity.trained, n, train.get("block_size"))
+    check_loss(recipe, plan, capacity.trained, n)
     set_seed(train["seed"])  # the LoRA A matrices are drawn at random: same seed, same run
     peft_model = add_lora(model, recipe["lora"], capacity)
     if auto_flag(train.get("gradient_checkpointing", False), on_gpu, "train.gradient_checkpointing"):

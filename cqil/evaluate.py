@@ -42,11 +42,10 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from . import CqilError, data, models
+from . import CqilError, data, inputs, models
 from .metrics import all_logits, greedy_agreement, greedy_tokens, perplexity, teacher_forced_agreement
 from .modeling import apply_plan, get_plan
 from .paths import cache_dir, conf_dir
-from .plan import plan_from_config
 from .planning import resolve_plan
 from .outputs import write_text
 from .results import plan_columns, provenance, update_table
@@ -55,7 +54,6 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"  # lm-eval YAML configs of 
 PERPLEXITY = "perplexity"                               # built-in text task: held-out perplexity
 AGREEMENT = "agreement"                                 # built-in text task: agreement with the reference
 TEXT_TASKS = (PERPLEXITY, AGREEMENT)                    # run once per corpus of `texts`
-ENTRY_KEYS = {"label", "path", "plan", "skip_missing"}   # keys of one `models` entry
 
 
 # ---- local task data: real labelled text -> jsonl ---------------------------------------
@@ -390,46 +388,19 @@ def agreement_rows(model, tokenizer, ref: ReferenceOutputs, a: DictConfig, label
 
 # ---- models ------------------------------------------------------------------------------
 def model_entries(cfg: DictConfig) -> list[dict]:
-    """The `models` list, checked: label (unique), path (default model.path), plan, skip_missing."""
-    entries = OmegaConf.to_container(cfg.models, resolve=True)
-    if not entries:
-        raise CqilError("models=[] names no model; give at least one entry {label: ..., path: ...}")
-    out, seen = [], set()
-    for i, e in enumerate(entries):
-        if isinstance(e, str):
-            e = {"label": Path(e).name, "path": e}
-        if not isinstance(e, dict) or not e.get("label"):
-            raise CqilError(f"models[{i}] needs a label, e.g. {{label: converted, path: smollm2-135m, plan: {{...}}}}")
-        extra = set(e) - ENTRY_KEYS
-        if extra:
-            raise CqilError(f"models[{i}] ({e['label']}) has unknown key(s) {', '.join(sorted(extra))}; "
-                            f"allowed: {', '.join(sorted(ENTRY_KEYS))}")
-        if e["label"] in seen:
-            raise CqilError(f"two models are labelled {e['label']!r}; labels must be unique")
-        seen.add(e["label"])
-        out.append({"path": cfg.model.path, "plan": None, "skip_missing": False, **e})
-    return out
+    """The `models` list as entries with every key (cqil.inputs.model_entries, the reading cqil.checks checked)."""
+    return inputs.model_entries(OmegaConf.to_container(cfg.models, resolve=True), cfg.model.path)
 
 
-def check_entries(entries: list[dict], trust_remote_code: bool = False) -> list[dict]:
-    """The entries to evaluate, checked before any model runs: paths exist, given plans fit the model.
-
-    A missing local path is skipped (with a message) when the entry says skip_missing, else an error;
-    a manual or file plan is validated against the model's layer count (read from its config only).
-    """
+def present(entries: list[dict]) -> list[dict]:
+    """The entries to evaluate: those whose path exists, or that do not say skip_missing (cqil.checks.EvalModels
+    checked every path and plan of these before any work); a skipped one is said."""
     out = []
     for e in entries:
-        path = e["path"]
-        local_missing = path not in models.BUNDLED and not Path(path).expanduser().exists()
-        if local_missing and e["skip_missing"]:
-            print(f"[{e['label']}] skipped: {path} does not exist yet (run the job that writes it; "
+        if e["skip_missing"] and e["path"] not in models.BUNDLED and not Path(e["path"]).expanduser().exists():
+            print(f"[{e['label']}] skipped: {e['path']} does not exist yet (run the job that writes it; "
                   "without skip_missing: true this is an error)")
             continue
-        if local_missing:
-            models.resolve(path)  # a missing local path fails here with one line; a hub id passes
-        if e["plan"] is not None and e["plan"].get("mode") != "auto" and not local_missing:
-            n_layers = models.load_config(path, trust_remote_code).num_hidden_layers
-            plan_from_config(e["plan"], n_layers)
         out.append(e)
     if not out:
         raise CqilError("every model entry was skipped; nothing to evaluate (check models=[...])")
@@ -511,7 +482,7 @@ def run(cfg: DictConfig) -> None:
                         "give data config names, e.g. texts=[english]")
     entries = model_entries(cfg)
     reference = check_agreement(cfg, entries, tasks)
-    entries = check_entries(entries, cfg.model.trust_remote_code)
+    entries = present(entries)
     if reference is not None and reference not in [e["label"] for e in entries]:
         raise CqilError(f"the reference {reference!r} was skipped (its path does not exist yet), so nothing can be "
                         "compared with it; run the job that writes it or name another entry in `reference`")

@@ -42,6 +42,7 @@ from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import CqilError, costs, models
+from .inputs import prompt_list, read_prompts as read_prompts_file
 from .outputs import write_text
 from .plan import Plan, plan_from_config
 from .results import plan_columns, provenance, update_table
@@ -53,40 +54,8 @@ from .schedule import Variant
 def read_prompts(cfg: DictConfig) -> list[str]:
     """The prompts of `prompt` (a text or a list) or `prompt_file` (.txt: one a line; .jsonl: {"prompt": ...})."""
     if cfg.prompt_file is None:
-        given = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt]
-        for i, p in enumerate(given, 1):
-            if not isinstance(p, str):
-                raise CqilError(f"prompt {i} is {p!r}, not text; quote it: prompt=['...', '{p}']")
-        prompts, where = given, "the prompt list"
-    else:
-        path = Path(str(cfg.prompt_file)).expanduser()
-        if not path.is_file():
-            raise CqilError(f"prompt_file={path} does not exist; give a .txt file (one prompt a line) or a .jsonl file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise CqilError(f"prompt_file={path} is not UTF-8 text") from None
-        prompts, where = [], str(path)
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                prompts.append(line.rstrip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CqilError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl rows are {{\"prompt\": ...}}") from None
-            text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise CqilError(f"{path}:{i}: no 'prompt' (or 'text') field holding text; .jsonl rows are {{\"prompt\": ...}}")
-            prompts.append(text)
-    if not prompts:
-        raise CqilError(f"{where} holds no prompt; give at least one non-empty prompt")
-    empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
-    if empty:
-        raise CqilError(f"prompt {empty[0]} of {where} is empty; give text to continue")
-    return prompts
+        return prompt_list(list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt])
+    return read_prompts_file(Path(str(cfg.prompt_file)).expanduser())
 
 
 # ---- what runs: model config, plan, tokenized prompts ------------------------------------------------

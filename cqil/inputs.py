@@ -190,20 +190,89 @@ def read_text(path: Path) -> str:
         if not text.strip():
             raise CqilError(f"text file {path} is empty; remove it from data.files")
         return text
+    rows = read_jsonl(path, text, ("text",), '{"text": ...} objects')
+    if not rows:
+        raise CqilError(f"{path} has no rows; .jsonl rows are {{\"text\": ...}} objects")
+    return "\n\n".join(rows)
+
+
+def read_jsonl(path: Path, text: str, fields: tuple[str, ...], form: str) -> list[str]:
+    """The text of each row of a .jsonl file (`text`, read from `path`): the first of `fields` a row has, which must
+    hold a string (blank lines skipped); a bad row is one line naming it, `form` saying what rows should be."""
     rows = []
+    names = f"{fields[0]!r}" + "".join(f" (or {f!r})" for f in fields[1:])
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CqilError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl rows are {{\"text\": ...}} objects") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise CqilError(f"{path}:{i}: no 'text' field holding a string; .jsonl rows are {{\"text\": ...}} objects")
-        rows.append(row["text"])
-    if not rows:
-        raise CqilError(f"{path} has no rows; .jsonl rows are {{\"text\": ...}} objects")
-    return "\n\n".join(rows)
+            raise CqilError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl rows are {form}") from None
+        value = next((row[f] for f in fields if f in row), None) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise CqilError(f"{path}:{i}: no {names} field holding a string; .jsonl rows are {form}")
+        rows.append(value)
+    return rows
+
+
+MODEL_ENTRY_KEYS = {"label", "path", "plan", "skip_missing"}  # keys of one entry of cqil eval's `models`
+
+
+def model_entries(value: Any, default_path: Any) -> list[dict]:
+    """cqil eval's `models`: entries {label, path, plan, skip_missing} or bare paths, as entries with every key
+    (path: `default_path`, plan: None, skip_missing: False unless given); labels given and unique, no other key."""
+    if not isinstance(value, list) or not value:
+        raise CqilError(f"models={show(value)}: must be a non-empty list of {{label: ..., path: ..., plan: ...}} entries")
+    out, seen = [], set()
+    for i, e in enumerate(value):
+        e = {"label": Path(e).name, "path": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or not isinstance(e.get("label"), str) or not e["label"]:
+            raise CqilError(f"models[{i}] needs a label, e.g. {{label: converted, path: smollm2-135m, plan: null}}")
+        if set(e) - MODEL_ENTRY_KEYS:
+            raise CqilError(f"models[{i}] ({e['label']}) has unknown key(s) {', '.join(sorted(set(e) - MODEL_ENTRY_KEYS))}; "
+                            f"allowed: {', '.join(sorted(MODEL_ENTRY_KEYS))}")
+        if e["label"] in seen:
+            raise CqilError(f"two models are labelled {e['label']!r}; labels must be unique")
+        seen.add(e["label"])
+        out.append({"path": default_path, "plan": None, "skip_missing": False, **e})
+    return out
+
+
+PROMPT_FILES = 'a .txt file (one prompt a line) or a .jsonl file (rows {"prompt": ...})'
+
+
+def prompt_list(given: list) -> list[str]:
+    """The prompts of cqil generate's `prompt=` (a text or a list): each a text, none blank."""
+    if not given:
+        raise CqilError("the prompt list holds no prompt; give at least one")
+    for i, p in enumerate(given, 1):
+        if not isinstance(p, str):
+            raise CqilError(f"prompt {i} is {show(p)}, not text; quote it: prompt=['...', '{p}']")
+        if not p.strip():
+            raise CqilError(f"prompt {i} of the prompt list is empty; give text to continue")
+    return list(given)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of cqil generate's `prompt_file` (.txt: one a line; .jsonl: {"prompt": ...} rows), none blank."""
+    if path.is_dir():
+        raise CqilError(f"prompt_file={path}: is a directory; give {PROMPT_FILES}")
+    if not path.is_file():
+        raise CqilError(f"prompt_file={path}: does not exist; give {PROMPT_FILES}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CqilError(f"prompt_file={path}: is not UTF-8 text") from None
+    if path.suffix == ".jsonl":
+        prompts = read_jsonl(path, text, ("prompt", "text"), '{"prompt": ...}')
+    else:
+        prompts = [line.rstrip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CqilError(f"{path} holds no prompt; give at least one non-empty prompt")
+    empty = next((i for i, p in enumerate(prompts, 1) if not p.strip()), None)
+    if empty:
+        raise CqilError(f"prompt {empty} of {path} is empty; give text to continue")
+    return prompts
 
 
 def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> None:

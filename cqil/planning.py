@@ -65,9 +65,6 @@ from .modeling import CqilLayers, apply_plan, decoder, get_plan, plan_disabled
 from .plan import Plan, PlanError, plan_from_config
 from .results import plan_columns, provenance, read_csv, update_table
 
-BUDGETS = ("before", "after_recovery")
-SEARCHES = ("bisect", "all")
-
 
 def plain(cfg) -> dict:
     """A config section as a plain dict (DictConfig, dataclass or dict)."""
@@ -413,12 +410,8 @@ def score_candidates(cfg: dict, model: nn.Module, sim: np.ndarray, blocks: torch
 
 def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
     """plan=auto: candidates scored on calibration text, chosen within the budget; see the module docstring."""
-    budget_kind = cfg.get("budget") or "before"
-    if budget_kind not in BUDGETS:
-        raise PlanError(f"plan.budget={budget_kind!r} is not one of {', '.join(BUDGETS)}")
+    budget_kind = cfg.get("budget") or "before"  # one of choices.BUDGETS, and probe.search of SEARCHES (cqil.checks)
     probe_cfg = cfg.get("probe") or {}
-    if budget_kind == "after_recovery" and probe_cfg.get("search", "bisect") not in SEARCHES:
-        raise PlanError(f"plan.probe.search={probe_cfg.get('search')!r} is not one of {', '.join(SEARCHES)}")
     n = model.config.num_hidden_layers
     dcfg = data.DataConfig(**plain(data_cfg))
     sim = similarity_matrix(cfg["similarity_csv"], n)

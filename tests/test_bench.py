@@ -125,9 +125,10 @@ def test_bad_protocol_settings_are_one_line_errors():
     from cqil import bench
     from cqil.cli import compose
 
-    for override, message in (("repeats=0", "repeats=0: give a number of timed rounds >= 1, or auto"),
-                              ("repeats=many", "repeats='many'"), ("warmup=-1", "warmup=-1"),
-                              ("stop.min_rounds=1", "stop.min_rounds=1: at least 2"), ("confidence=95", "confidence=95")):
+    for override, message in (("repeats=0", "repeats=0: must be an integer >= 1 or auto"),
+                              ("repeats=many", "repeats=many"), ("warmup=-1", "warmup=-1"),
+                              ("stop.min_rounds=1", "stop.min_rounds=1: must be an integer >= 2"),
+                              ("confidence=95", "confidence=95")):
         with pytest.raises(CqilError, match=message):
             bench.run(compose("bench", [override]))
 

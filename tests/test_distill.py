@@ -126,7 +126,7 @@ def test_a_separate_teacher_is_used_with_its_plan_off(tmp_path):
 def test_bad_recipes_are_one_clear_error(tmp_path):
     with pytest.raises(CqilError, match="blockwise alone trains only the grouped layers.*lora.layers=groups"):
         trainer_for(tmp_path, kind="blockwise", layers="all")
-    with pytest.raises(CqilError, match="loss.kl_from=0.5 needs loss.kind=blockwise"):
+    with pytest.raises(CqilError, match="loss.kl_from=0.5: applies to loss.kind=blockwise only"):
         trainer_for(tmp_path, kind="kl", kl_from=0.5)
     with pytest.raises(CqilError, match="loss.kl_weight=2"):
         trainer_for(tmp_path, kind="mix", kl_weight=2)

@@ -328,5 +328,10 @@ def test_model_entries_and_task_suites_are_checked():
     cfg = cli.compose("eval", ["models=[{label: a, plan_file: x}]"])
     with pytest.raises(CqilError, match="unknown key"):
         evaluate.model_entries(cfg)
+    cfg = cli.compose("eval", ["models=[]"])
+    with pytest.raises(CqilError, match=r"models=\[\]: must be a non-empty list"):
+        evaluate.model_entries(cfg)
+    assert evaluate.model_entries(cli.compose("eval", ["models=[a/b]"])) == \
+        [{"label": "b", "path": "a/b", "plan": None, "skip_missing": False}]
     assert evaluate.expand_tasks(["local", "sciq", "perplexity"], {"local": ["cqil_polarity", "perplexity"]}) == \
         ["cqil_polarity", "perplexity", "sciq"]

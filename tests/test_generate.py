@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqil import CqilError, cli, generate
+from cqil import CqilError, checks, cli, generate
+from cqil.paths import conf_dir
 from cqil.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,6 +240,8 @@ def test_prompt_files(tmp_path):
     bad.write_text('{"prompt": "ok"\n')
     with pytest.raises(CqilError, match=r"p.jsonl:1: not valid JSON"):
         generate.read_prompts(cfg)
+    with pytest.raises(CqilError, match=r"prompt_file: .*p.jsonl:1: not valid JSON"):  # the same reading, before any work
+        checks.validate("generate", cli.compose("generate", [f"prompt_file={bad}"]), conf_dir())
 
 
 def test_any_prompt_text_reaches_the_job_verbatim():
