@@ -1,8 +1,8 @@
 """Validation at the edge: every user value of a job's config is checked once, before any work.
 
 `cqil <job>` composes the job's config, then `validate(job, cfg)` walks CHECKS[job] below: one table
-per job, `config key -> check`, in the order the checks run (a later check may read a value an
-earlier one has already accepted, e.g. token counts read data.block_size). A bad value raises
+per job, `config key -> check`, in its declared order, except that a check runs after the keys its `after`
+names (the checked values it reads, e.g. token counts read data.block_size: `ordered`). A bad value raises
 CqilError with one line (what is wrong, how to fix it); the CLI prints it and exits 2.
 Keys are dotted paths; `*` matches one level (keys the user names, e.g. `suites.*`); a check on a
 mapping or list covers everything under it. A key that a job does not read is declared UNUSED; one it
@@ -99,8 +99,11 @@ class Ctx:
 
 
 class Check:
-    """One rule for one config value: `__call__` raises CqilError (one line) or returns."""
+    """One rule for one config value: `__call__` raises CqilError (one line) or returns. `after`: the config keys (a
+    group name: every key under it) whose checks must pass first, the checked values this check reads; the table
+    runs in its declared order but for these (`ordered`)."""
     null_ok = False
+    after: tuple[str, ...] = ()
 
     def __call__(self, value: Any, key: str, ctx: Ctx) -> None:
         if value is None:
@@ -134,6 +137,7 @@ class Count(Check):
     def __init__(self, lo: int = 1, null_ok: bool = False, what: str = "", layers: bool = False, auto: bool = False,
                  at_least: str | None = None):
         self.lo, self.null_ok, self.what, self.layers, self.auto, self.at_least = lo, null_ok, what, layers, auto, at_least
+        self.after = (at_least,) if at_least else ()
 
     def check(self, value, key, ctx) -> None:
         if self.auto and value == "auto":
@@ -208,7 +212,7 @@ class Tokens(Check):
 
     def __init__(self, block_key: str | tuple[str, ...] = "data.block_size", null_ok: bool = False):
         self.block_keys = (block_key,) if isinstance(block_key, str) else block_key
-        self.null_ok = null_ok
+        self.null_ok, self.after = null_ok, self.block_keys
 
     def check(self, value, key, ctx) -> None:
         for block_key in self.block_keys:
@@ -221,6 +225,7 @@ class IntList(Check):
 
     def __init__(self, lo: int = 1, at_most: str | None = None, null_ok: bool = False, layers: bool = False):
         self.lo, self.at_most, self.null_ok, self.layers = lo, at_most, null_ok, layers
+        self.after = (at_most,) if at_most else ()
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, list) or not value or not all(_is_int(v) and v >= self.lo for v in value):
@@ -497,6 +502,7 @@ class SplitFraction(Number):
     def __init__(self, split: str, reads: tuple[str, ...], group: str = "data"):
         super().__init__(0, 1)
         self.split, self.reads, self.group = split, reads, group
+        self.after = (f"{group}.calibration_fraction",) if split == "evaluation" else ()  # the two must sum to <= 1
 
     def needed(self, ctx: Ctx) -> list[str]:
         reads = set(self.reads)
@@ -510,7 +516,7 @@ class SplitFraction(Number):
         if value == 0 and self.split in needed:
             raise refuse(key, value, f"cqil {ctx.job}{plan} reads the {self.split} split, which this leaves empty; "
                                      "give a fraction > 0, e.g. 0.1")
-        if self.split == "evaluation":  # calibration_fraction is checked already
+        if self.split == "evaluation":
             cal, other = ctx.get(f"{self.group}.calibration_fraction"), f"{self.group}.calibration_fraction"
             if cal + value > 1:
                 raise refuse(key, value, f"with {other}={cal} the splits would overlap (calibration + evaluation "
@@ -548,6 +554,7 @@ class PlanFile(Check):
 
 class PlanMode(Choice):
     """plan.mode, and the plan as a whole: a manual plan must fit the model; an auto plan's sizes must agree."""
+    after = ("plan",)  # every other key of the plan
 
     def __init__(self):
         super().__init__("manual", "file", "auto")
@@ -720,6 +727,7 @@ class LayerStepTable(Check):
     bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with layer_step.hardware
     auto, that device must name a conf/hardware file."""
     null_ok = True
+    after = ("layer_step.mode", "layer_step.shapes", "layer_step.hardware")
 
     def check(self, value, key, ctx) -> None:
         InCSV(READS["latency layer step"], what=MAKE_LAYER_STEP)(value, key, ctx)
@@ -1075,6 +1083,7 @@ class Only(Check):
 
     def __init__(self, check: Check, when: str, *values: Any):
         self.check_, self.when, self.values, self.null_ok = check, when, values, check.null_ok
+        self.after = (when, *check.after)
 
     def __call__(self, value, key, ctx) -> None:
         if ctx.get(self.when) in self.values:
@@ -1104,10 +1113,11 @@ class Recipe(Check):
 class ProbeOverrides(Check):
     """plan.probe.overrides: `key=value` strings for keys of the probe's recipe (plan.probe.recipe), as on the
     command line; the recipe with them applied must pass the checks `cqil finetune` runs on a recipe (RECIPE)."""
+    after = ("plan.probe.recipe",)
 
     def check(self, value, key, ctx) -> None:
         name = ctx.get("plan.probe.recipe")
-        recipe = OmegaConf.load(ctx.conf / "recipe" / f"{name}.yaml")  # plan.probe.recipe is checked already
+        recipe = OmegaConf.load(ctx.conf / "recipe" / f"{name}.yaml")
         if not isinstance(value, list) or not all(isinstance(o, str) and "=" in o for o in value):
             raise refuse(key, value, f"must be a list of key=value strings, e.g. {key}=['train.lr=3e-3']")
         unknown = [o.split("=")[0] for o in value if OmegaConf.select(recipe, o.split("=")[0], default="?") == "?"]
@@ -1126,6 +1136,8 @@ class ProbeOverrides(Check):
 class MeshDevices(Count):
     """plan.devices: null, or N devices on which rank_by=latency ranks each plan on its best P x N/P mesh;
     some group size of plan.group_sizes must divide N."""
+
+    after = ("plan.rank_by", "plan.group_sizes")
 
     def __init__(self):
         super().__init__(2, null_ok=True, what="devices of the mesh")
@@ -1185,6 +1197,8 @@ class LossKind(Choice):
 class MaxNewTokens(Count):
     """loss.max_new_tokens: tokens the student writes at the end of each training block; the rest is its prompt."""
 
+    after = ("train.block_size",)
+
     def __init__(self):
         super().__init__(1, what="tokens the student writes per block")
 
@@ -1209,6 +1223,8 @@ class Shares(Check):
 class PromptTokens(Count):
     """teacher_text.prompt_tokens: a continuation prompt's training-split tokens, shorter than a training block (when
     teacher_text.samples > 0, which reads it)."""
+
+    after = ("train.block_size",)
 
     def __init__(self):
         super().__init__(1, what="training-split tokens per continuation prompt")
@@ -1355,7 +1371,7 @@ RECIPE = {
     "train.warmup": Number(0, what="steps, or a fraction of max_steps if < 1"), "train.weight_decay": Number(0),
     "train.max_grad_norm": Number(0, lo_open=True), "train.seed": Int(), "train.bf16": Choice("auto", True, False),
     "train.gradient_checkpointing": Choice("auto", True, False),
-    "loss.max_new_tokens": MaxNewTokens(),  # after train.block_size, which it reads
+    "loss.max_new_tokens": MaxNewTokens(),
 }
 PROBE = "plan.budget", BUDGETS[1]  # plan=auto reads plan.probe.* only then
 PLAN = {
@@ -1390,7 +1406,7 @@ PLAN = {
     "plan.latency.ungrouped": Choice(*RUNTIME["ungrouped"]),
     "plan.table": OutFile(".csv", table="plan candidates"),
     "plan.out": OutFile(".json"),
-    "plan.mode": PlanMode(),  # last: the plan as a whole
+    "plan.mode": PlanMode(),  # the plan as a whole
 }
 THREADS = {"threads": Count(1, what="torch CPU threads")}
 SECONDS = Number(0, lo_open=True, what="seconds")
@@ -1496,7 +1512,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "hybrid.layout": Layout(), "hybrid.end_margin": Count(0, what="layers after the last group"),
         "hybrid_out": OutFile(".csv", table="latency hybrid"),
         "hybrid_candidates_out": OutFile(".csv", table="latency hybrid candidates"), "hybrid_png": OutFile(".png"),
-        # the measured layer step (read by the table check below them)
+        # the measured layer step
         "layer_step.mode": Choice("compiled", "eager"), "layer_step.shapes": StrList(nonempty=False),
         "layer_step.figures": Choices("layer_overhead_s", "bw_eff"), "layer_step.hardware": Hardware(auto=True),
         "layer_step.csv": LayerStepTable(),
@@ -1548,7 +1564,7 @@ def check_recipe(recipe: dict, prefix: str = "", model: dict | None = None, ctx:
               ctx.conf if ctx else conf_dir())
     if ctx is not None:
         sub.later = ctx.later
-    for pattern, check in RECIPE.items():
+    for pattern, check in ordered(RECIPE):
         if pattern.startswith(prefix):
             for k, v in _items(sub.values, pattern.split(".")):
                 check(v, k, sub)
@@ -1563,6 +1579,27 @@ def _items(values: Any, parts: list[str], prefix: str = "") -> Iterator[tuple[st
         return
     for name in (fnmatch.filter(values, parts[0]) if "*" in parts[0] else [parts[0]] if parts[0] in values else []):
         yield from _items(values[name], parts[1:], f"{prefix}{name}.")
+
+
+def ordered(table: dict[str, Check]) -> list[tuple[str, Check]]:
+    """The entries of a check table in the order they run: as declared, but each after the entries its check's
+    `after` names (a key, or a group: every key under it). Checks that wait on each other are a mistake here."""
+    done: set[str] = set()
+    out: list[tuple[str, Check]] = []
+
+    def visit(pattern: str, trail: tuple[str, ...]) -> None:
+        if pattern in done:
+            return
+        assert pattern not in trail, f"checks that wait on each other: {' -> '.join((*trail, pattern))}"
+        for first in table:
+            if first != pattern and any(first == a or first.startswith(f"{a}.") for a in table[pattern].after):
+                visit(first, (*trail, pattern))
+        done.add(pattern)
+        out.append((pattern, table[pattern]))
+
+    for pattern in table:
+        visit(pattern, ())
+    return out
 
 
 def check_keys(job: str, cfg: DictConfig, patterns: tuple[str, ...]) -> None:
@@ -1637,7 +1674,7 @@ def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -
     check_overrides(job, list(overrides))
     raw = OmegaConf.to_container(cfg, resolve=False)
     literal = Ctx(job, cfg, raw, conf)
-    for pattern, check in table.items():
+    for pattern, check in ordered(table):
         for key, value in _items(raw, pattern.split(".")):
             check.literal(value, key, literal)
     try:
@@ -1647,7 +1684,7 @@ def validate(job: str, cfg: DictConfig, conf: Path, overrides: list[str] = ()) -
         raise CqilError(f"the config does not resolve: {str(e).strip().splitlines()[0]}") from None
     _missing(values, table)
     ctx = Ctx(job, cfg, values, conf)
-    for pattern, check in table.items():
+    for pattern, check in ordered(table):
         for key, value in _items(values, pattern.split(".")):
             try:
                 check(value, key, ctx)
