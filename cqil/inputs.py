@@ -7,6 +7,7 @@ cqil.models, cqil.data and cqil.costs use them to load and cost what was checked
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import dataclass
@@ -287,9 +288,15 @@ def check_tokens(n: int | None, block_size: int, what: str = "max_tokens") -> No
 
 
 def bench_command(path: str) -> str:
-    """The `cqil bench` line that writes `path`, the plan left for the user to give: a file name does not say
-    which plan a table holds (a table that exists says it in its `command` column)."""
-    return f"cqil bench plan.start=.. plan.end=.. out={path}"
+    """The `cqil bench` line that writes `path`: the table's own (its first row's `command` column, which names its
+    plan), or, for a table that does not exist or says none, one with the plan left for the user to give (a file
+    name does not say which plan a table holds)."""
+    try:
+        with open(Path(path).expanduser(), newline="", encoding="utf-8") as f:
+            command = next(csv.DictReader(f), {}).get("command")
+    except (OSError, UnicodeDecodeError, csv.Error):
+        command = None
+    return command or f"cqil bench plan.start=.. plan.end=.. out={path}"
 
 
 def cuda_driver_present() -> bool:

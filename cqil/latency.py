@@ -78,9 +78,8 @@ def load_bench(paths: list[str]) -> pd.DataFrame:
         df = read_csv(path)
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
-            rerun = df.command.iloc[0] if "command" in df and len(df) else bench_command(path)  # the table's own
             raise CqilError(f"{path} lacks the columns {', '.join(missing)} (made by an older cqil bench); "
-                            f"rerun `{rerun}`")
+                            f"rerun `{bench_command(path)}`")  # the table's own command
         if "mesh_p" not in df:  # older tables: every multi-process setup ran on the devices x tp mesh
             df = df.assign(mesh_p=df.devices, mesh_t=df.tp)
         if "compile" in df:  # the model's CPU figures are eager steps (compiled rows are paired with compiled (a))

@@ -8,6 +8,7 @@ import pytest
 
 from cqil import checks, plots
 from cqil.cli import compose
+from cqil.inputs import bench_command
 from cqil.outputs import PROVENANCE, READS, TABLES
 from cqil.plot import inputs
 from cqil.results import update_table
@@ -59,3 +60,11 @@ def test_a_writer_cannot_drop_a_declared_column(tmp_path):
     assert TABLES["sweep"].ours(tmp_path / "sweep.csv")
     with pytest.raises(AssertionError, match="lack perplexity"):
         update_table("sweep", [{k: v for k, v in row.items() if k != "perplexity"}], tmp_path / "sweep.csv")
+
+
+def test_the_command_that_remakes_a_bench_table_is_its_own():
+    """A bench table names its plan in its `command` column, never in its file name: that is the command to remake
+    it; a table that does not exist gets the command with the plan left to give."""
+    table = REPO / "results" / "bench" / "latency_smollm2-135m_auto-T32.csv"
+    assert bench_command(str(table)) == pd.read_csv(table).command.iloc[0]
+    assert bench_command("none_S24E28P2D0.csv") == "cqil bench plan.start=.. plan.end=.. out=none_S24E28P2D0.csv"
