@@ -1,6 +1,7 @@
 """Torch-free input code that the jobs and the checks share: where a model or a text file is, how text files are
 read, what a model's config says about the code it names and its completeness, the token-count rule, which device
-`auto` means, the safetensors files of a checkpoint, and which conf/hardware file names a device.
+`auto` means, the safetensors files of a checkpoint, which conf/hardware file names a device, cqil generate's
+prompts and cqil eval's model entries (.jsonl rows read by one reader).
 
 cqil.checks validates config values with these before any work (so nothing here imports torch or transformers);
 cqil.models, cqil.data and cqil.costs use them to load and cost what was checked.

@@ -93,15 +93,16 @@ def update_table(table: str, rows: pd.DataFrame | list[dict], path: str | Path,
     (a writer that drops one would write a table that cqil no longer recognises as its own)."""
     schema = outputs.TABLES[table]
     new = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-    lacks = schema.lacks(list(new.columns)) if len(new) else []
-    assert not lacks, f"rows of the {table} table lack {', '.join(lacks)} (cqil.outputs.TABLES declares them)"
     with outputs.lock(path):
-        if outputs.through(path).exists():
-            missing = schema.missing(path)
-            if missing != []:
-                why = f"it lacks the column(s) {', '.join(missing[:4])}" if missing else "it is not a readable CSV"
-                raise CqilError(f"{path} is not a cqil {table} table ({why}); cqil never overwrites other files: "
-                                "choose another path, or move that file away")
+        exists = outputs.through(path).exists()
+        missing = schema.missing(path) if exists else []
+        if missing != []:  # a file that is not this table: the user's, never overwritten
+            why = f"it lacks the column(s) {', '.join(missing[:4])}" if missing else "it is not a readable CSV"
+            raise CqilError(f"{path} is not a cqil {table} table ({why}); cqil never overwrites other files: "
+                            "choose another path, or move that file away")
+        lacks = schema.lacks(list(new.columns)) if len(new) else []
+        assert not lacks, f"rows of the {table} table lack {', '.join(lacks)} (cqil.outputs.TABLES declares them)"
+        if exists:
             old = pd.read_csv(outputs.through(path))
             keep = pd.Series(True, index=old.index)
             if len(new) and set(schema.key) <= set(old.columns):  # rows from before a key column never match
