@@ -722,10 +722,10 @@ MAKE_LAYER_STEP = "make it with `make gpu-check` (one GPU) or `python scripts/la
 
 
 class LayerStepTable(Check):
-    """cqil latency's layer_step.csv: null, or a table of the layer-step microbenchmark that parses, has
-    the columns of READS["latency layer step"], and has rows of layer_step.mode (and layer_step.shapes) from one device with positive
-    bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with layer_step.hardware
-    auto, that device must name a conf/hardware file."""
+    """cqil latency's layer_step.csv: null, or a table of the layer-step microbenchmark that parses, has the columns
+    of READS["latency layer step"], and has rows of layer_step.mode (and layer_step.shapes) from one device with
+    positive bytes and times at two or more sizes (what the fit t = c0 + bytes / bandwidth needs); with
+    layer_step.hardware auto, that device must name a conf/hardware file."""
     null_ok = True
     after = ("layer_step.mode", "layer_step.shapes", "layer_step.hardware")
 
@@ -1373,7 +1373,7 @@ RECIPE = {
     "train.gradient_checkpointing": Choice("auto", True, False),
     "loss.max_new_tokens": MaxNewTokens(),
 }
-PROBE = "plan.budget", BUDGETS[1]  # plan=auto reads plan.probe.* only then
+PROBE = "plan.budget", "after_recovery"  # plan=auto reads plan.probe.* only then
 PLAN = {
     "plan.start": Count(0), "plan.end": Count(0), "plan.group_size": Count(1), "plan.bypass": Count(0),
     "plan.groups": Groups(),
