@@ -30,10 +30,12 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
+from .config import recipe_node, recipes
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
@@ -1116,7 +1118,7 @@ class Recipe(Check):
     """A recovery recipe: the name of conf/recipe/<name>.yaml."""
 
     def check(self, value, key, ctx) -> None:
-        known = sorted(p.stem for p in (ctx.conf / "recipe").glob("*.yaml"))
+        known = recipes(ctx.conf)
         if value not in known:
             raise refuse(key, value, f"unknown recipe; known: {', '.join(known)} (conf/recipe/)")
 
@@ -1127,15 +1129,15 @@ class ProbeOverrides(Check):
 
     def check(self, value, key, ctx) -> None:
         name = ctx.get("plan.probe.recipe")
-        recipe = OmegaConf.load(ctx.conf / "recipe" / f"{name}.yaml")  # plan.probe.recipe is checked already
+        recipe = recipe_node(name, conf=ctx.conf)  # plan.probe.recipe is checked already
         if not isinstance(value, list) or not all(isinstance(o, str) and "=" in o for o in value):
             raise refuse(key, value, f"must be a list of key=value strings, e.g. {key}=['train.lr=3e-3']")
         unknown = [o.split("=")[0] for o in value if OmegaConf.select(recipe, o.split("=")[0], default="?") == "?"]
         if unknown:
             raise refuse(key, value, f"recipe {name} has no key {unknown[0]} (it has lora.*, loss.*, train.*)")
         try:
-            recipe = OmegaConf.to_container(OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(value))))
-        except OmegaConfBaseException as e:
+            recipe = OmegaConf.to_container(recipe_node(name, list(value), ctx.conf))
+        except (HydraException, OmegaConfBaseException) as e:
             raise refuse(key, value, f"does not apply to recipe {name}: {str(e).splitlines()[0]}") from None
         sub = Ctx(ctx.job, ctx.cfg, {**recipe, "model": ctx.get("model")}, ctx.conf)
         sub.later = ctx.later

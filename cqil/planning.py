@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import dataclasses
 import os
 import tempfile
 import time
@@ -49,7 +50,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,6 +57,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CqilError, data
+from .config import data_config, recipe_config, recipe_node, recipes
 from .distill import make_trainer, unload_original
 from .costs import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
@@ -70,11 +71,11 @@ SEARCHES = ("bisect", "all")
 
 
 def plain(cfg) -> dict:
-    """A config section as a plain dict (DictConfig, dataclass or dict)."""
+    """A config section as a plain dict (DictConfig, a cqil.config dataclass or dict): what the search reads."""
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, data.DataConfig):
-        return dict(vars(cfg))
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
     return dict(cfg)
 
 
@@ -272,21 +273,16 @@ def pareto_front(table: pd.DataFrame, key: str) -> pd.Series:
 # ---- the recovery probe -----------------------------------------------------------------------
 def load_recipe(name: str, overrides: list[str] = ()) -> dict:
     """The recovery recipe `name` as `cqil finetune recipe=<name>` composes it (conf/recipe/<name>.yaml with its
-    hydra defaults, then key=value overrides such as train.lr=3e-3): {'recipe_name', 'lora', 'loss', 'train'}."""
-    path = conf_dir() / "recipe" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise CqilError(f"unknown recipe {name!r} (plan.probe.recipe): no {path}; known: {', '.join(known)}")
+    hydra defaults, then key=value overrides such as train.lr=3e-3; cqil.config.recipe_node): {'recipe_name',
+    'lora', 'loss', 'train'}, as cqil.distill reads it."""
+    if name not in recipes():
+        raise CqilError(f"unknown recipe {name!r} (plan.probe.recipe): no {conf_dir() / 'recipe' / name}.yaml; "
+                        f"known: {', '.join(recipes())}")
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = compose(config_name=None, overrides=[f"+recipe={name}", *overrides])
+        node = recipe_node(name, overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise CqilError(f"bad plan.probe.overrides {list(overrides)}: {str(e).strip().splitlines()[0]}") from None
-    recipe = OmegaConf.to_container(cfg, resolve=True)
-    missing = [k for k in ("lora", "loss", "train") if k not in recipe]
-    if missing:
-        raise CqilError(f"recipe {name!r} ({path}) has no {', '.join(missing)} section")
-    return recipe
+    return recipe_config(node).as_dict()
 
 
 @contextlib.contextmanager
@@ -420,7 +416,7 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
     if budget_kind == "after_recovery" and probe_cfg.get("search", "bisect") not in SEARCHES:
         raise PlanError(f"plan.probe.search={probe_cfg.get('search')!r} is not one of {', '.join(SEARCHES)}")
     n = model.config.num_hidden_layers
-    dcfg = data.DataConfig(**plain(data_cfg))
+    dcfg = data_config(plain(data_cfg))
     sim = similarity_matrix(cfg["similarity_csv"], n)
     recipe = load_recipe(probe_cfg["recipe"], list(probe_cfg.get("overrides") or [])) \
         if budget_kind == "after_recovery" else None  # a bad recipe fails before minutes of scoring
