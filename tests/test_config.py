@@ -49,7 +49,10 @@ def test_job_configs_build_every_group_they_compose():
     assert config.plan_config(cfg.plan).probe.recipe == "kl"
     assert config.data_config(cfg.ood_data, "ood_data").name == "english_ood"
     # finetune's train section holds its own keys beside the recipe's: named, so a stray key still fails
-    assert config.recipe_config(cfg, own=finetune.OWN_TRAIN).as_dict() == planning.load_recipe("kl")
+    recipe = config.recipe_config(cfg, own=finetune.OWN_TRAIN).as_dict()
+    assert recipe == planning.load_recipe("kl")
+    # the run fingerprint's lora and loss: the composed sections as they are (a resumed run matches its old one)
+    assert {k: recipe[k] for k in ("lora", "loss")} == {k: OmegaConf.to_container(cfg[k]) for k in ("lora", "loss")}
     with pytest.raises(CqilError, match=r"^recipe\.train\.save_steps is not a setting"):
         config.recipe_config(cfg)
 
