@@ -278,9 +278,9 @@ def test_converted_directory_brings_its_own_plan(trained):
     out, _, _ = trained
     model, tokenizer = models.load({"name": "merged", "path": str(out / "merged")})
     empty = {"mode": "manual", "start": 0, "end": 0, "group_size": 1}
-    assert finetune.choose_plan(empty, model, tokenizer, None) == PLAN
+    assert finetune.choose_plan(config.plan_config(empty), model, tokenizer, None) == PLAN
     same = {**empty, "start": 1, "end": 5, "group_size": 2, "bypass": 1}
-    assert finetune.choose_plan(same, model, tokenizer, None) == PLAN
+    assert finetune.choose_plan(config.plan_config(same), model, tokenizer, None) == PLAN
 
 
 def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
