@@ -107,7 +107,7 @@ OPTIONS_HELP = """options:
   -m, --multirun   one run per combination of comma-separated values (plan.start=10,12 group_size=2,3), one
                    after another, each checked before the first starts and each writing its own result rows
   --cfg job        print the composed config and exit (--resolve: with interpolations resolved)
-  -q, --quiet      errors only: no lines, bars or warnings on success
+  -q, --quiet      errors only: no lines, bars or warnings on success (cqil generate still prints its completions)
   -v, --verbose    also the libraries' (transformers, datasets) info messages"""
 
 

@@ -52,6 +52,13 @@ class _Stdout:
         sys.stdout.flush()
 
 
+def product() -> contextlib.AbstractContextManager:
+    """stdout past the gate for the body: what a job is run for (cqil generate's completions) shows even with -q,
+    as `cat -q` would still print the file."""
+    out = sys.stdout
+    return contextlib.redirect_stdout(out.stream if isinstance(out, Gate) else out)
+
+
 @contextlib.contextmanager
 def shown(verbosity: int) -> Iterator[None]:
     """Run the body at `verbosity` (-1 quiet, 0 default, 1 verbose): see the module docstring."""

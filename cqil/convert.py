@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> None:
     plan_seconds = time.perf_counter() - start
     n = model.config.num_hidden_layers
     out_dir = Path(cfg.out_dir or f"outputs/converted/{model_cfg.name}_{plan.tag()}")
-    print(f"cqil convert: {model_cfg.name} ({n} layers) with {plan.describe()} "
+    print(f"plan for {model_cfg.name} ({n} layers): {plan.describe()} "
           f"(ideal latency reduction {plan.ideal_latency_reduction(n):.1%}) -> {out_dir}")
 
     ppl_before = perplexity(model, eval_blocks, cfg.batch_size, desc="original")
@@ -82,7 +82,7 @@ def sweep(cfg: DictConfig) -> None:
     ends = [n - 2, n - 1] if cfg.ends is None else list(cfg.ends)
     plans = sweep_plans(n, list(cfg.group_sizes), ends, cfg.min_start, cfg.bypass)
     blocks = data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")
-    print(f"cqil sweep: {len(plans)} plans (E in {ends}, P in {list(cfg.group_sizes)}) on {blocks.numel()} "
+    print(f"{len(plans)} plans (E in {ends}, P in {list(cfg.group_sizes)}) on {blocks.numel()} "
           f"held-out tokens of {data_cfg.name}")
     start = time.perf_counter()
     ppl = plan_perplexities(model, blocks, [Plan()] + plans, cfg.batch_size, "sweep")

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig
 from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from . import CqilError, costs, models
+from . import CqilError, console, costs, models
 from .config import plan_config
 from .outputs import write_text
 from .plan import Plan
@@ -343,6 +343,17 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
         say(f"warm-up, which compiled the first batch's shape: {time.perf_counter() - start:.1f} s (another batch "
             "shape compiles during its first prefill and decode step)")
 
+    with console.product():  # the completions are the job's output: printed even with -q
+        completions, timings = _complete(cfg, job, rt, lead, s, pad)
+    if mesh is not None:
+        check_agreement(completions)
+    if lead:
+        report(cfg, job, rt, completions, timings, device_type, layouts["by"])
+    return completions
+
+
+def _complete(cfg: DictConfig, job: Job, rt: Runtime, lead: bool, s: DictConfig, pad: int) -> tuple[list[Completion], list[Timing]]:
+    """Every prompt's completion, batch by batch; rank 0 (`lead`) prints each as it comes."""
     completions: list[Completion] = []
     timings: list[Timing] = []
     for first in range(0, len(job.ids), cfg.batch_size):
@@ -365,11 +376,7 @@ def worker(cfg: DictConfig, job: Job | None = None) -> list[Completion]:
             stream.end()  # the rest of the text and a newline
         if lead:
             print(flush=True)
-    if mesh is not None:
-        check_agreement(completions)
-    if lead:
-        report(cfg, job, rt, completions, timings, device_type, layouts["by"])
-    return completions
+    return completions, timings
 
 
 def job_variant(cfg: DictConfig, job: Job, device: torch.device, dtype: torch.dtype) -> tuple[Variant, dict]:

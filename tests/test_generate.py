@@ -172,6 +172,16 @@ def test_one_process_greedy_equals_generate_and_streams(ckpt, capsys):
     assert all(p in stdout for p in PROMPTS)
 
 
+def test_quiet_prints_the_completions_alone(ckpt, tmp_path, monkeypatch, capfd):
+    """-q silences the job's lines and bars, not what it is run for: every prompt and its completion on stdout."""
+    monkeypatch.chdir(tmp_path)
+    cli.main(["generate", "-q", *job_overrides(ckpt, "model.device=cpu", "batch_size=3", f"out={tmp_path / 'c.jsonl'}",
+                                               f"results={tmp_path / 'g.csv'}")])
+    out, err = capfd.readouterr()
+    texts = [json.loads(line)["text"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert err == "" and out == "".join(p + t + "\n" for p, t in zip(PROMPTS, texts)) + "\n"
+
+
 def test_compiled_generate_equals_generate(ckpt):
     """runtime.compile=default (inductor, prompts padded to PROMPT_BLOCK tokens, static cache): transformers' tokens."""
     assert one_process(ckpt, *plan_overrides(P2), "batch_size=3", "runtime.compile=default") == reference(ckpt, P2, 3)
