@@ -21,6 +21,7 @@ model path or a text file is, how text files are read, the token-count rule, ...
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import json
 import math
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
-from .config import recipe_node, recipes
+from .config import DataConfig, recipe_node, recipes
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, TABLES, foreign, owned
 from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
@@ -1250,7 +1251,7 @@ class PromptTokens(Count):
 class Texts(Check):
     """cqil eval's texts: held-out corpora, each a data config name (conf/data/<name>.yaml, or the composed data
     group's name) or an inline data config {name, files, ...}; every corpus once."""
-    KEYS = ("name", "files", "hf", "block_size", "calibration_fraction", "evaluation_fraction")
+    KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, list):

@@ -176,7 +176,7 @@ def _plain(node: DictConfig | dict) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
-def _nested(hint: Any) -> type | None:
+def nested(hint: Any) -> type | None:
     """The dataclass a field holds (also as `X | None`), else None."""
     if dataclasses.is_dataclass(hint):
         return hint
@@ -197,7 +197,7 @@ def build(cls: type, values: DictConfig | dict, where: str):
                         "check its spelling")
     kwargs = {}
     for name, value in values.items():
-        inner = _nested(hints[name])
+        inner = nested(hints[name])
         kwargs[name] = build(inner, value, f"{where}.{name}") if inner and isinstance(value, dict) else value
     try:
         return cls(**kwargs)

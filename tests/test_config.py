@@ -3,11 +3,12 @@ refused, and the objects hold exactly what the files say (what the jobs read and
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 from omegaconf import OmegaConf
 
-from cqil import CqilError, cli, config, finetune, paths, planning
+from cqil import CqilError, checks, cli, config, finetune, paths, planning
 
 GROUPS = {"model": config.model_config, "data": config.data_config, "plan": config.plan_config}
 
@@ -70,3 +71,20 @@ def test_a_misspelt_group_key_is_still_one_line_and_exit_2(capsys):
             cli.main(["convert", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("cqil convert: error: "), (args, err)
+
+
+def fields_of(cls: type, prefix: str) -> set[str]:
+    """The dotted keys of a group's dataclass, nested sections spelled out (plan.probe.steps)."""
+    out = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        inner = config.nested(hint)
+        out |= fields_of(inner, f"{prefix}{name}.") if inner else {f"{prefix}{name}"}
+    return out
+
+
+def test_every_field_has_its_check_and_every_check_its_field():
+    """One schema per group: the dataclass the jobs read and the checks cqil.checks runs name the same keys."""
+    assert fields_of(config.ModelConfig, "model.") == set(checks.MODEL)
+    assert fields_of(config.DataConfig, "data.") == set(checks.data_checks(()))
+    assert fields_of(config.PlanConfig, "plan.") == set(checks.PLAN)
+    assert fields_of(config.RecipeConfig, "") == set(checks.RECIPE)
