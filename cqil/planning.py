@@ -36,8 +36,8 @@ the plan to the others.
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 import os
 import tempfile
 import time
