@@ -59,7 +59,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -72,7 +72,8 @@ from tqdm import tqdm
 
 from . import CqilError, costs, data, models
 from .checks import check_keys
-from .plan import Plan, plan_from_config
+from .config import data_config, model_config, plan_config
+from .plan import Plan
 from .control import Control
 from .planning import resolve_plan
 from .plots import bench_latency
@@ -92,9 +93,9 @@ def run(cfg: DictConfig) -> None:
     check_protocol(cfg)
     if cfg.devices < 2:
         raise CqilError(f"devices={cfg.devices}: CQIL needs at least 2 devices to run group members concurrently")
-    plan_cfg = OmegaConf.to_object(cfg.plan)
-    if plan_cfg.get("mode", "manual") != "auto":  # a given plan can be checked before starting processes
-        check_devices(plan_from_config(plan_cfg, None), cfg.devices)
+    plan_cfg = plan_config(cfg.plan)
+    if plan_cfg.mode != "auto":  # a given plan can be checked before starting processes
+        check_devices(plan_cfg.given(None), cfg.devices)
     if not str(cfg.model.device).startswith("cuda") and world * cfg.threads_per_rank > (os.cpu_count() or 1):
         print(f"warning: {world} ranks x {cfg.threads_per_rank} threads on {os.cpu_count()} CPUs: ranks share cores, "
               "so the timings say little (fine for checking that it runs)", file=sys.stderr)
@@ -519,12 +520,12 @@ class Setups:
 def bench_plan(cfg: DictConfig, config, tokenizer, data_cfg: data.DataConfig, control: Control) -> Plan:
     """The plan, resolved once: given plans directly; plan=auto on rank 0 (it scores candidates on the
     whole model, loaded there alone) and broadcast to the other ranks."""
-    plan_cfg = OmegaConf.to_object(cfg.plan)
-    if plan_cfg.get("mode", "manual") != "auto":
-        return plan_from_config(plan_cfg, config.num_hidden_layers)
+    plan_cfg = plan_config(cfg.plan)
+    if plan_cfg.mode != "auto":
+        return plan_cfg.given(config.num_hidden_layers)
     chosen = None
     if dist.get_rank() == 0:
-        model, _ = models.load({**OmegaConf.to_object(cfg.model), "device": "cpu"})
+        model, _ = models.load(replace(model_config(cfg.model), device="cpu"))
         chosen = json.dumps(resolve_plan(plan_cfg, model, tokenizer, data_cfg).to_dict())
         del model
     return Plan.from_dict(json.loads(control.decide(chosen, "rank 0 choosing plan=auto", busy=True)),
@@ -578,11 +579,10 @@ def build_setups(cfg: DictConfig, device: torch.device, control: Control) -> Set
     variant in `cqil`; tensor parallelism over all ranks once per variant in `tensor_parallel`; each also
     compiled in every mode of `compile` (a twin: no second copy of the weights).
     All ranks call this together."""
-    model_cfg = OmegaConf.to_object(cfg.model)
-    path, dtype = model_cfg["path"], models.dtype_of(model_cfg.get("dtype", "float32"))
-    trust = model_cfg.get("trust_remote_code", False)
+    model_cfg = model_config(cfg.model)
+    path, dtype, trust = model_cfg.path, models.dtype_of(model_cfg.dtype), model_cfg.trust_remote_code
     config, tokenizer = models.load_config(path, trust), models.load_tokenizer(path, trust)
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    data_cfg = data_config(cfg.data)
     plan = bench_plan(cfg, config, tokenizer, data_cfg, control)
     check_devices(plan, cfg.devices)
     if max(cfg.prompt_tokens) > data_cfg.block_size:

@@ -21,6 +21,7 @@ model path or a text file is, how text files are read, the token-count rule, ...
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import json
 import math
@@ -30,10 +31,12 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import CqilError
+from .config import DataConfig, recipe_node, recipes
 from .outputs import FINETUNE, FINETUNE_PARTS, MANIFEST, MODEL as MODEL_DIR, READS, TABLES, Read, foreign, owned
 from .inputs import (BUNDLED, DTYPE_ALIASES, FAMILIES, bench_command, check_tokens, converted_refusal, cuda_driver_present,
                      custom_code, hardware_named, incomplete_config, is_converted_config, locate_model, locate_text,
@@ -1105,7 +1108,7 @@ class Recipe(Check):
     """A recovery recipe: the name of conf/recipe/<name>.yaml."""
 
     def check(self, value, key, ctx) -> None:
-        known = sorted(p.stem for p in (ctx.conf / "recipe").glob("*.yaml"))
+        known = recipes(ctx.conf)
         if value not in known:
             raise refuse(key, value, f"unknown recipe; known: {', '.join(known)} (conf/recipe/)")
 
@@ -1117,15 +1120,15 @@ class ProbeOverrides(Check):
 
     def check(self, value, key, ctx) -> None:
         name = ctx.get("plan.probe.recipe")
-        recipe = OmegaConf.load(ctx.conf / "recipe" / f"{name}.yaml")
+        recipe = recipe_node(name, conf=ctx.conf)
         if not isinstance(value, list) or not all(isinstance(o, str) and "=" in o for o in value):
             raise refuse(key, value, f"must be a list of key=value strings, e.g. {key}=['train.lr=3e-3']")
         unknown = [o.split("=")[0] for o in value if OmegaConf.select(recipe, o.split("=")[0], default="?") == "?"]
         if unknown:
             raise refuse(key, value, f"recipe {name} has no key {unknown[0]} (it has lora.*, loss.*, train.*)")
         try:
-            recipe = OmegaConf.to_container(OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(value))))
-        except OmegaConfBaseException as e:
+            recipe = OmegaConf.to_container(recipe_node(name, list(value), ctx.conf))
+        except (HydraException, OmegaConfBaseException) as e:
             raise refuse(key, value, f"does not apply to recipe {name}: {str(e).splitlines()[0]}") from None
         try:
             check_recipe(recipe, model=ctx.get("model"), ctx=ctx)
@@ -1240,7 +1243,7 @@ class PromptTokens(Count):
 class Texts(Check):
     """cqil eval's texts: held-out corpora, each a data config name (conf/data/<name>.yaml, or the composed data
     group's name) or an inline data config {name, files, ...}; every corpus once."""
-    KEYS = ("name", "files", "hf", "block_size", "calibration_fraction", "evaluation_fraction")
+    KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
 
     def check(self, value, key, ctx) -> None:
         if not isinstance(value, list):

@@ -18,25 +18,14 @@ from every document.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from . import CqilError
+from .config import DataConfig, data_config
 from .inputs import check_tokens, locate_text, read_text
 
 SPLITS = ("calibration", "training", "evaluation")
-
-
-@dataclass
-class DataConfig:
-    """The `data` config group (conf/data/*.yaml)."""
-    name: str
-    files: list[str] = field(default_factory=list)  # relative: working directory, else $CQIL_CACHE/texts
-    hf: dict | None = None                            # {path, name, split, text_field}
-    block_size: int = 512
-    calibration_fraction: float = 0.1
-    evaluation_fraction: float = 0.1
 
 
 def documents(cfg: DataConfig) -> list[tuple[str, str]]:
@@ -72,7 +61,7 @@ def token_blocks(cfg: DataConfig | dict, tokenizer, split: str, max_tokens: int 
 
     block_size: window length (default cfg.block_size); `what` names the config key of max_tokens in errors.
     """
-    cfg = cfg if isinstance(cfg, DataConfig) else DataConfig(**cfg)
+    cfg = cfg if isinstance(cfg, DataConfig) else data_config(cfg)
     block_size = block_size or cfg.block_size
     if split not in SPLITS:
         raise CqilError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")

@@ -24,6 +24,7 @@ One CSV row per model x task x metric (x corpus for the text tasks).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -43,9 +44,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from . import CqilError, data, inputs, models
+from .config import data_by_name, data_config, model_config
 from .metrics import all_logits, greedy_agreement, greedy_tokens, perplexity, teacher_forced_agreement
 from .modeling import apply_plan, get_plan
-from .paths import cache_dir, conf_dir
+from .paths import cache_dir
 from .planning import resolve_plan
 from .outputs import write_text
 from .results import plan_columns, provenance, update_table
@@ -134,7 +136,7 @@ def cloze_jsonl(out: Path, source: str, items: int, context_words: int, min_leng
     evenly among the documents, evenly spaced within each, documents taking turns. Deterministic."""
     tokenizer = models.load_tokenizer(split_tokenizer)
     found = [cloze_items(text, context_words, min_length)
-             for _, text in split_texts(data_config(source), tokenizer, "evaluation")]
+             for _, text in split_texts(data_by_name(source), tokenizer, "evaluation")]
     if sum(map(len, found)) < items:
         raise CqilError(f"the evaluation split of {source!r} has only {sum(map(len, found))} cloze targets, {items} "
                         "asked; lower metadata.build items in cqil/tasks/cqil_cloze.yaml or use more text")
@@ -301,20 +303,6 @@ def lm_eval_task(lm, tm, task: str, num_fewshot: int | None, limit, cfg: DictCon
 
 
 # ---- text tasks: held-out corpora, perplexity, agreement with the reference ---------------
-def data_config(name: str) -> data.DataConfig:
-    """The data config conf/data/<name>.yaml, as a DataConfig."""
-    path = conf_dir() / "data" / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise CqilError(f"no data config {name!r} (conf/data/{name}.yaml); known: {known}")
-    spec = OmegaConf.load(path)
-    missing = [k for k in spec if OmegaConf.is_missing(spec, k)]
-    if missing:
-        raise CqilError(f"data config {name!r} needs {', '.join(missing)}; give it as data={name} "
-                        f"data.{missing[0]}=... and name it in texts")
-    return data.DataConfig(**OmegaConf.to_container(spec, resolve=True))
-
-
 def text_corpora(cfg: DictConfig) -> list[data.DataConfig]:
     """The held-out corpora of the text tasks, from `texts`: data config names (the name of the composed `data`
     group means that group, with its overrides) or inline data configs {name, files, ...}."""
@@ -322,12 +310,12 @@ def text_corpora(cfg: DictConfig) -> list[data.DataConfig]:
     for i, t in enumerate(OmegaConf.to_container(cfg.texts, resolve=True) or []):
         if isinstance(t, dict):
             try:
-                out.append(data.DataConfig(**t))
-            except TypeError as e:
+                out.append(data_config(t, f"texts[{i}]"))
+            except CqilError as e:
                 raise CqilError(f"texts[{i}] is not a data config ({e}); give a data config name or "
                                 "{name: ..., files: [...]}") from None
         else:
-            out.append(data.DataConfig(**OmegaConf.to_object(cfg.data)) if t == cfg.data.name else data_config(str(t)))
+            out.append(data_config(cfg.data) if t == cfg.data.name else data_by_name(str(t)))
     names = [c.name for c in out]
     if len(set(names)) < len(names):
         raise CqilError(f"texts names a corpus twice ({', '.join(names)}); each corpus once")
@@ -409,8 +397,7 @@ def present(entries: list[dict]) -> list[dict]:
 
 def load_entry(entry: dict, cfg: DictConfig, data_cfg: data.DataConfig):
     """(model, tokenizer) of one entry: loaded as saved, then its plan applied if it names one."""
-    model, tokenizer = models.load({"name": entry["label"], "path": entry["path"], "dtype": cfg.model.dtype,
-                                    "device": cfg.model.device, "trust_remote_code": cfg.model.trust_remote_code})
+    model, tokenizer = models.load(dataclasses.replace(model_config(cfg.model), name=entry["label"], path=entry["path"]))
     if entry["plan"] is not None:
         apply_plan(model, resolve_plan(entry["plan"], model, tokenizer, data_cfg))
     return model, tokenizer
@@ -474,7 +461,7 @@ def table(df: pd.DataFrame) -> str:
 def run(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": intended
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    data_cfg = data_config(cfg.data)
     tasks = expand_tasks(list(cfg.tasks), OmegaConf.to_container(cfg.suites))
     corpora = text_corpora(cfg) if set(tasks) & set(TEXT_TASKS) else []
     if set(tasks) & set(TEXT_TASKS) and not corpora:

@@ -29,6 +29,7 @@ loading, so plan=auto is chosen once (cqil.planning) and every rank trains on it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import CqilError, cards, data, models, teacher_text
+from .config import DataConfig, PlanConfig, data_config, model_config, plan_config, recipe_config
 from .distill import make_trainer, teacher_mode
 from .metrics import greedy_agreement, greedy_tokens, teacher_forced_agreement
 from .modeling import apply_plan, get_plan, is_converted_dir, save_converted
@@ -59,6 +61,8 @@ from .results import command, plan_columns, provenance, update_table
 # What must match for a rerun to continue the checkpoints in out_dir (max_steps, lr, ... may change).
 FINGERPRINT_KEYS = ("model", "teacher", "plan", "lora", "loss", "data", "teacher_text", "batch_size", "grad_accum",
                     "seed")
+# The job's own keys in its `train` section, beside the recipe's (conf/finetune.yaml): not part of the recipe.
+OWN_TRAIN = ("save_steps", "save_total_limit", "train_tokens", "ddp_timeout", "report_to")
 
 
 # ---- progress log, checkpoints -----------------------------------------------------------
@@ -138,10 +142,10 @@ def check_fingerprint(out_dir: Path, fingerprint: dict, resuming: bool) -> None:
 
 
 # ---- model preparation -------------------------------------------------------------------
-def choose_plan(plan_cfg: dict, model, tokenizer, data_cfg: data.DataConfig) -> Plan:
+def choose_plan(plan_cfg: PlanConfig, model, tokenizer, data_cfg: DataConfig) -> Plan:
     """The plan to recover from: the converted model's own, or the configured one applied now."""
     own = get_plan(model)
-    if own.groups and plan_cfg.get("mode") == "auto":
+    if own.groups and plan_cfg.mode == "auto":
         return own  # a converted directory already carries the automatic choice
     wanted = resolve_plan(plan_cfg, model, tokenizer, data_cfg)
     if own.groups:
@@ -365,12 +369,12 @@ def run(cfg: DictConfig, callbacks: list[TrainerCallback] = ()) -> dict | None:
 
 def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], started: float) -> dict | None:
     """run() once this process has its device (and, under torchrun, its process group)."""
-    model_cfg = {**OmegaConf.to_object(cfg.model), "device": device}
+    model_cfg = dataclasses.replace(model_config(cfg.model), device=device)
     model, tokenizer = models.load(model_cfg)
-    teacher_path, separate = resolve_teacher(cfg.teacher.path, cfg.model.path, model.config)
-    teacher = models.load({**model_cfg, "path": teacher_path})[0].requires_grad_(False) if separate else None
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
-    plan = choose_plan(OmegaConf.to_object(cfg.plan), model, tokenizer, data_cfg)
+    teacher_path, separate = resolve_teacher(cfg.teacher.path, model_cfg.path, model.config)
+    teacher = models.load(dataclasses.replace(model_cfg, path=teacher_path))[0].requires_grad_(False) if separate else None
+    data_cfg = data_config(cfg.data)
+    plan = choose_plan(plan_config(cfg.plan), model, tokenizer, data_cfg)
     block = cfg.train.block_size
     train_blocks = data.token_blocks(data_cfg, tokenizer, "training", cfg.train.train_tokens, block, "train.train_tokens")
     written = None
@@ -380,7 +384,7 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
         train_blocks = torch.cat([train_blocks, written[0]])
     sets = {"": data.token_blocks(data_cfg, tokenizer, "evaluation", cfg.eval_tokens, what="eval_tokens")}
     if cfg.get("ood_data") is not None:
-        sets["ood_"] = data.token_blocks(data.DataConfig(**OmegaConf.to_object(cfg.ood_data)), tokenizer,
+        sets["ood_"] = data.token_blocks(data_config(cfg.ood_data, "ood_data"), tokenizer,
                                          "evaluation", cfg.ood_tokens, what="ood_tokens")
     agreement = OmegaConf.to_object(cfg.agreement)
     if agreement["prompts"] and agreement["prompt_tokens"] >= min(b.shape[1] for b in sets.values()):
@@ -389,10 +393,10 @@ def train(cfg: DictConfig, device: str, callbacks: list[TrainerCallback], starte
 
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     resume = last_checkpoint(ckpt_dir)
-    recipe = {k: OmegaConf.to_object(cfg[k]) for k in ("lora", "loss", "train")}
+    recipe = recipe_config(cfg, own=OWN_TRAIN).as_dict()
     fingerprint = {"model": cfg.model.path, "teacher": teacher_path, "plan": plan.to_dict(), "lora": recipe["lora"],
                    "loss": recipe["loss"], "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                   "seed": cfg.train.seed, "block_size": block, "data": OmegaConf.to_object(cfg.data),
+                   "seed": cfg.train.seed, "block_size": block, "data": dataclasses.asdict(data_cfg),
                    "teacher_text": written[1]["key"] if written else None}
     check_fingerprint(out_dir, fingerprint, resuming=resume is not None)
     name_adapter_base(model, tokenizer, plan, out_dir, cfg.model.name, cfg.model.path)

@@ -37,14 +37,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from transformers import GenerationConfig, LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import CqilError, console, costs, models
+from .config import plan_config
 from .inputs import prompt_list, read_prompts as read_prompts_file
 from .outputs import write_text
-from .plan import Plan, plan_from_config
+from .plan import Plan
 from .results import plan_columns, provenance, update_table
 from .runtime import Runtime, init_distributed, launch, make_mesh, shutdown, under_torchrun
 from .schedule import Variant
@@ -74,7 +75,7 @@ def job_plan(cfg: DictConfig, config) -> Plan:
     """The converted directory's own plan, else the plan config group's; refused if they disagree or if
     the plan does not fit devices x tp."""
     n = config.num_hidden_layers
-    wanted = plan_from_config(OmegaConf.to_object(cfg.plan), n)
+    wanted = plan_config(cfg.plan).given(n)
     saved = getattr(config, "cqil_plan", None)
     own = Plan.from_dict(saved, n) if saved else Plan()
     if own.groups and wanted.groups and own != wanted:

@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -44,21 +43,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from . import CqilError, inputs
+from .config import ModelConfig, model_config
 from .inputs import BUNDLED
 from .paths import cache_dir
 from .modeling import SUPPORTED_MODEL_TYPES, converted_classes, cqil_class
 
 DTYPES = {name: getattr(torch, name) for name in inputs.DTYPES}
-
-
-@dataclass
-class ModelConfig:
-    """The `model` config group (conf/model/*.yaml)."""
-    name: str
-    path: str
-    dtype: str = "float32"
-    device: str = "cpu"  # auto: cuda if available, else cpu
-    trust_remote_code: bool = False  # run code that comes with the model (its auto_map)
 
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> Path:
@@ -275,7 +265,7 @@ def refuse_tensors(path: str, missing: Iterable[str], unexpected: Iterable[str],
 def load(cfg: ModelConfig | dict):
     """Load (model, tokenizer) in eval mode; refuse non-LLaMA-family architectures and any tensor that would load
     other than as stored."""
-    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**cfg)
+    cfg = cfg if isinstance(cfg, ModelConfig) else model_config(cfg)
     dtype = dtype_of(cfg.dtype, cfg.device)
     location, extra = resolve(cfg.path)
     config = _config(cfg.path, location, extra, cfg.trust_remote_code)

@@ -36,6 +36,7 @@ the plan to the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -49,7 +50,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,6 +57,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CqilError, data
+from .config import data_config, recipe_config, recipe_node, recipes
 from .distill import make_trainer, unload_original
 from .costs import mesh_choice, predicted_reduction
 from .metrics import nll, perplexity
@@ -67,11 +68,11 @@ from .results import plan_columns, provenance, read_csv, update_table
 
 
 def plain(cfg) -> dict:
-    """A config section as a plain dict (DictConfig, dataclass or dict)."""
+    """A config section as a plain dict (DictConfig, a cqil.config dataclass or dict): what the search reads."""
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, data.DataConfig):
-        return dict(vars(cfg))
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
     return dict(cfg)
 
 
@@ -269,21 +270,16 @@ def pareto_front(table: pd.DataFrame, key: str) -> pd.Series:
 # ---- the recovery probe -----------------------------------------------------------------------
 def load_recipe(name: str, overrides: list[str] = ()) -> dict:
     """The recovery recipe `name` as `cqil finetune recipe=<name>` composes it (conf/recipe/<name>.yaml with its
-    hydra defaults, then key=value overrides such as train.lr=3e-3): {'recipe_name', 'lora', 'loss', 'train'}."""
-    path = conf_dir() / "recipe" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise CqilError(f"unknown recipe {name!r} (plan.probe.recipe): no {path}; known: {', '.join(known)}")
+    hydra defaults, then key=value overrides such as train.lr=3e-3; cqil.config.recipe_node): {'recipe_name',
+    'lora', 'loss', 'train'}, as cqil.distill reads it."""
+    if name not in recipes():
+        raise CqilError(f"unknown recipe {name!r} (plan.probe.recipe): no {conf_dir() / 'recipe' / name}.yaml; "
+                        f"known: {', '.join(recipes())}")
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = compose(config_name=None, overrides=[f"+recipe={name}", *overrides])
+        node = recipe_node(name, overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise CqilError(f"bad plan.probe.overrides {list(overrides)}: {str(e).strip().splitlines()[0]}") from None
-    recipe = OmegaConf.to_container(cfg, resolve=True)
-    missing = [k for k in ("lora", "loss", "train") if k not in recipe]
-    if missing:
-        raise CqilError(f"recipe {name!r} ({path}) has no {', '.join(missing)} section")
-    return recipe
+    return recipe_config(node).as_dict()
 
 
 @contextlib.contextmanager
@@ -413,7 +409,7 @@ def choose_plan(cfg: dict, model: nn.Module, tokenizer, data_cfg) -> Choice:
     budget_kind = cfg.get("budget") or "before"  # one of choices.BUDGETS, and probe.search of SEARCHES (cqil.checks)
     probe_cfg = cfg.get("probe") or {}
     n = model.config.num_hidden_layers
-    dcfg = data.DataConfig(**plain(data_cfg))
+    dcfg = data_config(plain(data_cfg))
     sim = similarity_matrix(cfg["similarity_csv"], n)
     recipe = load_recipe(probe_cfg["recipe"], list(probe_cfg.get("overrides") or [])) \
         if budget_kind == "after_recovery" else None  # a bad recipe fails before minutes of scoring

@@ -13,10 +13,11 @@ import time
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import data, models
+from .config import data_config, model_config
 from .modeling import decoder, plan_disabled
 from .results import provenance, update_table
 
@@ -93,22 +94,22 @@ def adjacent(table: pd.DataFrame) -> pd.DataFrame:
 
 def run(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    model, tokenizer = models.load(OmegaConf.to_object(cfg.model))
-    data_cfg = data.DataConfig(**OmegaConf.to_object(cfg.data))
+    model_cfg, data_cfg = model_config(cfg.model), data_config(cfg.data)
+    model, tokenizer = models.load(model_cfg)
     blocks = data.token_blocks(data_cfg, tokenizer, "calibration", cfg.n_tokens, what="n_tokens")
     start = time.perf_counter()
     table = layer_similarity(model, blocks, cfg.batch_size)
     seconds = time.perf_counter() - start
     n_layers = model.config.num_hidden_layers
-    table.insert(0, "model", cfg.model.name)
-    table.insert(1, "data", f"{cfg.data.name}/calibration")
+    table.insert(0, "model", model_cfg.name)
+    table.insert(1, "data", f"{data_cfg.name}/calibration")
     table.insert(2, "n_tokens", blocks.numel())
     table.insert(3, "n_layers", n_layers)
     table["seconds"] = round(seconds, 2)
-    for k, v in provenance(cfg.model.device).items():
+    for k, v in provenance(model_cfg.device).items():
         table[k] = v
     update_table("similarity", table, cfg.out)
     adj = adjacent(table)
-    print(f"{cfg.model.name}: {blocks.numel()} calibration tokens in {seconds:.1f} s -> {cfg.out}")
+    print(f"{model_cfg.name}: {blocks.numel()} calibration tokens in {seconds:.1f} s -> {cfg.out}")
     print("adjacent similarity cos(x_i, x_{i+1}) (x_i = input of layer i, 0-based; x_%d = last output):" % n_layers)
     print(" ".join(f"{i}:{c:.3f}" for i, c in zip(adj.layer_i, adj.cos_mean)))

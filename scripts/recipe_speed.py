@@ -31,9 +31,9 @@ import statistics
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from cqil import data, finetune, models
+from cqil.config import data_config, model_config, plan_config, recipe_config
 from cqil.cli import compose
 from cqil.distill import make_trainer
 from cqil.planning import resolve_plan
@@ -69,14 +69,14 @@ def main() -> None:
         share = "share_prefix=false" not in words
         variants[name] = (compose("finetune", [w for w in words if w != "share_prefix=false"]), share, overrides)
     first = next(iter(variants.values()))[0]
-    base, tokenizer = models.load(OmegaConf.to_object(first.model))
-    data_cfg = data.DataConfig(**OmegaConf.to_object(first.data))
-    plan = resolve_plan(first.plan, base, tokenizer, data_cfg)
+    base, tokenizer = models.load(model_config(first.model))
+    data_cfg = data_config(first.data)
+    plan = resolve_plan(plan_config(first.plan), base, tokenizer, data_cfg)
 
     runs = {}
     for name, (cfg, share, _) in variants.items():
         blocks = data.token_blocks(data_cfg, tokenizer, "training", None, cfg.train.block_size)
-        recipe = {k: OmegaConf.to_object(cfg[k]) for k in ("lora", "loss", "train")}
+        recipe = recipe_config(cfg, own=finetune.OWN_TRAIN).as_dict()
         trainer = make_trainer(apply_plan(copy.deepcopy(base), plan), plan, blocks, recipe, f"/tmp/recipe_speed/{name}",
                                max_steps=args.steps)
         trainer.share_prefix = trainer.share_prefix and share

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from conftest import make_tiny_llama, model_and_tokenizer
 from cqil import CqilError, cli, data, evaluate, metrics, models, paths
+from cqil.config import data_by_name
 from cqil.modeling import apply_plan, plan_disabled
 from cqil.plan import Plan
 from cqil.plots import accuracy_table
@@ -72,7 +73,7 @@ def test_generation_tasks_build_deterministically_from_the_evaluation_split(tmp_
     rows = [json.loads(line) for line in (tmp_path / "a/data/cqil_cloze.jsonl").read_text().splitlines()]
     assert len(rows) == build["items"]
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    corpus = evaluate.data_config(build["source"])
+    corpus = data_by_name(build["source"])
     docs = {}  # document text -> character offset where its evaluation split starts (decoded token prefix)
     for _, text in data.documents(corpus):
         ids = tok(text, add_special_tokens=False).input_ids

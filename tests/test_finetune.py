@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
-from cqil import CqilError, cli, data, distill, finetune, models, outputs, plots
+from cqil import CqilError, cli, config, data, distill, finetune, models, outputs, plots
 from cqil.cli import compose
 from cqil.data import token_blocks
 from cqil.modeling import apply_plan, plan_disabled
@@ -278,9 +278,9 @@ def test_converted_directory_brings_its_own_plan(trained):
     out, _, _ = trained
     model, tokenizer = models.load({"name": "merged", "path": str(out / "merged")})
     empty = {"mode": "manual", "start": 0, "end": 0, "group_size": 1}
-    assert finetune.choose_plan(empty, model, tokenizer, None) == PLAN
+    assert finetune.choose_plan(config.plan_config(empty), model, tokenizer, None) == PLAN
     same = {**empty, "start": 1, "end": 5, "group_size": 2, "bypass": 1}
-    assert finetune.choose_plan(same, model, tokenizer, None) == PLAN
+    assert finetune.choose_plan(config.plan_config(same), model, tokenizer, None) == PLAN
 
 
 def test_bad_input_is_one_clear_error(tiny_dir, trained, tmp_path):
@@ -331,7 +331,7 @@ def test_the_original_agrees_exactly_with_itself(tiny_dir):
 def test_out_of_domain_text_is_never_trained_on():
     cfg = compose("finetune")
     assert not set(cfg.data.files) & set(cfg.ood_data.files)
-    ood = data.DataConfig(**OmegaConf.to_object(cfg.ood_data))
+    ood = config.data_config(cfg.ood_data, "ood_data")
     assert data.split_ranges(1000, ood) == {"calibration": range(0), "training": range(0),
                                             "evaluation": range(0, 1000)}
 
